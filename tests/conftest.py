@@ -1,0 +1,117 @@
+"""Shared fixtures: every test runs against a real server, on both backends, in its own schema prefix.
+
+`backend` is parametrized over MariaDB/MySQL and PostgreSQL. `db` configures DataJoint's global config
+and connection for that backend and yields a `TestDatabase` with a unique schema prefix; on teardown every
+schema with that prefix is dropped. `db.env` gives the DJ_* variables a subprocess needs to reach the same
+server (process tests pass it to the real `djsupervisor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+
+import datajoint as dj
+import pytest
+
+BACKENDS = {
+    "mysql": dict(
+        host=os.environ.get("DJS_TEST_MYSQL_HOST", "127.0.0.1"),
+        port=int(os.environ.get("DJS_TEST_MYSQL_PORT", "3306")),
+        user=os.environ.get("DJS_TEST_MYSQL_USER", "root"),
+        password=os.environ.get("DJS_TEST_MYSQL_PASSWORD", ""),
+    ),
+    "postgresql": dict(
+        host=os.environ.get("DJS_TEST_PG_HOST", "127.0.0.1"),
+        port=int(os.environ.get("DJS_TEST_PG_PORT", "5432")),
+        user=os.environ.get("DJS_TEST_PG_USER", "postgres"),
+        password=os.environ.get("DJS_TEST_PG_PASSWORD", ""),
+    ),
+}
+
+
+@dataclasses.dataclass
+class TestDatabase:
+    """One backend, one unique schema prefix, and the means to reach it from other processes."""
+
+    backend: str
+    prefix: str
+    connection: dj.Connection
+    settings: dict
+
+    def schema_name(self, suffix: str) -> str:
+        """A schema name inside this test's prefix."""
+        return f"{self.prefix}_{suffix}"
+
+    @property
+    def env(self) -> dict:
+        """Environment for a subprocess: this process's environment plus the DJ_* settings."""
+        env = dict(os.environ)
+        env.update(
+            DJ_HOST=self.settings["host"],
+            DJ_PORT=str(self.settings["port"]),
+            DJ_USER=self.settings["user"],
+            DJ_PASS=self.settings["password"],
+            DJ_BACKEND=self.backend,
+            DJ_USE_TLS="false",
+        )
+        return env
+
+    def schemas(self) -> list[str]:
+        """Names of the schemas on the server that belong to this test."""
+        return [s for s in list_schemas(self.connection) if s.startswith(self.prefix)]
+
+
+def list_schemas(connection: dj.Connection) -> list[str]:
+    """Every user schema on the server of `connection`."""
+    if connection.adapter.backend == "postgresql":
+        rows = connection.query(
+            "SELECT schema_name FROM information_schema.schemata "
+            "WHERE schema_name NOT IN ('pg_catalog', 'information_schema') AND schema_name NOT LIKE 'pg_%%'"
+        ).fetchall()
+    else:
+        rows = connection.query("SHOW DATABASES").fetchall()
+    return [r[0] for r in rows]
+
+
+def configure_datajoint(backend: str) -> dj.Connection:
+    """Point DataJoint's global config at `backend` and return a fresh global connection."""
+    settings = BACKENDS[backend]
+    dj.config["database.backend"] = backend
+    dj.config["database.host"] = settings["host"]
+    dj.config["database.port"] = settings["port"]
+    dj.config["database.user"] = settings["user"]
+    dj.config["database.password"] = settings["password"]
+    dj.config["database.use_tls"] = False
+    dj.config["safemode"] = False
+    return dj.conn(reset=True)
+
+
+def drop_schemas(connection: dj.Connection, prefix: str) -> None:
+    """Drop every schema whose name starts with `prefix`."""
+    quote = connection.adapter.quote_identifier
+    for name in list_schemas(connection):
+        if name.startswith(prefix):
+            if connection.adapter.backend == "postgresql":
+                connection.query(f"DROP SCHEMA IF EXISTS {quote(name)} CASCADE")
+            else:
+                connection.query(f"DROP DATABASE IF EXISTS {quote(name)}")
+
+
+@pytest.fixture(params=["mysql", "postgresql"])
+def backend(request) -> str:
+    """The database backend under test (both, parametrized)."""
+    return request.param
+
+
+@pytest.fixture
+def db(backend) -> TestDatabase:
+    """A configured DataJoint connection and a schema prefix of this test's own, dropped afterwards."""
+    connection = configure_datajoint(backend)
+    prefix = f"djst_{uuid.uuid4().hex[:10]}"
+    database = TestDatabase(backend, prefix, connection, BACKENDS[backend])
+    yield database
+    connection = configure_datajoint(backend)
+    drop_schemas(connection, prefix)
+    connection.close()
