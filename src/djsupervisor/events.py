@@ -1,0 +1,93 @@
+"""What a worker reports: its current activity, the events of its loop, and the summary of a cycle."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+State = Literal["idle", "running", "populating", "sleeping", "stopped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Activity:
+    """What a worker is doing right now.
+
+    `state` is ``idle`` before the first cycle, ``running`` between steps of a cycle (cleanup, logging),
+    ``populating`` while a table or callable runs (`table` names it, `key` is the job's key where known),
+    ``sleeping`` between cycles and ``stopped`` once `run()` has returned.
+    """
+
+    state: State
+    table: str | None = None
+    key: dict | None = None
+
+
+@dataclasses.dataclass
+class TableCounts:
+    """Jobs a table completed and failed in one cycle (for a callable: runs that reported work / raised)."""
+
+    done: int = 0
+    failed: int = 0
+
+
+@dataclasses.dataclass
+class CycleSummary:
+    """What one cycle did.
+
+    `processes` maps each registered process (a table's full name, or a callable's qualified name) to its
+    counts. A callable counts ``done=1`` when it reported work (returned a truthy value or a positive
+    number) and ``failed=1`` when it raised. `recovered_stale`, `recovered_orphaned` and `cleared_errors`
+    count jobs returned to pending by the cleanup step. A cycle is idle when no process completed or
+    failed anything: see `idle`.
+    """
+
+    cycle: int
+    started: float
+    duration: float = 0.0
+    processes: dict[str, TableCounts] = dataclasses.field(default_factory=dict)
+    recovered_stale: int = 0
+    recovered_orphaned: int = 0
+    cleared_errors: int = 0
+    stopped_early: bool = False
+
+    @property
+    def jobs_done(self) -> int:
+        """Jobs completed (and callables that reported work) in this cycle."""
+        return sum(c.done for c in self.processes.values())
+
+    @property
+    def jobs_failed(self) -> int:
+        """Jobs (and callables) that failed in this cycle."""
+        return sum(c.failed for c in self.processes.values())
+
+    @property
+    def idle(self) -> bool:
+        """True when no table completed or failed a job and no callable reported work or raised.
+
+        Recovery and error clearing do not count as work: they only put jobs back in a queue, and the
+        next cycle's populate is what works them (and makes that cycle busy).
+        """
+        return self.jobs_done == 0 and self.jobs_failed == 0
+
+    def as_dict(self) -> dict:
+        """A JSON-ready form."""
+        data = dataclasses.asdict(self)
+        data.update(jobs_done=self.jobs_done, jobs_failed=self.jobs_failed, idle=self.idle)
+        return data
+
+
+EventKind = Literal[
+    "cycle_start", "job_start", "job_end", "callable_start", "callable_end", "sleep", "cycle_end", "stopped"
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerEvent:
+    """One step of the worker loop, as given to listeners added with `DataJointWorker.add_listener`."""
+
+    kind: EventKind
+    table: str | None = None
+    key: dict | None = None
+    ok: bool | None = None
+    summary: CycleSummary | None = None
+    seconds: float | None = None

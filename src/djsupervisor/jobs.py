@@ -1,0 +1,303 @@
+"""Recovery and cleanup of DataJoint 2.x job queues (the hidden ``~~table`` of each auto-populated table).
+
+Three rules, applied to every job table in the schemas a worker is scoped to:
+
+* **stale**: a reservation older than `stale_timeout_hours` whose `connection_id` is no longer alive on the
+  server goes back to pending;
+* **orphan**: a reservation made on this host by a pid that no longer exists and whose connection is gone
+  goes back to pending at once, whatever its age (how a supervisor recovers a crashed child's job);
+* **transient errors**: error jobs whose message matches a pattern (SQL LIKE, case-insensitive) of the
+  worker's `autoclear_error_patterns` or of `TRANSIENT_ERROR_PATTERNS` go back to pending, after being
+  copied to the worker's ErrorLog. Other errors stay.
+
+On MySQL/MariaDB a user without the PROCESS privilege sees only its own account's sessions; reservations of
+other accounts are then skipped (with one warning) rather than judged dead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import datajoint as dj
+import psutil
+from datajoint.blob import unpack
+from loguru import logger
+
+from .connection import live_connection_ids, sees_all_connections, user_name
+
+#: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
+#: nothing wrong, the database or the process around it did.
+TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
+    "%deadlock%",  # MySQL 1213 "Deadlock found", PostgreSQL "deadlock detected"
+    "%lock wait timeout%",  # MySQL 1205
+    "%could not serialize access%",  # PostgreSQL serialization failure
+    "%lost connection%",  # MySQL 2013, DataJoint's LostConnectionError
+    "%server has gone away%",  # MySQL 2006
+    "%server closed the connection unexpectedly%",  # PostgreSQL
+    "%connection already closed%",  # psycopg2
+    "SystemExit: SIGTERM received%",  # DataJoint's own SIGTERM handler aborted the job
+    "KeyboardInterrupt%",  # Ctrl+C or SIGINT during make()
+)
+
+#: The bookkeeping columns of a DataJoint 2.x job table; every other column is the job's key.
+JOB_COLUMNS = frozenset(
+    {"status", "priority", "created_time", "scheduled_time", "reserved_time", "completed_time", "duration",
+     "error_message", "error_stack", "user", "host", "pid", "connection_id", "version"}
+)  # fmt: skip
+
+_SYSTEM_SCHEMAS = ("information_schema", "performance_schema", "mysql", "sys", "pg_catalog", "pg_toast")
+
+
+@dataclasses.dataclass
+class RecoveryCounts:
+    """Jobs returned to pending by one pass of recovery and cleanup."""
+
+    stale: int = 0
+    orphaned: int = 0
+    cleared: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class JobTable:
+    """A job table on the server: its schema, name and key columns."""
+
+    schema: str
+    name: str
+    key_columns: tuple[str, ...]
+
+    @property
+    def target_name(self) -> str:
+        """Name of the auto-populated table this queue serves (the job table's name without ``~~``)."""
+        return self.name[2:]
+
+
+#: Called for each cleared error before it is re-pended: (job table, key, message, stack, error time).
+ClearedErrorSink = Callable[[JobTable, dict, str, str, "datetime.datetime | None"], None]
+
+
+def list_job_tables(connection: dj.Connection, db_prefix: Sequence[str] | None = None) -> list[JobTable]:
+    """Every job table in schemas whose names start with one of `db_prefix` (all schemas when None)."""
+    rows = connection.query(
+        "SELECT table_schema, table_name, column_name FROM information_schema.columns "
+        "WHERE table_name LIKE %s ORDER BY table_schema, table_name, ordinal_position",
+        args=("~~%",),
+    ).fetchall()
+    columns: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for schema, table, column in rows:
+        if schema in _SYSTEM_SCHEMAS:
+            continue
+        if db_prefix and not any(schema.startswith(p) for p in db_prefix):
+            continue
+        columns[(schema, table)].append(column)
+    return [
+        JobTable(schema, table, tuple(c for c in cols if c not in JOB_COLUMNS))
+        for (schema, table), cols in columns.items()
+        if JOB_COLUMNS <= set(cols)  # a DataJoint 2.x job table, not some other table named ~~x
+    ]
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def _decode_stack(value) -> str:
+    """The error stack of a job row as text (DataJoint stores it as a `<blob>`)."""
+    if value is None:
+        return ""
+    if isinstance(value, memoryview):
+        value = value.tobytes()
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return str(unpack(bytes(value)))
+        except Exception:
+            return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+class JobRecovery:
+    """Recovery and cleanup of job tables for one worker (keeps what it learns about the server)."""
+
+    def __init__(
+        self,
+        connection: dj.Connection,
+        *,
+        db_prefix: Sequence[str] | None = None,
+        stale_timeout_hours: float = 24,
+        autoclear_error_patterns: Iterable[str] = (),
+        on_cleared_error: ClearedErrorSink | None = None,
+    ) -> None:
+        self.connection = connection
+        self.db_prefix = tuple(db_prefix) if db_prefix else None
+        self.stale_timeout_hours = stale_timeout_hours
+        self.error_patterns = tuple(dict.fromkeys([*autoclear_error_patterns, *TRANSIENT_ERROR_PATTERNS]))
+        self.on_cleared_error = on_cleared_error
+        self.host = platform.node()
+        self._sees_all: bool | None = None
+        self._user: str | None = None
+        self._warned_unprivileged = False
+
+    def _q(self, name: str) -> str:
+        return self.connection.adapter.quote_identifier(name)
+
+    def _full_name(self, table: JobTable) -> str:
+        return f"{self._q(table.schema)}.{self._q(table.name)}"
+
+    def _pending_assignments(self) -> str:
+        q = self._q
+        return (
+            f"{q('status')}='pending', {q('reserved_time')}=NULL, {q('completed_time')}=NULL, "
+            f"{q('error_message')}='', {q('error_stack')}=NULL, {q('host')}='', {q('pid')}=0, "
+            f"{q('connection_id')}=0, {q('user')}=''"
+        )
+
+    def run(self) -> RecoveryCounts:
+        """One pass over every job table in scope; returns how many jobs went back to pending."""
+        counts = RecoveryCounts()
+        live: set[int] | None = None
+        for table in list_job_tables(self.connection, self.db_prefix):
+            reserved, errors = self._candidates(table)
+            if reserved:
+                if live is None:
+                    live = live_connection_ids(self.connection)
+                stale, orphaned = self._recover_reservations(table, reserved, live)
+                counts.stale += stale
+                counts.orphaned += orphaned
+            if errors:
+                counts.cleared += self._clear_errors(table, errors)
+        if counts.stale or counts.orphaned or counts.cleared:
+            logger.info(
+                "job recovery: {} stale and {} orphaned reservations re-pended, {} transient errors cleared",
+                counts.stale, counts.orphaned, counts.cleared,
+            )  # fmt: skip
+        return counts
+
+    def _candidates(self, table: JobTable) -> tuple[list[dict], list[dict]]:
+        """Reserved jobs (holder and age) and error jobs whose message matches a clearing pattern."""
+        q = self._q
+        interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
+        like = " OR ".join(f"LOWER({q('error_message')}) LIKE LOWER(%s)" for _ in self.error_patterns)
+        keys = "".join(f", {q(c)}" for c in table.key_columns)
+        rows = self.connection.query(
+            f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('user')}, "
+            f"CASE WHEN {q('reserved_time')} < CURRENT_TIMESTAMP(3) - {interval} THEN 1 ELSE 0 END, "
+            f"{q('error_message')}, {q('completed_time')}{keys} FROM {self._full_name(table)} "
+            f"WHERE {q('status')}='reserved' OR ({q('status')}='error' AND ({like}))",
+            args=self.error_patterns,
+        ).fetchall()
+        reserved, errors = [], []
+        for status, host, pid, conn_id, user, old, message, completed, *key_values in rows:
+            row = dict(host=host, pid=pid, connection_id=conn_id, user=user, old=bool(old), message=message,
+                       completed=completed, key=dict(zip(table.key_columns, key_values)))  # fmt: skip
+            (reserved if status == "reserved" else errors).append(row)
+        return reserved, errors
+
+    def _judgeable(self, rows: list[dict]) -> list[dict]:
+        """The reservations whose connection this session can see the liveness of."""
+        if self._sees_all is None:
+            self._sees_all = sees_all_connections(self.connection)
+            self._user = user_name(self.connection)
+        if self._sees_all:
+            return rows
+        mine = [r for r in rows if (r["user"] or "").split("@")[0] == self._user]
+        if len(mine) < len(rows) and not self._warned_unprivileged:
+            self._warned_unprivileged = True
+            logger.warning(
+                "database user {!r} cannot see other users' connections (no PROCESS privilege): "
+                "reservations made by other users are left alone by stale-job recovery",
+                self._user,
+            )
+        return mine
+
+    def _recover_reservations(self, table: JobTable, rows: list[dict], live: set[int]) -> tuple[int, int]:
+        q = self._q
+        holders: dict[tuple, bool] = {}  # (host, pid, connection_id) -> any of its reservations is old
+        for row in self._judgeable(rows):
+            if row["connection_id"] in live:
+                continue
+            holder = (row["host"], row["pid"], row["connection_id"])
+            holders[holder] = holders.get(holder, False) or row["old"]
+        stale = orphaned = 0
+        interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
+        where_holder = f"{q('status')}='reserved' AND {q('host')}=%s AND {q('pid')}=%s AND {q('connection_id')}=%s"
+        for (host, pid, conn_id), any_old in holders.items():
+            if host == self.host and not _pid_alive(pid):
+                cursor = self.connection.query(
+                    f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} WHERE {where_holder}",
+                    args=(host, pid, conn_id),
+                )
+                orphaned += cursor.rowcount
+            elif any_old:
+                cursor = self.connection.query(
+                    f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} WHERE {where_holder} "
+                    f"AND {q('reserved_time')} < CURRENT_TIMESTAMP(3) - {interval}",
+                    args=(host, pid, conn_id),
+                )
+                stale += cursor.rowcount
+        return stale, orphaned
+
+    def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
+        q = self._q
+        key_match = " AND ".join(f"{q(c)}=%s" for c in table.key_columns)
+        cleared = 0
+        for row in rows:
+            key = row["key"]
+            if self.on_cleared_error is not None:
+                (stack,) = self.connection.query(
+                    f"SELECT {q('error_stack')} FROM {self._full_name(table)} WHERE {key_match}",
+                    args=tuple(key.values()),
+                ).fetchone() or (None,)
+                self.on_cleared_error(table, key, row["message"], _decode_stack(stack), row["completed"])
+            cursor = self.connection.query(
+                f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} "
+                f"WHERE {q('status')}='error' AND {key_match}",
+                args=tuple(key.values()),
+            )
+            cleared += cursor.rowcount
+        return cleared
+
+
+def recover_jobs(
+    connection: dj.Connection,
+    *,
+    db_prefix: Sequence[str] | None = None,
+    stale_timeout_hours: float = 24,
+    autoclear_error_patterns: Iterable[str] = (),
+) -> RecoveryCounts:
+    """One pass of stale/orphan recovery and transient-error clearing (see the module docstring)."""
+    return JobRecovery(
+        connection,
+        db_prefix=db_prefix,
+        stale_timeout_hours=stale_timeout_hours,
+        autoclear_error_patterns=autoclear_error_patterns,
+    ).run()
+
+
+def record_job_error(connection: dj.Connection, table_full_name: str, key: dict, message: str) -> bool:
+    """Mark the reserved job `key` of auto-populated table `table_full_name` as an error with `message`.
+
+    `table_full_name` is the target table's quoted full name (as DataJoint's `full_table_name` gives it).
+    Used by the supervisor when it killed a job that ran past its `job_timeout`. Returns True if a
+    reservation was turned into an error (False if the job was no longer reserved).
+    """
+    adapter = connection.adapter
+    schema, name = (part.strip('`"') for part in table_full_name.split(".", 1))
+    q = adapter.quote_identifier
+    job_table = f"{q(schema)}.{q('~~' + name.lstrip('_'))}"
+    message = message[:2047]
+    where = " AND ".join(f"{q(k)}=%s" for k in key)
+    cursor = connection.query(
+        f"UPDATE {job_table} SET {q('status')}='error', {q('error_message')}=%s, "
+        f"{q('completed_time')}=CURRENT_TIMESTAMP(3) WHERE {q('status')}='reserved' AND {where}",
+        args=(message, *key.values()),
+    )
+    return cursor.rowcount == 1

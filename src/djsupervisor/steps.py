@@ -1,0 +1,137 @@
+"""The processes a worker runs each cycle: auto-populated tables and plain callables."""
+
+from __future__ import annotations
+
+import numbers
+import time
+import traceback
+from typing import TYPE_CHECKING, Any, Callable
+
+from datajoint.autopopulate import AutoPopulate
+from loguru import logger
+
+from .events import TableCounts
+
+if TYPE_CHECKING:
+    from .worker import DataJointWorker
+
+
+def callable_name(func: Callable) -> str:
+    """A readable name for a callable: module.qualname."""
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    return f"{module}.{name}" if module else name
+
+
+def reported_work(result: Any) -> int:
+    """How much work a callable's return value reports: a positive integer counts itself, a positive
+    float or any other truthy value counts 1, and zero, negatives, None and falsy values count 0."""
+    if isinstance(result, bool):
+        return int(result)
+    if isinstance(result, numbers.Integral):
+        return max(int(result), 0)
+    if isinstance(result, numbers.Real):
+        return 1 if result > 0 else 0
+    try:
+        return 1 if result else 0
+    except Exception:  # objects whose truth is ambiguous (numpy arrays) report work
+        return 1
+
+
+class TableStep:
+    """An auto-populated table, populated with ``populate(reserve_jobs=True)`` once per cycle.
+
+    Keeps one table instance (and so one job-table object) for the worker's life: building them per call
+    reloads headings and dependencies. During the populate call the job table's `reserve`, `complete`
+    and `error` are observed so the worker knows the job in flight, and `reserve` refuses new jobs once a
+    stop is requested: the stop lands between two jobs, with no job started and none aborted.
+    """
+
+    def __init__(self, table: Any, populate_kwargs: dict) -> None:
+        self.table = table() if isinstance(table, type) else table
+        restrictions = populate_kwargs.pop("restrictions", ())
+        if not isinstance(restrictions, (list, tuple)):
+            restrictions = (restrictions,)
+        self.restrictions = tuple(restrictions)
+        populate_kwargs.pop("reserve_jobs", None)
+        populate_kwargs.pop("suppress_errors", None)
+        self.populate_kwargs = populate_kwargs
+        self.name = self.table.full_table_name
+
+    def describe(self) -> dict:
+        """A JSON-ready description for the worker's registration."""
+        return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
+
+    def run(self, worker: DataJointWorker) -> TableCounts:
+        """Populate the table's pending jobs until none is left or the worker is asked to stop."""
+        jobs = self.table.jobs
+        original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
+
+        def reserve(key):
+            if worker.stop_requested:
+                return False
+            if not original["reserve"](key):
+                return False
+            worker._job_started(self.name, key)
+            return True
+
+        def complete(key, duration=None):
+            original["complete"](key, duration=duration)
+            worker._job_ended(self.name, key, ok=True)
+
+        def error(key, error_message, error_stack=None):
+            original["error"](key, error_message=error_message, error_stack=error_stack)
+            worker._job_ended(self.name, key, ok=False, message=error_message, stack=error_stack)
+
+        jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
+        try:
+            result = self.table.populate(
+                *self.restrictions, reserve_jobs=True, suppress_errors=True, **self.populate_kwargs
+            )
+        except SystemExit as error:  # DataJoint's SIGTERM handler, outside our blocked-signal setup
+            worker.stop(f"populate of {self.name} interrupted: {error}")
+            return TableCounts(failed=1)
+        except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
+            worker._step_failed("populate", self.name, error, traceback.format_exc())
+            return TableCounts(failed=1)
+        finally:
+            for name in original:
+                delattr(jobs, name)
+        return TableCounts(done=result["success_count"], failed=len(result["error_list"]))
+
+
+class CallableStep:
+    """A plain callable, called with its registered keyword arguments once per cycle."""
+
+    def __init__(self, func: Callable, kwargs: dict) -> None:
+        self.func = func
+        self.kwargs = kwargs
+        self.name = callable_name(func)
+
+    def describe(self) -> dict:
+        """A JSON-ready description for the worker's registration."""
+        return dict(kind="callable", name=self.name, kwargs={k: repr(v) for k, v in self.kwargs.items()})
+
+    def run(self, worker: DataJointWorker) -> TableCounts:
+        """Call it; a raised exception is logged and recorded, never propagated."""
+        worker._callable_started(self.name)
+        started = time.monotonic()
+        try:
+            result = self.func(**self.kwargs)
+        except Exception as error:
+            worker._step_failed("callable", self.name, error, traceback.format_exc())
+            worker._callable_ended(self.name, ok=False)
+            return TableCounts(failed=1)
+        logger.debug("{} returned {!r} in {:.3f} s", self.name, result, time.monotonic() - started)
+        worker._callable_ended(self.name, ok=True)
+        return TableCounts(done=reported_work(result))
+
+
+def make_step(process: Any, kwargs: dict) -> TableStep | CallableStep:
+    """The step for a registered process: a table class or instance, or any callable."""
+    is_table = (isinstance(process, type) and issubclass(process, AutoPopulate)) or isinstance(process, AutoPopulate)
+    if is_table:
+        return TableStep(process, dict(kwargs))
+    if callable(process):
+        return CallableStep(process, dict(kwargs))
+    raise TypeError(f"cannot register {process!r}: expected an auto-populated table or a callable")

@@ -1,0 +1,168 @@
+"""The worker schema: RegisteredWorker, WorkerLog and ErrorLog.
+
+Declared lazily, on a worker's first cycle, in the schema the worker is given. Many workers on many hosts
+may declare and write at once: the schema is created with IF NOT EXISTS, tables are declared with a retry
+(PostgreSQL's concurrent CREATE TABLE IF NOT EXISTS can still collide in its catalog), and every row is
+keyed by something no other process writes (a UUID, or the process identity).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import time
+import uuid
+from typing import Any
+
+import datajoint as dj
+from loguru import logger
+
+_DECLARE_ATTEMPTS = 6
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with everything JSON cannot hold turned into text (dates, UUIDs, bytes, numpy scalars)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _declare_schema(connection: dj.Connection, schema_name: str) -> None:
+    quoted = connection.adapter.quote_identifier(schema_name)
+    if connection.adapter.backend == "postgresql":
+        connection.query(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
+    else:
+        connection.query(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+
+
+def _define_tables(schema: dj.Schema) -> dict[str, type]:
+    @schema
+    class RegisteredWorker(dj.Manual):
+        definition = """
+        # One row per worker process: who it is, its settings, and what it is doing
+        worker_name     : varchar(64)
+        host            : varchar(255)
+        pid             : int32
+        process_start   : datetime(3)     # when the process started (tells reused pids apart)
+        ---
+        settings        : json            # the worker's settings and registered processes
+        connection_id   : int64           # the process's database session
+        state           : varchar(32)     # idle, running, populating, sleeping, stopped
+        current_table="" : varchar(255)   # the table or callable it is working on
+        current_key=null : json
+        cycles=0        : int64
+        jobs_done=0     : int64
+        jobs_failed=0   : int64
+        last_heartbeat  : datetime(3)
+        """
+
+    @schema
+    class WorkerLog(dj.Manual):
+        definition = """
+        # What each cycle of each worker process did, one row per registered process and cycle
+        log_id          : char(32)        # a random UUID, hex
+        ---
+        worker_name     : varchar(64)
+        host            : varchar(255)
+        pid             : int32
+        cycle           : int32
+        process         : varchar(255)    # table full name or callable name
+        log_time        : datetime(3)     # when the cycle started
+        jobs_done       : int32
+        jobs_failed     : int32
+        duration        : float64         # seconds spent in this process
+        recovered=0     : int32           # (on the cycle's first row) stale + orphaned jobs re-pended
+        cleared=0       : int32           # (on the cycle's first row) transient errors re-pended
+        INDEX (worker_name, log_time)
+        """
+
+    @schema
+    class ErrorLog(dj.Manual):
+        definition = """
+        # Every failed job or callable, and every error a worker cleared for retry
+        error_id        : char(32)        # a random UUID, hex
+        ---
+        worker_name     : varchar(64)
+        host            : varchar(255)
+        pid             : int32
+        error_time      : datetime(3)
+        kind            : varchar(16)     # job, callable, or cleared (a transient error re-pended)
+        process         : varchar(255)    # table full name or callable name
+        key=null        : json
+        error_message   : varchar(2047)
+        error_stack=null : <blob>
+        INDEX (worker_name, error_time)
+        """
+
+    return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog)
+
+
+class WorkerSchema:
+    """The worker tables in one schema, declared on first use."""
+
+    def __init__(self, schema_name: str, connection: dj.Connection) -> None:
+        self.schema_name = schema_name
+        self.connection = connection
+        self._tables: dict[str, type] | None = None
+
+    @property
+    def tables(self) -> dict[str, type]:
+        """The table classes by name, declaring schema and tables if needed."""
+        if self._tables is None:
+            self._tables = self._declare()
+        return self._tables
+
+    def _declare(self) -> dict[str, type]:
+        for attempt in range(_DECLARE_ATTEMPTS):
+            try:
+                _declare_schema(self.connection, self.schema_name)
+                return _define_tables(dj.Schema(self.schema_name, connection=self.connection))
+            except Exception as error:  # a concurrent declaration by another worker
+                if attempt == _DECLARE_ATTEMPTS - 1:
+                    raise
+                logger.debug("declaring worker schema {} (attempt {}): {}", self.schema_name, attempt + 1, error)
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def register(self, identity: dict, settings: dict, state: str) -> bool:
+        """Insert this process's RegisteredWorker row (True once it is there)."""
+        now = datetime.datetime.now()
+        self.tables["RegisteredWorker"].insert1(
+            dict(identity, settings=_json_safe(settings), connection_id=self.connection.connection_id,
+                 state=state, last_heartbeat=now),  # fmt: skip
+            skip_duplicates=True,
+        )
+        return True
+
+    def heartbeat(self, identity: dict, *, state: str, table: str | None, key: dict | None,
+                  cycles: int, jobs_done: int, jobs_failed: int) -> None:  # fmt: skip
+        """Update this process's RegisteredWorker row with what it is doing now."""
+        self.tables["RegisteredWorker"].update1(
+            dict(identity, state=state, current_table=table or "", current_key=_json_safe(key),
+                 cycles=cycles, jobs_done=jobs_done, jobs_failed=jobs_failed,
+                 connection_id=self.connection.connection_id, last_heartbeat=datetime.datetime.now())  # fmt: skip
+        )
+
+    def log_cycle(self, identity: dict, summary, durations: dict[str, float]) -> None:
+        """Insert one WorkerLog row per registered process for the cycle `summary` describes."""
+        started = datetime.datetime.fromtimestamp(summary.started)
+        rows = []
+        for index, (process, counts) in enumerate(summary.processes.items()):
+            rows.append(dict(
+                log_id=uuid.uuid4().hex, worker_name=identity["worker_name"], host=identity["host"],
+                pid=identity["pid"], cycle=summary.cycle, process=process[:255], log_time=started,
+                jobs_done=counts.done, jobs_failed=counts.failed, duration=durations.get(process, 0.0),
+                recovered=(summary.recovered_stale + summary.recovered_orphaned) if index == 0 else 0,
+                cleared=summary.cleared_errors if index == 0 else 0,
+            ))  # fmt: skip
+        if rows:
+            self.tables["WorkerLog"].insert(rows)
+
+    def log_error(self, identity: dict, *, kind: str, process: str, key: dict | None, message: str,
+                  stack: str | None, when: datetime.datetime | None = None) -> None:  # fmt: skip
+        """Insert an ErrorLog row."""
+        self.tables["ErrorLog"].insert1(
+            dict(error_id=uuid.uuid4().hex, worker_name=identity["worker_name"], host=identity["host"],
+                 pid=identity["pid"], error_time=when or datetime.datetime.now(), kind=kind,
+                 process=process[:255], key=_json_safe(key), error_message=(message or "")[:2047],
+                 error_stack=stack)  # fmt: skip
+        )
