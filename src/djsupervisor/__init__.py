@@ -9,9 +9,9 @@ import warnings
 # for months; the notice goes to our debug log once instead (see connection.note_server), as README says.
 warnings.filterwarnings("ignore", message="MariaDB is not officially supported", category=UserWarning)
 
-from .events import Activity, CycleSummary, TableCounts, WorkerEvent
+from .events import Activity, CycleSummary, ProcessCounts, WorkerEvent
 from .worker import DataJointWorker
 
 __version__ = "0.1.0"
 
-__all__ = ["Activity", "CycleSummary", "DataJointWorker", "TableCounts", "WorkerEvent", "__version__"]
+__all__ = ["Activity", "CycleSummary", "DataJointWorker", "ProcessCounts", "WorkerEvent", "__version__"]

@@ -23,11 +23,18 @@ class Activity:
 
 
 @dataclasses.dataclass
-class TableCounts:
-    """Jobs a table completed and failed in one cycle (for a callable: runs that reported work / raised)."""
+class ProcessCounts:
+    """What one registered process did in one cycle.
 
+    For a table: `done` jobs completed, `failed` jobs whose make() raised (recorded as job errors).
+    For a callable: `done` is the work it reported (see `CycleSummary.idle`), `failed` stays 0.
+    `errors` counts the step itself raising: a callable's exception, or populate failing outside make().
+    """
+
+    kind: Literal["table", "callable"]
     done: int = 0
     failed: int = 0
+    errors: int = 0
 
 
 @dataclasses.dataclass
@@ -35,8 +42,7 @@ class CycleSummary:
     """What one cycle did.
 
     `processes` maps each registered process (a table's full name, or a callable's qualified name) to its
-    counts. A callable counts ``done=1`` when it reported work (returned a truthy value or a positive
-    number) and ``failed=1`` when it raised. `recovered_stale`, `recovered_orphaned` and `cleared_errors`
+    `ProcessCounts`. `recovered_stale`, `recovered_orphaned` and `cleared_errors`
     count jobs returned to pending by the cleanup step. A cycle is idle when no process completed or
     failed anything: see `idle`.
     """
@@ -44,7 +50,7 @@ class CycleSummary:
     cycle: int
     started: float
     duration: float = 0.0
-    processes: dict[str, TableCounts] = dataclasses.field(default_factory=dict)
+    processes: dict[str, ProcessCounts] = dataclasses.field(default_factory=dict)
     recovered_stale: int = 0
     recovered_orphaned: int = 0
     cleared_errors: int = 0
@@ -57,17 +63,18 @@ class CycleSummary:
 
     @property
     def jobs_failed(self) -> int:
-        """Jobs (and callables) that failed in this cycle."""
-        return sum(c.failed for c in self.processes.values())
+        """Jobs that failed, plus processes that raised, in this cycle."""
+        return sum(c.failed + c.errors for c in self.processes.values())
 
     @property
     def idle(self) -> bool:
-        """True when no table completed or failed a job and no callable reported work or raised.
+        """True when no table completed or failed a job and no callable reported work.
 
-        Recovery and error clearing do not count as work: they only put jobs back in a queue, and the
-        next cycle's populate is what works them (and makes that cycle busy).
+        A callable reports work by returning a truthy value or a positive number. A callable that raised,
+        or a populate that failed outside make() (the database is unreachable, say), does not make a cycle
+        busy; nor does recovery, which only puts jobs back in a queue for the next cycle to work.
         """
-        return self.jobs_done == 0 and self.jobs_failed == 0
+        return all(c.done == 0 and c.failed == 0 for c in self.processes.values())
 
     def as_dict(self) -> dict:
         """A JSON-ready form."""

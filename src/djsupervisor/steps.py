@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
-from .events import TableCounts
+from .events import ProcessCounts
 
 if TYPE_CHECKING:
     from .worker import DataJointWorker
@@ -62,7 +62,7 @@ class TableStep:
         """A JSON-ready description for the worker's registration."""
         return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
 
-    def run(self, worker: DataJointWorker) -> TableCounts:
+    def run(self, worker: DataJointWorker) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
         jobs = self.table.jobs
         original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
@@ -90,14 +90,14 @@ class TableStep:
             )
         except SystemExit as error:  # DataJoint's SIGTERM handler, outside our blocked-signal setup
             worker.stop(f"populate of {self.name} interrupted: {error}")
-            return TableCounts(failed=1)
+            return ProcessCounts("table", errors=1)
         except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
             worker._step_failed("populate", self.name, error, traceback.format_exc())
-            return TableCounts(failed=1)
+            return ProcessCounts("table", errors=1)
         finally:
             for name in original:
                 delattr(jobs, name)
-        return TableCounts(done=result["success_count"], failed=len(result["error_list"]))
+        return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
 
 
 class CallableStep:
@@ -112,7 +112,7 @@ class CallableStep:
         """A JSON-ready description for the worker's registration."""
         return dict(kind="callable", name=self.name, kwargs={k: repr(v) for k, v in self.kwargs.items()})
 
-    def run(self, worker: DataJointWorker) -> TableCounts:
+    def run(self, worker: DataJointWorker) -> ProcessCounts:
         """Call it; a raised exception is logged and recorded, never propagated."""
         worker._callable_started(self.name)
         started = time.monotonic()
@@ -121,10 +121,10 @@ class CallableStep:
         except Exception as error:
             worker._step_failed("callable", self.name, error, traceback.format_exc())
             worker._callable_ended(self.name, ok=False)
-            return TableCounts(failed=1)
+            return ProcessCounts("callable", errors=1)
         logger.debug("{} returned {!r} in {:.3f} s", self.name, result, time.monotonic() - started)
         worker._callable_ended(self.name, ok=True)
-        return TableCounts(done=reported_work(result))
+        return ProcessCounts("callable", done=reported_work(result))
 
 
 def make_step(process: Any, kwargs: dict) -> TableStep | CallableStep:
