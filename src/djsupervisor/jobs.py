@@ -35,7 +35,8 @@ TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
     "%deadlock%",  # MySQL 1213 "Deadlock found", PostgreSQL "deadlock detected"
     "%lock wait timeout%",  # MySQL 1205
     "%could not serialize access%",  # PostgreSQL serialization failure
-    "%lost connection%",  # MySQL 2013, DataJoint's LostConnectionError
+    "%lost connection%",  # MySQL 2013 "Lost connection to MySQL server"
+    "%connection lost%",  # DataJoint's LostConnectionError
     "%server has gone away%",  # MySQL 2006
     "%server closed the connection unexpectedly%",  # PostgreSQL
     "%connection already closed%",  # psycopg2
@@ -70,13 +71,15 @@ class JobTable:
     key_columns: tuple[str, ...]
 
     @property
-    def target_name(self) -> str:
-        """Name of the auto-populated table this queue serves (the job table's name without ``~~``)."""
-        return self.name[2:]
+    def target_candidates(self) -> tuple[str, str]:
+        """Possible names of the table this queue serves: DataJoint drops the leading underscores of a
+        computed (``__x``) or imported (``_x``) table's name to name its queue ``~~x``."""
+        return f"__{self.name[2:]}", f"_{self.name[2:]}"
 
 
-#: Called for each cleared error before it is re-pended: (job table, key, message, stack, error time).
-ClearedErrorSink = Callable[[JobTable, dict, str, str, "datetime.datetime | None"], None]
+#: Called for each cleared error before it is re-pended: (target table's full name, key, message, stack,
+#: error time).
+ClearedErrorSink = Callable[[str, dict, str, str, "datetime.datetime | None"], None]
 
 
 def list_job_tables(connection: dj.Connection, db_prefix: Sequence[str] | None = None) -> list[JobTable]:
@@ -245,9 +248,19 @@ class JobRecovery:
                 stale += cursor.rowcount
         return stale, orphaned
 
+    def target_full_name(self, table: JobTable) -> str:
+        """Quoted full name of the auto-populated table that `table` queues jobs for."""
+        found = self.connection.query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema=%s AND table_name IN (%s, %s)",
+            args=(table.schema, *table.target_candidates),
+        ).fetchall()
+        name = min((r[0] for r in found), key=len, default=table.target_candidates[0])
+        return f"{self._q(table.schema)}.{self._q(name)}"
+
     def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
         q = self._q
         key_match = " AND ".join(f"{q(c)}=%s" for c in table.key_columns)
+        target = self.target_full_name(table) if self.on_cleared_error is not None else ""
         cleared = 0
         for row in rows:
             key = row["key"]
@@ -256,7 +269,7 @@ class JobRecovery:
                     f"SELECT {q('error_stack')} FROM {self._full_name(table)} WHERE {key_match}",
                     args=tuple(key.values()),
                 ).fetchone() or (None,)
-                self.on_cleared_error(table, key, row["message"], _decode_stack(stack), row["completed"])
+                self.on_cleared_error(target, key, row["message"], _decode_stack(stack), row["completed"])
             cursor = self.connection.query(
                 f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} "
                 f"WHERE {q('status')}='error' AND {key_match}",

@@ -38,7 +38,7 @@ from loguru import logger
 
 from .connection import keep_connection_id_current, note_server, refresh_connection_id
 from .events import Activity, CycleSummary, WorkerEvent
-from .jobs import JobRecovery, JobTable
+from .jobs import JobRecovery
 from .steps import CallableStep, TableStep, make_step
 from .tables import WorkerSchema
 
@@ -317,9 +317,8 @@ class DataJointWorker:
                                           message=message, stack=stack, when=when),  # fmt: skip
         )
 
-    def _record_cleared_error(self, table: JobTable, key: dict, message: str, stack: str, when) -> None:
-        process = f"{self.connection.adapter.quote_identifier(table.schema)}.{self.connection.adapter.quote_identifier(table.target_name)}"
-        self._log_error("cleared", process, key, message, stack, when)
+    def _record_cleared_error(self, table: str, key: dict, message: str, stack: str, when) -> None:
+        self._log_error("cleared", table, key, message, stack, when)
 
     def _recover(self, summary: CycleSummary) -> None:
         self._process_identity()
