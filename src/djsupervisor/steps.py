@@ -68,6 +68,7 @@ class TableStep:
         original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
 
         def reserve(key):
+            worker._guard_sigterm()
             if worker.stop_requested:
                 return False
             if not original["reserve"](key):

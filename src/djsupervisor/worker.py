@@ -140,7 +140,7 @@ class DataJointWorker:
         self._listeners: list[Callable[[WorkerEvent], None]] = []
         self._stop_event = threading.Event()
         self._stop_reason = ""
-        self._sigterm_blocked = False
+        self._sigterm_mode: str | None = None  # how SIGTERM reaches run(): "blocked", "handler" or None
         self._activity = Activity("idle")
         self._schema: WorkerSchema | None = None
         self._recovery: JobRecovery | None = None
@@ -204,7 +204,7 @@ class DataJointWorker:
         """True once `stop()` was called or (while SIGTERM is blocked in this thread) SIGTERM arrived."""
         if self._stop_event.is_set():
             return True
-        if self._sigterm_blocked and signal.SIGTERM in signal.sigpending():
+        if self._sigterm_mode == "blocked" and signal.SIGTERM in signal.sigpending():
             signal.sigtimedwait([signal.SIGTERM], 0)  # consume it: it has been turned into this stop
             self.stop("SIGTERM")
             return True
@@ -219,6 +219,14 @@ class DataJointWorker:
         if not self._stop_event.is_set():
             self._stop_reason = reason or "stop requested"
             self._stop_event.set()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop("SIGTERM")
+
+    def _guard_sigterm(self) -> None:
+        """Put our SIGTERM handler back if DataJoint's populate replaced it (called at each job boundary)."""
+        if self._sigterm_mode == "handler" and signal.getsignal(signal.SIGTERM) is not self._on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _emit(self, event: WorkerEvent) -> None:
         for listener in self._listeners:
@@ -369,17 +377,20 @@ class DataJointWorker:
     def run(self) -> None:
         """Run cycles until a stop condition holds (see the module docstring), then return.
 
-        In the main thread, SIGTERM is blocked while `run()` runs and turned into `stop()` at the next job
-        boundary (the sleep between cycles ends at once), so neither DataJoint's own SIGTERM handler nor the
-        default action can abort the job in flight. Threads started before `run()` (numpy's OpenBLAS, say)
-        do not inherit the block: a supervisor child blocks SIGTERM right after fork, before any thread
-        exists. The old signal mask is restored when `run()` returns.
+        SIGTERM asks for a graceful stop, like `stop()`: the job in flight finishes and no new one starts.
+        Where SIGTERM is blocked when `run()` starts (a supervisor's child blocks it right after fork, so
+        that every thread inherits the block), a pending SIGTERM is read at each job boundary and during
+        the sleep. Otherwise, in the main thread, `run()` installs a SIGTERM handler that calls `stop()`,
+        and puts it back each time DataJoint's populate replaces it with its own (which would abort the
+        job in flight and record it as an error); the previous handler is restored when `run()` returns.
+        Elsewhere only `stop()` stops the loop.
         """
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous_mask = None
-        if in_main_thread or signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-            previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            self._sigterm_blocked = True
+        previous_handler = None
+        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+            self._sigterm_mode = "blocked"
+        elif threading.current_thread() is threading.main_thread():
+            self._sigterm_mode = "handler"
+            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         log = logger.bind(worker=self.name)
         try:
             keep_connection_id_current(self.connection)
@@ -421,9 +432,9 @@ class DataJointWorker:
             self._set_activity("stopped")
             self._heartbeat()
             self._emit(WorkerEvent("stopped"))
-            if previous_mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-            self._sigterm_blocked = False
+            if self._sigterm_mode == "handler":
+                signal.signal(signal.SIGTERM, previous_handler)
+            self._sigterm_mode = None
             self._stop_event.clear()
 
     def _sleep(self, seconds: float) -> None:
@@ -438,7 +449,7 @@ class DataJointWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if self._sigterm_blocked:
+            if self._sigterm_mode == "blocked":
                 if signal.sigtimedwait([signal.SIGTERM], min(remaining, _STOP_POLL_INTERVAL)) is not None:
                     self.stop("SIGTERM")
             else:

@@ -1,0 +1,63 @@
+"""SIGTERM to a process running DataJointWorker.run(): the job in flight lands, nothing is marked error."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobtools import wait_until
+from pipeline import make_pipeline, seed
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = Path(__file__).parent / "scripts" / "sigterm_worker.py"
+
+
+def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
+    pipe = make_pipeline(db.schema_name("pipe"))
+    seed(pipe, 6)
+    process = subprocess.Popen([sys.executable, str(SCRIPT), db.prefix, "1.5"], env=db.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: pipe.Square.jobs.progress()["reserved"] == 1, 30, message="a job in flight")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "worker returned" in output
+    progress = pipe.Square.jobs.progress()
+    assert progress["error"] == 0 and progress["reserved"] == 0, progress
+    assert len(pipe.Square()) >= 1  # the job in flight landed
+    assert len(pipe.Square()) + progress["pending"] == 6  # and no other job was started
+
+
+def test_sigterm_while_sleeping_ends_the_sleep(db):
+    pipe = make_pipeline(db.schema_name("pipe"))
+    process = subprocess.Popen([sys.executable, str(SCRIPT), db.prefix, "0"], env=db.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: "sleeping" in registered_states(db), 30, message="the worker to sleep")
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=10)  # sleep_duration is 60 s
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert registered_states(db) == ["stopped"]
+    assert len(pipe.Square()) == 0
+
+
+def registered_states(db) -> list[str]:
+    connection = db.connection
+    q = connection.adapter.quote_identifier
+    try:
+        rows = connection.query(
+            f"SELECT {q('state')} FROM {q(db.schema_name('workers'))}.{q('registered_worker')}"
+        ).fetchall()
+    except Exception:
+        return []
+    return [r[0] for r in rows]
