@@ -394,7 +394,7 @@ class DataJointWorker:
         log = logger.bind(worker=self.name)
         try:
             keep_connection_id_current(self.connection)
-            refresh_connection_id(self.connection)
+            self._bookkeeping("reading the connection id", lambda: refresh_connection_id(self.connection))
             self._bookkeeping("reading the server version", lambda: note_server(self.connection))
             log.info("worker {} running {} processes: {}", self.name, len(self._steps), ", ".join(self.processes))
             began = time.monotonic()
