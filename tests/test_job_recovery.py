@@ -9,7 +9,7 @@ import pytest
 from loguru import logger
 
 from djsupervisor import DataJointWorker
-from djsupervisor.jobs import TRANSIENT_ERROR_PATTERNS, recover_jobs
+from djsupervisor.jobs import TRANSIENT_ERROR_PATTERNS, record_job_error, recover_jobs
 from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
 from pipeline import make_pipeline, seed
 
@@ -149,3 +149,15 @@ def test_user_without_process_privilege_leaves_foreign_reservations(db, pipe):
     finally:
         for host in ("%", "localhost", "127.0.0.1"):
             root.query(f"DROP USER IF EXISTS '{user}'@'{host}'".replace("%", "%%"))
+
+
+def test_record_job_error_marks_a_reservation_as_timed_out(db, pipe):
+    set_reservation(pipe.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
+                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    message = "JobTimeout: make() ran longer than job_timeout=5 s; its process group was killed"
+    assert record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)
+    row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]
+    assert row["status"] == "error" and row["error_message"] == message
+    # an error is not re-pended by recovery (timeouts are not transient), and a second call changes nothing
+    assert recover_jobs(db.connection, db_prefix=[db.prefix]).cleared == 0
+    assert not record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)
