@@ -1,0 +1,296 @@
+"""Everything a supervisor's child does after fork: isolate itself, reconnect, run its worker, report.
+
+`run_child` never returns: the child ends with `os._exit` (the parent's atexit handlers and buffers are
+not the child's business). The order matters:
+
+1. SIGTERM is already blocked: the parent blocks every signal it handles around `fork()`, so the child
+   starts with them blocked and a signal meant for the child can never run the parent's handlers (they
+   would write into the parent's wakeup pipe). The child resets those handlers to their defaults and
+   unblocks all but SIGTERM. SIGTERM stays blocked for good, in every thread created later too (the
+   mask is inherited), so DataJoint's populate handler never sees it and `DataJointWorker.run()` reads
+   it at job boundaries: the job in flight finishes, no new one starts.
+2. Own process group (a terminal's Ctrl+C reaches only the parent; the parent can kill the child together
+   with what it started), and PR_SET_PDEATHSIG so that it dies with the parent.
+3. Close the parent's descriptors, reseed `random`, set the process title, start reporting.
+4. Reconnect every DataJoint connection the worker uses (fork-safe: the parent's session is untouched).
+5. If the previous child of this slot was killed for running past `job_timeout`, record that job as an
+   error (before this worker's first cycle, whose recovery would otherwise put it back to pending).
+6. Run the worker; stop it after `max_jobs` jobs.
+
+Reporting: newline-delimited JSON snapshots on a pipe to the parent, sent on worker events (throttled)
+and every `heartbeat_interval` seconds by a small daemon thread, so the parent hears from the child while
+a long `make()` blocks the main thread and while it sleeps. A thread rather than SIGALRM: an interval
+timer would interrupt `make()`'s system calls and the database driver's, a thread costs nothing of the
+kind. The thread only formats a snapshot of counters and writes it (non-blocking; dropped if the pipe is
+full, the next one carries the same information). The parent tells a hung main thread from a slow one by
+`stalled`: seconds without a worker event, outside a job and net of the announced sleep. (A worker that
+uses ``populate(processes=N)`` forks while this thread exists; the forked pool processes only run
+``make()`` and never touch the thread's lock.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import setproctitle
+
+setproctitle.getproctitle()  # initialise before anything changes the environment (gunicorn #3430)
+
+#: Exit statuses of a child, as the parent reads them.
+EXIT_OK = 0  # the worker's loop ended by itself (run_duration, max_idled_cycle) or was stopped
+EXIT_RECYCLE = 99  # max_jobs reached: replace me
+EXIT_ERROR = 70  # the worker raised, or the child could not get going
+EXIT_ORPHANED = 71  # the parent was already gone
+
+PR_SET_PDEATHSIG = 1
+_THROTTLE = 0.1  # seconds between event-driven reports (heartbeats and key events are never throttled)
+_ALWAYS_REPORTED = {"cycle_start", "cycle_end", "sleep", "stopped"}
+
+#: Signals whose handlers the parent installs; the child puts them back to their defaults.
+RESET_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGHUP", "SIGCHLD", "SIGQUIT", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)
+)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies; exit now if the parent is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the reporter thread watches getppid() instead
+        pass
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_ORPHANED)
+
+
+def isolate(parent_pid: int, close_fds: list[int]) -> None:
+    """Process group, death with the parent, default signal handlers, parent's fds closed, fresh random."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already so; stated for the reader
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # the parent did it first
+        pass
+    die_with_parent(parent_pid)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    for signum in RESET_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # blocked anyway; never the parent's handler
+    signal.pthread_sigmask(signal.SIG_SETMASK, {signal.SIGTERM})
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    random.seed()
+
+
+def worker_connections(worker) -> list:
+    """Every distinct DataJoint connection the worker and its tables use (the global one included)."""
+    import datajoint as dj
+
+    found: dict[int, Any] = {}
+    candidates = [getattr(dj.conn, "connection", None), worker._connection]
+    for step in getattr(worker, "_steps", ()):
+        table = getattr(step, "table", None)
+        candidates.append(getattr(table, "connection", None))
+    for connection in candidates:
+        if connection is not None:
+            found.setdefault(id(connection), connection)
+    if not found:
+        found[0] = dj.conn()
+    return list(found.values())
+
+
+def _short_table(table: str | None) -> str | None:
+    """`schema`.`__table` -> schema.__table (quotes of either backend dropped)."""
+    return table.replace("`", "").replace('"', "") if table else table
+
+
+class Reporter:
+    """Sends the child's state to the parent and keeps the process title current."""
+
+    def __init__(self, fd: int, supervisor: str, label: str, parent_pid: int, interval: float) -> None:
+        self.fd = fd
+        self.title_prefix = f"djsupervisor: {supervisor} {label}"
+        self.parent_pid = parent_pid
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.worker = None
+        self.state = "idle"
+        self.table: str | None = None
+        self.key: dict | None = None
+        self.cycles_done = 0
+        self.job_started: float | None = None  # monotonic, while a job or callable runs
+        self.last_event = time.monotonic()
+        self.sleep_seconds = 0.0
+        self.last_sent = 0.0
+        self.title = ""
+        self._closed = threading.Event()
+        self.set_title("idle")
+
+    def set_title(self, state: str) -> None:
+        title = f"{self.title_prefix} {state}"
+        if title != self.title:
+            self.title = title
+            setproctitle.setproctitle(title)
+
+    def snapshot(self) -> dict:
+        now = time.monotonic()
+        worker = self.worker
+        job_elapsed = now - self.job_started if self.job_started is not None else None
+        stalled = None
+        if job_elapsed is None:
+            stalled = max(0.0, now - self.last_event - (self.sleep_seconds if self.state == "sleeping" else 0.0))
+        return {
+            "pid": os.getpid(),
+            "state": self.state,
+            "table": _short_table(self.table),
+            "key": self.key,
+            "jobs_done": worker.jobs_done if worker else 0,
+            "jobs_failed": worker.jobs_failed if worker else 0,
+            "cycles_done": self.cycles_done,
+            "job_elapsed": round(job_elapsed, 3) if job_elapsed is not None else None,
+            "stalled": round(stalled, 3) if stalled is not None else None,
+        }
+
+    def send(self, extra: dict | None = None) -> None:
+        """Write one snapshot line (dropped if the pipe is full: the next one says the same)."""
+        message = self.snapshot()
+        if extra:
+            message.update(extra)
+        line = json.dumps(message, default=str, separators=(",", ":"))
+        if len(line) > 3500:  # keep each write below PIPE_BUF so lines never interleave
+            message["key"] = None
+            line = json.dumps(message, default=str, separators=(",", ":"))
+        with self.lock:
+            self.last_sent = time.monotonic()
+            try:
+                os.write(self.fd, line.encode() + b"\n")
+            except BlockingIOError:
+                pass
+            except OSError:  # the parent is gone; PR_SET_PDEATHSIG normally got here first
+                os._exit(EXIT_ORPHANED)
+
+    def on_event(self, event) -> None:
+        """Worker listener: track what the worker does, retitle, report."""
+        now = time.monotonic()
+        self.last_event = now
+        kind = event.kind
+        if kind in ("job_start", "callable_start"):
+            self.state, self.table, self.key, self.job_started = "populating", event.table, event.key, now
+        elif kind in ("job_end", "callable_end"):
+            self.job_started = None
+            self.key = None
+        elif kind == "cycle_start":
+            self.state, self.table, self.key = "running", None, None
+        elif kind == "cycle_end":
+            self.cycles_done += 1
+            self.state, self.table, self.key = "running", None, None
+        elif kind == "sleep":
+            self.state, self.table, self.key = "sleeping", None, None
+            self.sleep_seconds = event.seconds or 0.0
+        elif kind == "stopped":
+            self.state, self.table, self.key, self.job_started = "stopped", None, None, None
+        self.set_title(_short_table(self.table) if self.state == "populating" else
+                       ("sleeping" if self.state == "sleeping" else "idle"))  # fmt: skip
+        if kind in _ALWAYS_REPORTED or now - self.last_sent >= _THROTTLE:
+            self.send({"event": kind})
+
+    def beat(self) -> None:
+        """The heartbeat thread: a snapshot every `interval` seconds until closed."""
+        while not self._closed.wait(self.interval):
+            if os.getppid() != self.parent_pid:
+                os._exit(EXIT_ORPHANED)
+            if time.monotonic() - self.last_sent >= self.interval * 0.5:
+                self.send()
+
+    def start(self) -> None:
+        threading.Thread(target=self.beat, name="djsupervisor-heartbeat", daemon=True).start()
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def record_timed_out_job(connection, job: dict, log) -> None:
+    """Turn the job the previous child was killed over into an error that says it timed out."""
+    from .jobs import record_job_error
+
+    message = (f"TimeoutError: job timed out after {job['seconds']:g} s "
+               f"(killed by djsupervisor: job_timeout)")  # fmt: skip
+    try:
+        changed = record_job_error(connection, job["table"], job["key"], message)
+    except Exception as error:
+        log.warning("could not record timed-out job {} {}: {}", job["table"], job["key"], error)
+        return
+    if changed:
+        log.warning("job {} {} recorded as error: timed out after {:g} s", job["table"], job["key"], job["seconds"])
+    else:
+        log.info("timed-out job {} {} was no longer reserved", job["table"], job["key"])
+
+
+def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: int, report_fd: int,
+              close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None) -> None:  # fmt: skip
+    """The body of a forked child; never returns."""
+    code = EXIT_ERROR
+    try:
+        isolate(parent_pid, close_fds)
+        from loguru import logger
+
+        label = f"{worker_config.name}[{slot_index}]"
+        logger.configure(extra=dict(supervisor=supervisor, worker=worker_config.name, slot=slot_index))
+        log = logger.bind(supervisor=supervisor, worker=worker_config.name, slot=slot_index)
+        reporter = Reporter(report_fd, supervisor, label, parent_pid, heartbeat_interval)
+        reporter.start()
+        reporter.send({"event": "forked"})
+
+        from .connection import reconnect_after_fork
+
+        worker = worker_config.build_worker()
+        connections = worker_connections(worker)
+        for connection in connections:
+            reconnect_after_fork(connection)
+        reporter.worker = worker
+        reporter.send({"event": "connected", "connection_ids": [c.connection_id for c in connections]})
+        if timed_out_job:
+            record_timed_out_job(worker.connection, timed_out_job, log)
+
+        recycle = threading.Event()
+        if worker_config.max_jobs:
+            def enforce_max_jobs(event) -> None:
+                if event.kind == "job_end" and worker.jobs_done + worker.jobs_failed >= worker_config.max_jobs:
+                    recycle.set()
+                    worker.stop(f"max_jobs {worker_config.max_jobs} reached")
+
+            worker.add_listener(enforce_max_jobs)
+        worker.add_listener(reporter.on_event)
+        log.info("child {} (pid {}) running", label, os.getpid())
+        worker.run()
+        code = EXIT_RECYCLE if recycle.is_set() else EXIT_OK
+        reporter.close()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)

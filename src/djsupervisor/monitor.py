@@ -1,0 +1,99 @@
+"""Watching children: resource sampling (psutil) and the verdicts the supervisor acts on.
+
+`ResourceSampler` measures each child's whole process tree (the child and anything it started, such as
+``populate(processes=N)`` pools): current RSS, not peak (a peak-based limit recycles forever after one
+spike), and CPU percent since the previous sample. `judge` looks at one slot and says whether its child
+must be killed (no report for `heartbeat_timeout`: SIGSTOPped or wedged; a job past `job_timeout`; no
+progress outside a job for `hang_timeout`) or recycled gracefully (above `max_memory_mb`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psutil
+
+from .slot import Slot, SlotState
+
+
+class ResourceSampler:
+    """CPU and memory of process trees, keeping psutil.Process objects between samples (CPU % needs it)."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, psutil.Process] = {}
+
+    def _process(self, pid: int) -> psutil.Process:
+        process = self._processes.get(pid)
+        if process is None:
+            process = self._processes[pid] = psutil.Process(pid)
+        return process
+
+    def sample(self, root_pid: int) -> tuple[float, float] | None:
+        """(RSS in MB, CPU %) of `root_pid` and its descendants, or None if it is gone."""
+        try:
+            root = self._process(root_pid)
+            tree = [root, *root.children(recursive=True)]
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            self.forget(root_pid)
+            return None
+        rss = cpu = 0.0
+        for member in tree:
+            process = self._processes.setdefault(member.pid, member)
+            try:
+                with process.oneshot():
+                    rss += process.memory_info().rss
+                    cpu += process.cpu_percent(None)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                self._processes.pop(member.pid, None)
+        return rss / 2**20, cpu
+
+    def forget(self, pid: int) -> None:
+        """Drop what is kept about a process that is gone."""
+        self._processes.pop(pid, None)
+
+    def prune(self) -> None:
+        """Drop every kept process that has ended."""
+        for pid, process in list(self._processes.items()):
+            try:
+                running = process.is_running()
+            except psutil.Error:
+                running = False
+            if not running:
+                del self._processes[pid]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What to do with a child: `action` "kill" (SIGKILL its group now) or "recycle" (graceful stop and
+    replace); `timed_out_job` is the job to record as timed out, for a job_timeout kill."""
+
+    action: str
+    reason: str
+    timed_out_job: dict | None = None
+
+
+def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: float) -> Verdict | None:
+    """Whether the child in `slot` must be killed or recycled, from its reports and last sample."""
+    if slot.pid is None or slot.state not in (SlotState.STARTING, SlotState.RUNNING):
+        return None
+    silence = now - slot.last_report
+    if silence > heartbeat_timeout:
+        return Verdict("kill", f"no report for {silence:.0f} s (stopped or hung)")
+    config = slot.config
+    report = slot.report
+    job_elapsed = report.get("job_elapsed")
+    if job_elapsed is not None:
+        running_for = job_elapsed + silence
+        if config.job_timeout and running_for > config.job_timeout:
+            job = None
+            if report.get("key") is not None and report.get("table"):
+                job = {"table": report["table"], "key": report["key"], "seconds": config.job_timeout}
+            what = f"{report.get('table')} {report.get('key') or ''}".strip()
+            return Verdict("kill", f"{what} ran {running_for:.0f} s > job_timeout {config.job_timeout:g} s", job)
+    else:
+        stalled = report.get("stalled")
+        if stalled is not None and stalled + silence > hang_timeout:
+            return Verdict("kill", f"no progress for {stalled + silence:.0f} s outside a job (hang_timeout)")
+    if config.max_memory_mb and slot.rss_mb is not None and slot.rss_mb > config.max_memory_mb:
+        return Verdict("recycle", f"RSS {slot.rss_mb:.0f} MB > max_memory_mb {config.max_memory_mb:g}")
+    return None

@@ -1,0 +1,688 @@
+"""The parent process: forks a pool of children per worker definition and keeps them alive.
+
+One thread, one `selectors` loop. Everything arrives as a readable descriptor: signals (through
+`signal.set_wakeup_fd`; the Python-level handlers do nothing, the loop reads the signal numbers), the
+children's report pipes, and the control socket. Timers are a heap of deadlines that sets the select
+timeout; what is due is decided by `_manage` and the checks, which scan the (few) slots each turn.
+
+Signals: TERM/INT stop gracefully (children get SIGTERM, finish the job in flight, exit; their process
+group is SIGKILLed after `graceful_timeout`), exit 0. QUIT stops fast (SIGKILL; the jobs in flight go back
+to pending at the next start's orphan recovery). HUP reloads the config file. TTIN/TTOU grow/shrink every
+pool by one. USR1 is accepted (logs go to stderr: nothing to reopen).
+
+The parent does no database work: it imported the worker definitions (so a restart costs no import) and
+may hold the session those imports opened, which it never uses; each child reconnects on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import heapq
+import itertools
+import json
+import os
+import selectors
+import signal
+import sys
+import time
+from functools import partial
+from typing import Any, Callable
+
+from loguru import logger
+
+from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child
+from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
+from .monitor import ResourceSampler, judge
+from .slot import LIVE_STATES, Slot, SlotState, restart_delay
+
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1,
+)  # fmt: skip
+_CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
+_STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
+_AFTER_STOP_RANK = {"respawn": 0, "retire": 1, "stay": 2}  # a stronger reason to stay down wins
+
+
+class Timers:
+    """A heap of deadlines (monotonic seconds) with callbacks."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+
+    def call_at(self, deadline: float, callback: Callable[[], None]) -> None:
+        """Run `callback` in the loop once `deadline` has passed."""
+        heapq.heappush(self._heap, (deadline, next(self._seq), callback))
+
+    def timeout(self, now: float) -> float | None:
+        """Seconds until the next deadline (0 if one is due, None without timers)."""
+        return max(0.0, self._heap[0][0] - now) if self._heap else None
+
+    def run_due(self, now: float) -> None:
+        """Run the callbacks whose deadline has passed."""
+        while self._heap and self._heap[0][0] <= now:
+            _, _, callback = heapq.heappop(self._heap)
+            callback()
+
+
+@dataclasses.dataclass
+class Pool:
+    """The slots of one worker definition; `config` is None once the definition was removed."""
+
+    name: str
+    config: WorkerConfig | None
+    replicas: int
+    slots: dict[int, Slot] = dataclasses.field(default_factory=dict)
+
+    def active(self) -> list[Slot]:
+        """Slots meant to stay (not being retired), by index."""
+        return sorted((s for s in self.slots.values() if s.after_stop != "retire"), key=lambda s: s.index)
+
+    def free_index(self) -> int:
+        return next(i for i in itertools.count() if i not in self.slots)
+
+
+def _describe_exit(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _load_optional(module: str, name: str):
+    """An attribute of a sibling module that may not exist yet (control socket, systemd notifier)."""
+    try:
+        return getattr(__import__(f"djsupervisor.{module}", fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class _NoNotifier:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+class Supervisor:
+    """The supervisor of one configuration's worker pools; `run()` until stopped, returns the exit status."""
+
+    def __init__(self, config: SupervisorConfig, config_path: str | os.PathLike | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.pools: dict[str, Pool] = {}
+        self.state = "starting"
+        self.pid = os.getpid()
+        self.started = time.time()
+        self.timers = Timers()
+        self.sampler = ResourceSampler()
+        self.selector: selectors.BaseSelector | None = None
+        self.control = None
+        self.notifier: Any = _NoNotifier()
+        self._by_pid: dict[int, Slot] = {}
+        self._stop_mode: str | None = None  # None, "graceful" or "fast"
+        self._wake_r = self._wake_w = -1
+        self._ready_sent = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def log(self):
+        return logger.bind(supervisor=self.config.name, worker="-", slot="-")
+
+    def _slot_log(self, slot: Slot):
+        return logger.bind(supervisor=self.config.name, worker=slot.worker, slot=slot.index)
+
+    # ----- public API (the control socket calls these, in the loop)
+
+    def status(self) -> dict:
+        """The supervisor's state and one entry per slot (see `Slot.status`)."""
+        now = time.monotonic()
+        return {
+            "supervisor": self.config.name,
+            "pid": self.pid,
+            "started": self.started,
+            "state": self.state,
+            "workers": [
+                slot.status(now)
+                for name in sorted(self.pools)
+                for slot in sorted(self.pools[name].slots.values(), key=lambda s: s.index)
+            ],
+        }
+
+    def request_stop(self, fast: bool = False) -> None:
+        """Stop every child (gracefully unless `fast`) and make `run()` return 0 once they are gone."""
+        if self._stop_mode == "fast" or (self._stop_mode == "graceful" and not fast):
+            return
+        self._stop_mode = "fast" if fast else "graceful"
+        self.state = "stopping"
+        self.log.info("{} stop of {} children", "fast" if fast else "graceful", len(self._by_pid))
+        self.notifier.stopping()
+        for pool in self.pools.values():
+            for slot in list(pool.slots.values()):
+                self._stop_slot(slot, "supervisor stopping", "stay", fast=fast)
+
+    def request_reload(self) -> None:
+        """Re-read the config file: new definitions start, removed ones stop, changed ones roll."""
+        if self._stop_mode:
+            return
+        if self.config_path is None:
+            self.log.warning("reload: started without a config file, nothing to reload")
+            return
+        self.notifier.reloading()
+        self.state = "reloading"
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as error:
+            self.log.error("reload failed, keeping the running configuration: {}", error)
+        else:
+            self._apply_config(new)
+        self.state = "running"
+        self.notifier.ready()
+
+    def scale(self, worker: str, n: int) -> dict:
+        """Set the size of pool `worker` to `n` children."""
+        pool = self.pools.get(worker)
+        if pool is None or pool.config is None:
+            raise KeyError(f"no worker named {worker!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"replicas must be an integer >= 0, got {n!r}")
+        if n != pool.replicas:
+            self.log.info("pool {} scaled from {} to {}", worker, pool.replicas, n)
+        pool.replicas = n
+        return {"worker": worker, "replicas": n}
+
+    def handle_control(self, request: dict) -> dict:
+        """Answer one control-socket request: {"cmd": "status"|"stop"|"reload"|"scale", ...}."""
+        cmd = request.get("cmd") if isinstance(request, dict) else None
+        try:
+            if cmd == "status":
+                return {"ok": True, **self.status()}
+            if cmd == "stop":
+                self.request_stop(fast=bool(request.get("fast")))
+                return {"ok": True}
+            if cmd == "reload":
+                self.request_reload()
+                return {"ok": True}
+            if cmd == "scale":
+                return {"ok": True, **self.scale(request.get("worker"), request.get("replicas"))}
+        except (KeyError, ValueError) as error:
+            return {"ok": False, "error": str(error.args[0] if error.args else error)}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    # ----- the loop
+
+    def run(self) -> int:
+        """Start the pools and supervise them until stopped; returns the exit status (0 after a stop)."""
+        self._setup()
+        try:
+            for worker in self.config.workers:
+                self.pools[worker.name] = Pool(worker.name, worker, worker.replicas)
+            self.log.info(
+                "supervisor {} (pid {}) starting {} pools: {}", self.config.name, self.pid, len(self.pools),
+                ", ".join(f"{w.name}×{w.replicas}" for w in self.config.workers),
+            )  # fmt: skip
+            self.state = "running"
+            self._manage()
+            self._every(_CHECK_INTERVAL, self._check_children)
+            self._every(self.config.sample_interval, self._sample)
+            self._every(_STATUS_INTERVAL, self._send_status)
+            watchdog = self.notifier.watchdog_interval()
+            if watchdog:
+                self._every(watchdog / 2, self.notifier.watchdog)
+            while not (self._stop_mode and not self._by_pid):
+                timeout = self.timers.timeout(time.monotonic())
+                for key, mask in self.selector.select(timeout):
+                    if self.selector.get_map().get(key.fd) is key:  # not unregistered by an earlier callback
+                        key.data(mask)
+                self.timers.run_due(time.monotonic())
+                self._manage()
+            self.log.info("supervisor {} stopped", self.config.name)
+            return 0
+        finally:
+            self._teardown()
+
+    def _every(self, interval: float, callback: Callable[[], None]) -> None:
+        def tick() -> None:
+            callback()
+            self.timers.call_at(time.monotonic() + interval, tick)
+
+        self.timers.call_at(time.monotonic() + interval, tick)
+
+    def _setup(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, data=self._on_wakeup)
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for signum in HANDLED_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, _note_signal)
+        notifier_class = _load_optional("systemd", "SystemdNotifier")
+        if notifier_class is not None:
+            self.notifier = notifier_class()
+        control_class = _load_optional("control", "ControlServer")
+        if control_class is not None:
+            path = self.config.control_socket
+            if path is None:
+                default_path = _load_optional("control", "default_socket_path")
+                path = default_path(self.config.name) if default_path else None
+            if path is not None:
+                self.control = control_class(str(path), self.handle_control)
+                self.control.register(self.selector)
+                self.log.info("control socket {}", path)
+        else:
+            self.log.warning("no control socket: djsupervisor.control is not available")
+
+    def _teardown(self) -> None:
+        if self.control is not None:
+            try:
+                self.control.close()
+            except Exception as error:
+                self.log.warning("closing the control socket failed: {}", error)
+        signal.set_wakeup_fd(-1)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if self.selector is not None:
+            self.selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+
+    # ----- signals
+
+    def _on_wakeup(self, mask: int) -> None:
+        try:
+            data = os.read(self._wake_r, 512)
+        except BlockingIOError:
+            return
+        for signum in dict.fromkeys(data):  # the same signal twice in one read acts once
+            self._handle_signal(signum)
+
+    def _handle_signal(self, signum: int) -> None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        if signum == signal.SIGCHLD:
+            self._reap()
+            return
+        self.log.info("received {}", name)
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.request_stop()
+        elif signum == signal.SIGQUIT:
+            self.request_stop(fast=True)
+        elif signum == signal.SIGHUP:
+            self.request_reload()
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            step = 1 if signum == signal.SIGTTIN else -1
+            for pool in self.pools.values():
+                if pool.config is not None and pool.replicas + step >= 0:
+                    self.scale(pool.name, pool.replicas + step)
+
+    # ----- children
+
+    def _spawn(self, slot: Slot) -> None:
+        pool = self.pools[slot.worker]
+        slot.config = pool.config
+        read_fd, write_fd = os.pipe()
+        close_in_child = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(), *self.selector.get_map()]
+        timed_out_job, slot.timed_out_job = slot.timed_out_job, None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Signals stay blocked across fork: a signal for the child must not run the parent's handlers in it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(read_fd)
+            os.close(write_fd)
+            self._slot_log(slot).error("fork failed: {}", error)
+            slot.timed_out_job = timed_out_job
+            slot.change(SlotState.STARTING)
+            self._after_crash(slot, "fork failed", got_going=False)
+            return
+        if pid == 0:
+            try:
+                run_child(
+                    supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
+                    parent_pid=self.pid, report_fd=write_fd, close_fds=close_in_child,
+                    heartbeat_interval=self.config.heartbeat_interval, timed_out_job=timed_out_job,
+                )  # fmt: skip
+            finally:
+                os._exit(EXIT_ORPHANED)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(write_fd)
+        try:
+            os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race to killpg
+        except OSError:
+            pass
+        os.set_blocking(read_fd, False)
+        slot.occupied(pid, read_fd)
+        slot.change(SlotState.STARTING)
+        self._by_pid[pid] = slot
+        self.selector.register(read_fd, selectors.EVENT_READ, data=partial(self._on_report, slot, read_fd))
+        self._slot_log(slot).info("started {} (pid {}){}", slot.label, pid,
+                                  f", restart {slot.restarts}" if slot.restarts else "")  # fmt: skip
+
+    def _on_report(self, slot: Slot, fd: int, mask: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data or slot.pipe_fd != fd:
+            self._close_pipe(slot, fd)
+            return
+        self._take_reports(slot, data)
+
+    def _take_reports(self, slot: Slot, data: bytes) -> None:
+        *lines, slot.buffer = (slot.buffer + data).split(b"\n")
+        if not lines:
+            return
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            slot.report.update(message)
+        slot.last_report = time.monotonic()
+        slot.last_report_wall = time.time()
+        if slot.state is SlotState.STARTING and slot.got_going():
+            slot.change(SlotState.RUNNING)
+            slot.early_exits = 0
+            slot.rolled = False
+            self._slot_log(slot).info("{} is running (pid {})", slot.label, slot.pid)
+
+    def _close_pipe(self, slot: Slot, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(fd)
+        if slot.pipe_fd == fd:
+            slot.pipe_fd = None
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            try:
+                os.killpg(pid, signal.SIGKILL)  # whatever the child started and left behind
+            except OSError:
+                pass
+            slot = self._by_pid.pop(pid, None)
+            self.sampler.forget(pid)
+            if slot is not None:
+                self._child_exited(slot, status)
+
+    def _child_exited(self, slot: Slot, status: int) -> None:
+        fd = slot.pipe_fd
+        if fd is not None:
+            try:
+                while data := os.read(fd, 65536):  # the child's last words
+                    self._take_reports(slot, data)
+            except OSError:
+                pass
+            self._close_pipe(slot, fd)
+        code = os.waitstatus_to_exitcode(status)
+        how = _describe_exit(status)
+        got_going = slot.got_going()
+        uptime = slot.uptime() or 0.0
+        log = self._slot_log(slot)
+        slot.vacated()
+        if slot.state is SlotState.STOPPING:
+            reason = slot.kill_reason or slot.stop_reason
+            log.info("{} stopped ({}; {}) after {:.1f} s", slot.label, reason, how, uptime)
+            slot.change(SlotState.STOPPED)
+            if slot.after_stop == "retire":
+                self._remove(slot)
+            elif slot.after_stop == "respawn" and not self._stop_mode:
+                self._spawn(slot)
+            return
+        if self._stop_mode:
+            log.info("{} exited ({}) while stopping", slot.label, how)
+            slot.change(SlotState.EXITED)
+            return
+        if code == EXIT_RECYCLE:
+            log.info("{} reached max_jobs ({}); replacing it", slot.label, slot.config.max_jobs)
+            slot.change(SlotState.BACKOFF)
+            slot.next_start = time.monotonic()
+            return
+        policy = slot.config.restart
+        if policy == "never" or (policy == "on-failure" and code == 0):
+            log.info("{} exited ({}) after {:.1f} s; restart={}: not restarted", slot.label, how, uptime, policy)
+            slot.change(SlotState.EXITED)
+            return
+        if uptime >= self.config.stable_after:
+            slot.crashes = 0
+        self._after_crash(slot, f"{how} after {uptime:.1f} s", got_going)
+
+    def _after_crash(self, slot: Slot, what: str, got_going: bool) -> None:
+        log = self._slot_log(slot)
+        slot.early_exits = 0 if got_going else slot.early_exits + 1
+        if slot.early_exits >= self.config.fatal_after:
+            slot.change(SlotState.FATAL)
+            log.error("{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted",
+                      slot.label, what, slot.early_exits)  # fmt: skip
+            return
+        slot.crashes += 1
+        delay = restart_delay(slot.crashes, self.config.backoff_initial, self.config.backoff_max)
+        slot.change(SlotState.BACKOFF)
+        slot.next_start = time.monotonic() + delay
+        self.timers.call_at(slot.next_start, lambda: None)  # wakes the loop; _manage spawns
+        log.warning("{} exited ({}){}; restarting in {:.2f} s", slot.label, what,
+                    "" if got_going else " before completing a cycle", delay)  # fmt: skip
+
+    def _stop_slot(self, slot: Slot, reason: str, after: str, *, fast: bool = False) -> None:
+        """Stop the slot's child: SIGTERM (graceful) or SIGKILL of its group (fast); then `after`."""
+        if _AFTER_STOP_RANK[after] > _AFTER_STOP_RANK.get(slot.after_stop, 0) or slot.state is not SlotState.STOPPING:
+            slot.after_stop = after
+        if slot.pid is None:
+            if slot.state is not SlotState.STOPPED:
+                slot.change(SlotState.STOPPED)
+            if slot.after_stop == "retire":
+                self._remove(slot)
+            return
+        log = self._slot_log(slot)
+        if fast:
+            if slot.state is not SlotState.STOPPING:
+                slot.change(SlotState.STOPPING)
+                slot.stop_reason = reason
+            slot.kill_reason = slot.kill_reason or reason
+            _killpg(slot.pid, signal.SIGKILL)
+            return
+        if slot.state is SlotState.STOPPING:
+            return
+        slot.change(SlotState.STOPPING)
+        slot.stop_reason = reason
+        log.info("stopping {} (pid {}): {}", slot.label, slot.pid, reason)
+        try:
+            os.kill(slot.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        slot.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        pid = slot.pid
+        self.timers.call_at(slot.stop_deadline, lambda: self._stop_overdue(slot, pid))
+
+    def _stop_overdue(self, slot: Slot, pid: int) -> None:
+        if slot.pid == pid and slot.state is SlotState.STOPPING:
+            self._slot_log(slot).warning("{} (pid {}) still running {:g} s after SIGTERM: SIGKILL",
+                                         slot.label, pid, self.config.graceful_timeout)  # fmt: skip
+            slot.kill_reason = f"graceful_timeout {self.config.graceful_timeout:g} s passed"
+            _killpg(pid, signal.SIGKILL)
+
+    def _remove(self, slot: Slot) -> None:
+        pool = self.pools.get(slot.worker)
+        if pool is not None and pool.slots.get(slot.index) is slot:
+            del pool.slots[slot.index]
+            self._slot_log(slot).info("{} removed", slot.label)
+
+    # ----- what should be running
+
+    def _manage(self) -> None:
+        """Bring every pool towards its definition: spawn, retire, roll, restart after backoff."""
+        if self._stop_mode:
+            return
+        now = time.monotonic()
+        for name in list(self.pools):
+            pool = self.pools[name]
+            if pool.config is None:
+                for slot in list(pool.slots.values()):
+                    self._stop_slot(slot, "worker definition removed", "retire")
+                if not pool.slots:
+                    del self.pools[name]
+                    self.log.info("pool {} removed", name)
+                continue
+            active = pool.active()
+            for slot in active[pool.replicas:]:
+                self._stop_slot(slot, f"pool shrunk to {pool.replicas}", "retire")
+            for _ in range(pool.replicas - len(active)):
+                index = pool.free_index()
+                pool.slots[index] = Slot(name, index, pool.config)
+            for slot in pool.active():
+                if slot.state is SlotState.STOPPED or (
+                    slot.state is SlotState.BACKOFF and slot.next_start is not None and slot.next_start <= now
+                ):
+                    self._spawn(slot)
+            self._roll(pool)
+        if not self._ready_sent and all(
+            "connection_ids" in s.report or s.state not in LIVE_STATES for p in self.pools.values() for s in p.slots.values()
+        ):
+            self._ready_sent = True
+            self.notifier.ready()
+            self._send_status()
+            self.log.info("all children started")
+
+    def _roll(self, pool: Pool) -> None:
+        """Restart children running an outdated definition, one at a time, each once the previous one runs."""
+        outdated = [s for s in pool.active() if s.config.definition != pool.config.definition]
+        if not outdated:
+            return
+        for slot in outdated:
+            if slot.pid is None and slot.state in (SlotState.BACKOFF, SlotState.EXITED, SlotState.FATAL):
+                slot.early_exits = slot.crashes = 0
+                self._spawn(slot)  # nothing to lose: start it on the new definition now
+        busy = any(
+            (s.rolled and s.state is not SlotState.RUNNING) or (s.state is SlotState.STOPPING and s.after_stop == "respawn")
+            for s in pool.slots.values()
+        )
+        if busy:
+            return
+        for slot in outdated:
+            if slot.pid is not None and slot.state in (SlotState.STARTING, SlotState.RUNNING):
+                slot.rolled = True
+                self._stop_slot(slot, "worker definition changed", "respawn")
+                return
+
+    def _apply_config(self, new: SupervisorConfig) -> None:
+        old_workers = {w.name: w for w in self.config.workers}
+        new_names = {w.name for w in new.workers}
+        if new.name != self.config.name:
+            self.log.warning("reload: the supervisor name change to {!r} applies at the next start", new.name)
+            new = dataclasses.replace(new, name=self.config.name)
+        for name, pool in self.pools.items():
+            if name not in new_names and pool.config is not None:
+                self.log.info("reload: worker {} removed", name)
+                pool.config = None
+        for worker in new.workers:
+            pool = self.pools.get(worker.name)
+            old = old_workers.get(worker.name)
+            if pool is None:
+                self.log.info("reload: worker {} added ({}×{})", worker.name, worker.target, worker.replicas)
+                self.pools[worker.name] = Pool(worker.name, worker, worker.replicas)
+                continue
+            if pool.config is None or old is None:
+                pool.replicas = worker.replicas
+            elif worker.replicas != old.replicas:
+                self.log.info("reload: worker {} resized to {}", worker.name, worker.replicas)
+                pool.replicas = worker.replicas
+            if pool.config is not None and pool.config.definition != worker.definition:
+                self.log.info("reload: worker {} changed; rolling its children one at a time", worker.name)
+            pool.config = worker
+        self.config = new
+
+    # ----- watching
+
+    def _check_children(self) -> None:
+        self._reap()  # a safety net: SIGCHLDs coalesce
+        now = time.monotonic()
+        for slot in list(self._by_pid.values()):
+            verdict = judge(slot, now, heartbeat_timeout=self.config.heartbeat_timeout,
+                            hang_timeout=self.config.hang_timeout)  # fmt: skip
+            if verdict is None:
+                continue
+            log = self._slot_log(slot)
+            if verdict.action == "kill":
+                log.error("{} (pid {}): {}; killing its process group", slot.label, slot.pid, verdict.reason)
+                slot.timed_out_job = verdict.timed_out_job
+                self._stop_slot(slot, verdict.reason, "respawn", fast=True)
+            elif not self._stop_mode:
+                log.warning("{} (pid {}): {}; recycling it after its job in flight", slot.label, slot.pid, verdict.reason)
+                self._stop_slot(slot, verdict.reason, "respawn")
+
+    def _sample(self) -> None:
+        for pid, slot in list(self._by_pid.items()):
+            sample = self.sampler.sample(pid)
+            if sample is not None:
+                slot.rss_mb, slot.cpu_percent = sample
+        self.sampler.prune()
+        self._check_children()
+
+    def _send_status(self) -> None:
+        counts: dict[str, int] = {}
+        done = 0
+        for pool in self.pools.values():
+            for slot in pool.slots.values():
+                counts[slot.state.value] = counts.get(slot.state.value, 0) + 1
+                done += slot.report.get("jobs_done", 0)
+        summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no children"
+        self.notifier.status(f"{summary}; {done} jobs done by the current children")
+
+
+def _note_signal(signum, frame) -> None:
+    """The Python-level handler: nothing; the wakeup fd carries the signal into the loop."""
+
+
+def _killpg(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Development entry (`python -m djsupervisor.supervisor CONFIG.toml | MODULE...`); use `djsupervisor start`."""
+    from .config import config_from_modules
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if len(args) == 1 and args[0].endswith(".toml"):
+            config, path = load_config(args[0]), args[0]
+        else:
+            config, path = config_from_modules(args), None
+    except ConfigError as error:
+        print(f"djsupervisor: {error}", file=sys.stderr)
+        return 2
+    setup = _load_optional("log", "setup_logging")
+    if setup is not None:
+        setup(config.log_level, config.log_format)
+    return Supervisor(config, path).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
