@@ -666,13 +666,17 @@ def _killpg(pid: int, signum: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Development entry (`python -m djsupervisor.supervisor CONFIG.toml | MODULE...`); use `djsupervisor start`."""
+    """Development entry: ``python -m djsupervisor.supervisor [start] (-c CONFIG.toml | MODULE...)``.
+
+    `djsupervisor start` (djsupervisor.cli) is the real one."""
     from .config import config_from_modules
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["start"]:
+        args = args[1:]
     try:
-        if len(args) == 1 and args[0].endswith(".toml"):
-            config, path = load_config(args[0]), args[0]
+        if len(args) == 2 and args[0] in ("-c", "--config"):
+            config, path = load_config(args[1]), args[1]
         else:
             config, path = config_from_modules(args), None
     except ConfigError as error:

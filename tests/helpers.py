@@ -1,0 +1,164 @@
+"""Helpers for process tests: wait for conditions with deadlines, run the real `djsupervisor start`, look at
+its children from outside (psutil, process titles)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+TITLE = re.compile(r"^djsupervisor: (?P<supervisor>\S+) (?P<worker>[^\s\[]+)\[(?P<slot>\d+)\] (?P<state>.+)$")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or `timeout` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+        time.sleep(interval)
+
+
+def djsupervisor_command() -> list[str]:
+    """The `djsupervisor` console script of this environment."""
+    import importlib.util
+
+    if importlib.util.find_spec("djsupervisor.cli") is None:  # until the CLI lands
+        return [sys.executable, "-m", "djsupervisor.supervisor"]
+    script = Path(sys.executable).parent / "djsupervisor"
+    return [str(script)] if script.exists() else [shutil.which("djsupervisor") or "djsupervisor"]
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Write a TOML config (dedented) and return its path."""
+    import textwrap
+
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+class Supervised:
+    """A running `djsupervisor start`, its output in a file, its children seen through psutil."""
+
+    def __init__(self, args: list[str], env: dict, workdir: Path) -> None:
+        self.log_path = workdir / "supervisor.log"
+        self._log = open(self.log_path, "wb")
+        env = dict(env, PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   PYTHONUNBUFFERED="1")  # fmt: skip
+        self.process = subprocess.Popen([*djsupervisor_command(), "start", *args], env=env, cwd=workdir,
+                                        stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+        self.pid = self.process.pid
+
+    @property
+    def output(self) -> str:
+        """Everything the supervisor and its children wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> dict[str, psutil.Process]:
+        """The live children by label ("standard[0]"), from their process titles."""
+        found = {}
+        try:
+            processes = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return found
+        for process in processes:
+            try:
+                match = TITLE.match(" ".join(process.cmdline()).strip())
+                if match and process.status() != psutil.STATUS_ZOMBIE:
+                    found[f"{match['worker']}[{match['slot']}]"] = process
+            except psutil.Error:
+                continue
+        return found
+
+    def titles(self) -> dict[str, str]:
+        """Process titles of the children by label."""
+        titles = {}
+        for label, process in self.children().items():
+            try:
+                titles[label] = " ".join(process.cmdline()).strip()
+            except psutil.Error:
+                pass
+        return titles
+
+    def pids(self, worker: str | None = None) -> dict[str, int]:
+        """Pids of the children (of one worker) by label."""
+        return {label: p.pid for label, p in self.children().items() if worker is None or label.startswith(f"{worker}[")}
+
+    def wait_children(self, expected: dict[str, int], timeout: float = 60) -> dict[str, int]:
+        """Wait until the number of children per worker is exactly `expected`; returns their pids."""
+        def counts():
+            pids = self.pids()
+            got = {}
+            for label in pids:
+                worker = label.split("[")[0]
+                got[worker] = got.get(worker, 0) + 1
+            return pids if {w: n for w, n in got.items()} == {w: n for w, n in expected.items() if n} else None
+
+        return wait_until(counts, timeout, message=f"children {expected}; output:\n{self.output[-3000:]}")
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the supervisor to exit; returns its status."""
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"supervisor still running after {timeout} s; output:\n{self.output[-3000:]}")
+
+    def close(self) -> None:
+        """Make sure nothing of this supervisor is left running."""
+        descendants = []
+        try:
+            descendants = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        for process in descendants:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self._log.close()
+
+
+@pytest.fixture
+def supervise(db, tmp_path):
+    """Start the real `djsupervisor start ARGS...` for this test's database; everything is killed afterwards.
+
+    Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
+    DJS_TEST_PREFIX.
+    """
+    started: list[Supervised] = []
+
+    def start(args: list[str]) -> Supervised:
+        env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
+        supervised = Supervised(args, env, tmp_path)
+        started.append(supervised)
+        return supervised
+
+    yield start
+    for supervised in started:
+        supervised.close()
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` no longer runs (gone or a zombie)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
