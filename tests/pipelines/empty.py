@@ -1,0 +1,3 @@
+"""A module that defines no DataJointWorker (config tests)."""
+
+VALUE = 1
