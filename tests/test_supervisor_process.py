@@ -142,6 +142,8 @@ def test_quit_stops_fast(db, supervise, tmp_path):
     assert time.monotonic() - began < 5  # far from the 60 s jobs and the 20 s graceful timeout
     assert all(process_gone(pid) for pid in pids.values())
     assert len(pipe.Square()) == 0
+    progress = pipe.Square.jobs.progress()  # a recovery child put the killed children's jobs back
+    assert progress["reserved"] == 0 and progress["pending"] == 2 and progress["error"] == 0, progress
 
 
 def test_sigkilled_parent_leaves_no_child(db, supervise, tmp_path):

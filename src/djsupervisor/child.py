@@ -242,6 +242,54 @@ def record_timed_out_job(connection, job: dict, log) -> None:
         log.info("timed-out job {} {} was no longer reserved", job["table"], job["key"])
 
 
+def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, close_fds: list[int]) -> None:
+    """The body of a short-lived recovery child; never returns.
+
+    Re-pends the jobs of children that are gone when no replacement will do it in its first cycle
+    (after a fast stop, or when a slot gave up): one pass of `recover_jobs` per distinct worker scope, a
+    second one a moment later for sessions the server had not yet seen close.
+    """
+    code = EXIT_ERROR
+    try:
+        isolate(parent_pid, close_fds)
+        setproctitle.setproctitle(f"djsupervisor: {supervisor} recovery")
+        from loguru import logger
+
+        from .connection import reconnect_after_fork
+        from .jobs import recover_jobs
+
+        log = logger.bind(supervisor=supervisor, worker="recovery", slot="-")
+        reconnected: set[int] = set()
+        scopes = {}
+        for worker_config in worker_configs:
+            worker = worker_config.build_worker()
+            for connection in worker_connections(worker):
+                if id(connection) not in reconnected:
+                    reconnect_after_fork(connection)
+                    reconnected.add(id(connection))
+            scopes.setdefault((worker.db_prefix, worker.stale_timeout_hours, id(worker.connection)), worker)
+        for attempt in range(2):
+            if attempt:
+                time.sleep(0.5)
+            for worker in scopes.values():
+                counts = recover_jobs(worker.connection, db_prefix=worker.db_prefix,
+                                      stale_timeout_hours=worker.stale_timeout_hours)  # fmt: skip
+                if counts.orphaned or counts.stale:
+                    log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
+        code = EXIT_OK
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: int, report_fd: int,
               close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None) -> None:  # fmt: skip
     """The body of a forked child; never returns."""

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child
+from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
 from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
 from .monitor import ResourceSampler, judge
 from .slot import LIVE_STATES, Slot, SlotState, restart_delay
@@ -42,6 +42,7 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
 _STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
+_RECOVERY_TIMEOUT = 30.0  # seconds a recovery child may take
 _AFTER_STOP_RANK = {"respawn": 0, "retire": 1, "stay": 2}  # a stronger reason to stay down wins
 
 
@@ -123,6 +124,8 @@ class Supervisor:
         self.control = None
         self.notifier: Any = _NoNotifier()
         self._by_pid: dict[int, Slot] = {}
+        self._recovery_pids: set[int] = set()
+        self._recovered_after_stop = False
         self._stop_mode: str | None = None  # None, "graceful" or "fast"
         self._wake_r = self._wake_w = -1
         self._ready_sent = False
@@ -232,7 +235,7 @@ class Supervisor:
             watchdog = self.notifier.watchdog_interval()
             if watchdog:
                 self._every(watchdog / 2, self.notifier.watchdog)
-            while not (self._stop_mode and not self._by_pid):
+            while not (self._stop_mode and not self._by_pid and not self._recovery_pids):
                 timeout = self.timers.timeout(time.monotonic())
                 for key, mask in self.selector.select(timeout):
                     if self.selector.get_map().get(key.fd) is key:  # not unregistered by an earlier callback
@@ -329,38 +332,23 @@ class Supervisor:
         pool = self.pools[slot.worker]
         slot.config = pool.config
         read_fd, write_fd = os.pipe()
-        close_in_child = [read_fd, self._wake_r, self._wake_w, self.selector.fileno(), *self.selector.get_map()]
         timed_out_job, slot.timed_out_job = slot.timed_out_job, None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Signals stay blocked across fork: a signal for the child must not run the parent's handlers in it.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as error:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+        def child(close_fds: list[int]) -> None:
+            run_child(
+                supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
+                parent_pid=self.pid, report_fd=write_fd, close_fds=[read_fd, *close_fds],
+                heartbeat_interval=self.config.heartbeat_interval, timed_out_job=timed_out_job,
+            )  # fmt: skip
+
+        pid = self._fork(child)
+        os.close(write_fd)
+        if pid is None:
             os.close(read_fd)
-            os.close(write_fd)
-            self._slot_log(slot).error("fork failed: {}", error)
             slot.timed_out_job = timed_out_job
             slot.change(SlotState.STARTING)
             self._after_crash(slot, "fork failed", got_going=False)
             return
-        if pid == 0:
-            try:
-                run_child(
-                    supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
-                    parent_pid=self.pid, report_fd=write_fd, close_fds=close_in_child,
-                    heartbeat_interval=self.config.heartbeat_interval, timed_out_job=timed_out_job,
-                )  # fmt: skip
-            finally:
-                os._exit(EXIT_ORPHANED)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(write_fd)
-        try:
-            os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race to killpg
-        except OSError:
-            pass
         os.set_blocking(read_fd, False)
         slot.occupied(pid, read_fd)
         slot.change(SlotState.STARTING)
@@ -368,6 +356,46 @@ class Supervisor:
         self.selector.register(read_fd, selectors.EVENT_READ, data=partial(self._on_report, slot, read_fd))
         self._slot_log(slot).info("started {} (pid {}){}", slot.label, pid,
                                   f", restart {slot.restarts}" if slot.restarts else "")  # fmt: skip
+
+    def _fork(self, child: Callable[[list[int]], None]) -> int | None:
+        """Fork; the child runs `child(fds_to_close)` and never returns. Signals stay blocked across the
+        fork: a signal meant for the child must not run the parent's handlers in it."""
+        close_in_child = [self._wake_r, self._wake_w, self.selector.fileno(), *self.selector.get_map()]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as error:
+            self.log.error("fork failed: {}", error)
+            return None
+        finally:
+            if os.getpid() == self.pid:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if pid == 0:
+            try:
+                child(close_in_child)
+            finally:
+                os._exit(EXIT_ORPHANED)
+        try:
+            os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race to killpg
+        except OSError:
+            pass
+        return pid
+
+    def _recover(self, worker_configs: list[WorkerConfig], why: str) -> None:
+        """Fork a short-lived child that puts the jobs of dead children back to pending (none will replace them)."""
+        if not worker_configs:
+            return
+        pid = self._fork(partial(self._run_recovery, worker_configs))
+        if pid is None:
+            return
+        self._recovery_pids.add(pid)
+        self.log.info("job recovery after {} (pid {})", why, pid)
+        self.timers.call_at(time.monotonic() + _RECOVERY_TIMEOUT, lambda: pid in self._recovery_pids and _killpg(pid, signal.SIGKILL))
+
+    def _run_recovery(self, worker_configs: list[WorkerConfig], close_fds: list[int]) -> None:
+        run_recovery(supervisor=self.config.name, worker_configs=worker_configs, parent_pid=self.pid, close_fds=close_fds)
 
     def _on_report(self, slot: Slot, fd: int, mask: int) -> None:
         try:
@@ -420,6 +448,10 @@ class Supervisor:
                 os.killpg(pid, signal.SIGKILL)  # whatever the child started and left behind
             except OSError:
                 pass
+            if pid in self._recovery_pids:
+                self._recovery_pids.discard(pid)
+                self.log.info("job recovery (pid {}) ended: {}", pid, _describe_exit(status))
+                continue
             slot = self._by_pid.pop(pid, None)
             self.sampler.forget(pid)
             if slot is not None:
@@ -462,6 +494,8 @@ class Supervisor:
         if policy == "never" or (policy == "on-failure" and code == 0):
             log.info("{} exited ({}) after {:.1f} s; restart={}: not restarted", slot.label, how, uptime, policy)
             slot.change(SlotState.EXITED)
+            if code != 0:
+                self._recover([slot.config], f"{slot.label} exited")
             return
         if uptime >= self.config.stable_after:
             slot.crashes = 0
@@ -474,6 +508,7 @@ class Supervisor:
             slot.change(SlotState.FATAL)
             log.error("{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted",
                       slot.label, what, slot.early_exits)  # fmt: skip
+            self._recover([slot.config], f"{slot.label} went FATAL")
             return
         slot.crashes += 1
         delay = restart_delay(slot.crashes, self.config.backoff_initial, self.config.backoff_max)
@@ -532,6 +567,9 @@ class Supervisor:
     def _manage(self) -> None:
         """Bring every pool towards its definition: spawn, retire, roll, restart after backoff."""
         if self._stop_mode:
+            if self._stop_mode == "fast" and not self._by_pid and not self._recovered_after_stop:
+                self._recovered_after_stop = True  # the killed children's jobs go back to pending now
+                self._recover([p.config for p in self.pools.values() if p.config is not None], "fast stop")
             return
         now = time.monotonic()
         for name in list(self.pools):
