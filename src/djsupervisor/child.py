@@ -125,6 +125,7 @@ class Reporter:
 
     def __init__(self, fd: int, supervisor: str, label: str, parent_pid: int, interval: float) -> None:
         self.fd = fd
+        os.set_blocking(fd, False)  # a stalled parent must never stall the worker
         self.title_prefix = f"djsupervisor: {supervisor} {label}"
         self.parent_pid = parent_pid
         self.interval = interval

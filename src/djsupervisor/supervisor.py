@@ -499,6 +499,8 @@ class Supervisor:
             return
         if uptime >= self.config.stable_after:
             slot.crashes = 0
+        if code == 0 and got_going:  # the worker's loop ended by itself (run_duration, max_idled_cycle)
+            slot.crashes = 0
         self._after_crash(slot, f"{how} after {uptime:.1f} s", got_going)
 
     def _after_crash(self, slot: Slot, what: str, got_going: bool) -> None:
