@@ -58,7 +58,8 @@ class Supervised:
         env = dict(env, PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    PYTHONUNBUFFERED="1")  # fmt: skip
         self.process = subprocess.Popen([*djsupervisor_command(), "start", *args], env=env, cwd=workdir,
-                                        stdout=self._log, stderr=subprocess.STDOUT)  # fmt: skip
+                                        stdout=self._log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)  # its own group, like a shell's job  # fmt: skip
         self.pid = self.process.pid
 
     @property

@@ -129,6 +129,20 @@ def test_sigterm_lets_jobs_in_flight_land_and_exits_0(db, supervise, tmp_path):
     assert len(landed) + progress["pending"] == 6
 
 
+def test_ctrl_c_reaches_only_the_parent(db, supervise, tmp_path):
+    pipe = declare(db.schema_name("pipe"))
+    seed(pipe, range(1, 5), delay=3)
+    sup = start(supervise, tmp_path, standard=2)
+    sup.wait_children({"standard": 2})
+    wait_until(lambda: len(reserved(pipe)) == 2, 30, message="two jobs in flight")
+
+    os.killpg(sup.pid, signal.SIGINT)  # what a terminal does on Ctrl+C: the whole foreground group
+    assert sup.wait_exit(30) == 0
+    progress = pipe.Square.jobs.progress()  # no child saw SIGINT: no KeyboardInterrupt in a make()
+    assert progress["reserved"] == 0 and progress["error"] == 0, progress
+    assert len(pipe.Square()) >= 2
+
+
 def test_quit_stops_fast(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
     seed(pipe, [1, 2], delay=60)

@@ -125,7 +125,7 @@ class Supervisor:
         self.notifier: Any = _NoNotifier()
         self._by_pid: dict[int, Slot] = {}
         self._recovery_pids: set[int] = set()
-        self._recovered_after_stop = False
+        self._to_recover: dict[str, WorkerConfig] = {}  # definitions whose dead children no one replaces
         self._stop_mode: str | None = None  # None, "graceful" or "fast"
         self._wake_r = self._wake_w = -1
         self._ready_sent = False
@@ -391,7 +391,7 @@ class Supervisor:
         if pid is None:
             return
         self._recovery_pids.add(pid)
-        self.log.info("job recovery after {} (pid {})", why, pid)
+        self.log.info("job recovery for {} (pid {})", why, pid)
         self.timers.call_at(time.monotonic() + _RECOVERY_TIMEOUT, lambda: pid in self._recovery_pids and _killpg(pid, signal.SIGKILL))
 
     def _run_recovery(self, worker_configs: list[WorkerConfig], close_fds: list[int]) -> None:
@@ -476,6 +476,8 @@ class Supervisor:
             reason = slot.kill_reason or slot.stop_reason
             log.info("{} stopped ({}; {}) after {:.1f} s", slot.label, reason, how, uptime)
             slot.change(SlotState.STOPPED)
+            if code != 0 and (slot.after_stop != "respawn" or self._stop_mode):
+                self._to_recover[slot.config.name] = slot.config  # killed, and no replacement will recover
             if slot.after_stop == "retire":
                 self._remove(slot)
             elif slot.after_stop == "respawn" and not self._stop_mode:
@@ -484,6 +486,8 @@ class Supervisor:
         if self._stop_mode:
             log.info("{} exited ({}) while stopping", slot.label, how)
             slot.change(SlotState.EXITED)
+            if code != 0:
+                self._to_recover[slot.config.name] = slot.config
             return
         if code == EXIT_RECYCLE:
             log.info("{} reached max_jobs ({}); replacing it", slot.label, slot.config.max_jobs)
@@ -495,7 +499,7 @@ class Supervisor:
             log.info("{} exited ({}) after {:.1f} s; restart={}: not restarted", slot.label, how, uptime, policy)
             slot.change(SlotState.EXITED)
             if code != 0:
-                self._recover([slot.config], f"{slot.label} exited")
+                self._to_recover[slot.config.name] = slot.config
             return
         if uptime >= self.config.stable_after:
             slot.crashes = 0
@@ -510,7 +514,7 @@ class Supervisor:
             slot.change(SlotState.FATAL)
             log.error("{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted",
                       slot.label, what, slot.early_exits)  # fmt: skip
-            self._recover([slot.config], f"{slot.label} went FATAL")
+            self._to_recover[slot.config.name] = slot.config
             return
         slot.crashes += 1
         delay = restart_delay(slot.crashes, self.config.backoff_initial, self.config.backoff_max)
@@ -568,10 +572,10 @@ class Supervisor:
 
     def _manage(self) -> None:
         """Bring every pool towards its definition: spawn, retire, roll, restart after backoff."""
+        if self._to_recover and not (self._stop_mode and self._by_pid):
+            configs, self._to_recover = list(self._to_recover.values()), {}
+            self._recover(configs, ", ".join(c.name for c in configs))
         if self._stop_mode:
-            if self._stop_mode == "fast" and not self._by_pid and not self._recovered_after_stop:
-                self._recovered_after_stop = True  # the killed children's jobs go back to pending now
-                self._recover([p.config for p in self.pools.values() if p.config is not None], "fast stop")
             return
         now = time.monotonic()
         for name in list(self.pools):
