@@ -160,6 +160,19 @@ def test_quit_stops_fast(db, supervise, tmp_path):
     assert progress["reserved"] == 0 and progress["pending"] == 2 and progress["error"] == 0, progress
 
 
+def test_start_with_modules_runs_every_worker_they_define(db, supervise, tmp_path):
+    pipe = declare(db.schema_name("pipe"))
+    seed(pipe, [1, 2])
+    sup = supervise(["pipelines.supervised"])  # standard, other and crasher
+    pids = sup.wait_children({"standard": 1, "other": 1})
+    assert sup.titles()["standard[0]"].startswith("djsupervisor: supervised standard[0] ")
+    wait_until(lambda: len(pipe.Square()) == 2 and len(pipe.Cube()) == 2, 30, message="both pools' work")
+    wait_until(lambda: "crasher[0] exited" in sup.output and "FATAL" in sup.output, 60, message="crasher FATAL")
+    assert sup.pids() == pids
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(30) == 0
+
+
 def test_sigkilled_parent_leaves_no_child(db, supervise, tmp_path):
     declare(db.schema_name("pipe"))
     sup = start(supervise, tmp_path, standard=2, other=1)
