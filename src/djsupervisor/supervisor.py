@@ -17,7 +17,6 @@ may hold the session those imports opened, which it never uses; each child recon
 from __future__ import annotations
 
 import dataclasses
-import errno
 import heapq
 import itertools
 import json
@@ -219,8 +218,8 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the pools and supervise them until stopped; returns the exit status (0 after a stop)."""
-        self._setup()
         try:
+            self._setup()
             for worker in self.config.workers:
                 self.pools[worker.name] = Pool(worker.name, worker, worker.replicas)
             self.log.info(
@@ -281,12 +280,15 @@ class Supervisor:
             self.log.warning("no control socket: djsupervisor.control is not available")
 
     def _teardown(self) -> None:
+        for pid in list(self._by_pid) + list(self._recovery_pids):  # only if run() ends by an exception
+            _killpg(pid, signal.SIGKILL)
         if self.control is not None:
             try:
                 self.control.close()
             except Exception as error:
                 self.log.warning("closing the control socket failed: {}", error)
-        signal.set_wakeup_fd(-1)
+        if self._wake_w >= 0:
+            signal.set_wakeup_fd(-1)
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         if self.selector is not None:

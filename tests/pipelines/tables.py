@@ -59,6 +59,10 @@ def declare(schema_name: str, connection: dj.Connection | None = None) -> types.
             value = (Source & key).fetch1("value")
             self.insert1(dict(key, cube=value**3))
 
+    # DataJoint declares a job table on first use of `.jobs`, and two processes doing it at once can fail on
+    # PostgreSQL (DuplicateTable on its index): declare them here, before any worker or test process races.
+    Square.jobs.progress()
+    Cube.jobs.progress()
     return types.SimpleNamespace(schema=schema, Source=Source, Square=Square, Cube=Cube)
 
 
