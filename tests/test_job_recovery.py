@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import uuid
 
 import pytest
@@ -28,14 +29,16 @@ def test_stale_orphan_and_live_reservations(db, pipe):
     dead_conn = dead_connection_id(db)
     live = open_connection(db)
     gone = dead_pid()
+    alive = subprocess.Popen(["sleep", "120"])
     other_host = "elsewhere.example.org"
     cases = {
         1: dict(host=other_host, pid=123, connection_id=dead_conn, hours_ago=25),  # stale
         2: dict(host=other_host, pid=123, connection_id=live.connection_id, hours_ago=25),  # alive
         3: dict(host=other_host, pid=123, connection_id=dead_conn, hours_ago=1),  # too young
         4: dict(host=THIS_HOST, pid=gone, connection_id=dead_conn, hours_ago=0),  # orphan
-        5: dict(host=THIS_HOST, pid=os.getpid(), connection_id=dead_conn, hours_ago=0),  # pid alive
+        5: dict(host=THIS_HOST, pid=alive.pid, connection_id=dead_conn, hours_ago=0),  # pid alive
         6: dict(host=THIS_HOST, pid=gone, connection_id=live.connection_id, hours_ago=0),  # session alive
+        7: dict(host=THIS_HOST, pid=os.getpid(), connection_id=dead_conn, hours_ago=0),  # our own, session lost
     }
     for source_id, holder in cases.items():
         set_reservation(pipe.Square, dict(source_id=source_id), **holder)
@@ -43,7 +46,9 @@ def test_stale_orphan_and_live_reservations(db, pipe):
     worker = DataJointWorker("t", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
     worker(pipe.Square)
     summary = worker.run_once()
-    assert (summary.recovered_stale, summary.recovered_orphaned) == (1, 1)
+    alive.kill()
+    alive.wait()
+    assert (summary.recovered_stale, summary.recovered_orphaned) == (1, 2)
     # recovery runs first in the cycle: the re-pended jobs are worked in the same cycle
     done = {k["source_id"] for k in pipe.Square.keys()}
     assert done == {1, 4, 7, 8}

@@ -81,6 +81,39 @@ def reconnect_after_fork(connection: dj.Connection | None = None) -> dj.Connecti
     return connection
 
 
+#: MySQL client error codes that mean the server cannot be reached or the session is gone.
+_MYSQL_CONNECTION_ERRORS = {2002, 2003, 2005, 2006, 2013, 2055}
+
+
+def is_connection_error(error: BaseException) -> bool:
+    """Whether `error` says the database server is unreachable or the session was lost (not a bad query)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (dj.errors.LostConnectionError, ConnectionError, TimeoutError)):
+            return True
+        module = type(error).__module__ or ""
+        if module.startswith("pymysql") and type(error).__name__ in ("OperationalError", "InterfaceError"):
+            code = error.args[0] if error.args else None
+            if code in _MYSQL_CONNECTION_ERRORS or type(error).__name__ == "InterfaceError":
+                return True
+        if module.startswith("psycopg2") and type(error).__name__ in ("OperationalError", "InterfaceError"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def session_alive(connection: dj.Connection) -> bool:
+    """Whether `connection`'s session answers a ping. (DataJoint's `is_connected` cannot tell on PostgreSQL:
+    that adapter's ping returns False instead of raising, which `is_connected` takes for success.)"""
+    if connection._conn is None:
+        return False
+    try:
+        return connection.adapter.ping(connection._conn) is not False
+    except Exception:
+        return False
+
+
 def live_connection_ids(connection: dj.Connection) -> set[int]:
     """Ids of the sessions the server reports as alive (those this user may see, on MySQL)."""
     if connection.adapter.backend == "postgresql":

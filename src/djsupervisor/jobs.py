@@ -5,7 +5,9 @@ Three rules, applied to every job table in the schemas a worker is scoped to:
 * **stale**: a reservation older than `stale_timeout_hours` whose `connection_id` is no longer alive on the
   server goes back to pending;
 * **orphan**: a reservation made on this host by a pid that no longer exists and whose connection is gone
-  goes back to pending at once, whatever its age (how a supervisor recovers a crashed child's job);
+  goes back to pending at once, whatever its age (how a supervisor recovers a crashed child's job); so
+  does one made by this very process on a session it has since lost (the database went away mid-job):
+  recovery runs between jobs, so this process is not working on it;
 * **transient errors**: error jobs whose message matches a pattern (SQL LIKE, case-insensitive) of the
   worker's `autoclear_error_patterns` or of `TRANSIENT_ERROR_PATTERNS` go back to pending, after being
   copied to the worker's ErrorLog. Other errors stay.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
@@ -37,6 +40,7 @@ TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
     "%could not serialize access%",  # PostgreSQL serialization failure
     "%lost connection%",  # MySQL 2013 "Lost connection to MySQL server"
     "%connection lost%",  # DataJoint's LostConnectionError
+    "%connection was lost%",  # DataJoint: "Connection was lost during a transaction."
     "%server has gone away%",  # MySQL 2006
     "%server closed the connection unexpectedly%",  # PostgreSQL
     "%connection already closed%",  # psycopg2
@@ -233,7 +237,7 @@ class JobRecovery:
         interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
         where_holder = f"{q('status')}='reserved' AND {q('host')}=%s AND {q('pid')}=%s AND {q('connection_id')}=%s"
         for (host, pid, conn_id), any_old in holders.items():
-            if host == self.host and not _pid_alive(pid):
+            if host == self.host and (pid == os.getpid() or not _pid_alive(pid)):
                 cursor = self.connection.query(
                     f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} WHERE {where_holder}",
                     args=(host, pid, conn_id),

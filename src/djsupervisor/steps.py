@@ -64,7 +64,28 @@ class TableStep:
 
     def run(self, worker: DataJointWorker) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
-        jobs = self.table.jobs
+        try:
+            result = self._populate(worker)
+        except SystemExit as error:  # DataJoint's SIGTERM handler, outside our own SIGTERM handling
+            worker.stop(f"populate of {self.name} interrupted: {error}")
+            return ProcessCounts("table", errors=1)
+        except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
+            worker._step_failed("populate", self.name, error, traceback.format_exc())
+            return ProcessCounts("table", errors=1)
+        return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
+
+    def _populate(self, worker: DataJointWorker) -> dict:
+        connection = self.table.connection
+        if connection._in_transaction:
+            # A make() whose connection died mid-transaction and could not reconnect leaves DataJoint's
+            # flag set (the server rolled the transaction back when the session ended); populate would
+            # refuse to run on this connection forever after.
+            logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
+            try:
+                connection.cancel_transaction()
+            finally:
+                connection._in_transaction = False
+        jobs = self.table.jobs  # built on first use: loads headings, so it can fail like any query
         original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
 
         def reserve(key):
@@ -86,19 +107,12 @@ class TableStep:
 
         jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
         try:
-            result = self.table.populate(
+            return self.table.populate(
                 *self.restrictions, reserve_jobs=True, suppress_errors=True, **self.populate_kwargs
             )
-        except SystemExit as error:  # DataJoint's SIGTERM handler, outside our blocked-signal setup
-            worker.stop(f"populate of {self.name} interrupted: {error}")
-            return ProcessCounts("table", errors=1)
-        except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
-            worker._step_failed("populate", self.name, error, traceback.format_exc())
-            return ProcessCounts("table", errors=1)
         finally:
             for name in original:
                 delattr(jobs, name)
-        return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
 
 
 class CallableStep:

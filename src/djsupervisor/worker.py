@@ -9,7 +9,9 @@ Each cycle:
    ``populate(reserve_jobs=True, suppress_errors=True, **kwargs)``, callables with ``func(**kwargs)``;
    a failing ``make()`` or callable is logged and recorded in ErrorLog, and the loop goes on;
 3. logs the cycle (WorkerLog) and heartbeats (RegisteredWorker);
-4. checks the stop conditions, then sleeps.
+4. checks the stop conditions, then sleeps. After a cycle that could not reach the database server, the
+   sleep is at least an outage backoff that starts at 1 s and doubles per such cycle up to 60 s, so a
+   worker neither spins nor gives up while the server is away; DataJoint reconnects on the next query.
 
 A cycle is **idle** when no table completed or failed a job and no callable reported work or raised. A
 callable reports work by returning a truthy value or a positive number (``0``, negatives, ``None``,
@@ -36,7 +38,13 @@ import datajoint as dj
 import psutil
 from loguru import logger
 
-from .connection import keep_connection_id_current, note_server, refresh_connection_id
+from .connection import (
+    is_connection_error,
+    keep_connection_id_current,
+    note_server,
+    refresh_connection_id,
+    session_alive,
+)
 from .events import Activity, CycleSummary, WorkerEvent
 from .jobs import JobRecovery
 from .steps import CallableStep, TableStep, make_step
@@ -44,6 +52,8 @@ from .tables import WorkerSchema
 
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
 _STOP_POLL_INTERVAL = 0.25  # how often a sleep looks for a stop requested from another thread
+_OUTAGE_BACKOFF_FIRST = 1.0  # seconds to wait after a cycle that could not reach the server...
+_OUTAGE_BACKOFF_MAX = 60.0  # ...doubling per such cycle up to this
 
 
 def _positive_or_disabled(name: str, value: float) -> float:
@@ -147,7 +157,8 @@ class DataJointWorker:
         self._identity: dict | None = None
         self._registered_pid: int | None = None
         self._last_db_heartbeat = 0.0
-        self._step_durations: dict[str, float] = {}
+        self._connection_errors = 0  # in the current cycle
+        self._outage_backoff = 0.0  # extra wait while the server is unreachable
         self.cycles = 0
         self.jobs_done = 0
         self.jobs_failed = 0
@@ -267,6 +278,8 @@ class DataJointWorker:
 
     def _step_failed(self, kind: str, name: str, error: BaseException, stack: str) -> None:
         self.jobs_failed += 1
+        if is_connection_error(error):
+            self._connection_errors += 1
         message = f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
         logger.bind(worker=self.name).error("{} failed: {}", name, message)
         self._log_error(kind, name, None, message, stack)
@@ -277,6 +290,8 @@ class DataJointWorker:
         try:
             return action()
         except Exception as error:
+            if is_connection_error(error):
+                self._connection_errors += 1
             logger.bind(worker=self.name).warning("{} failed: {}: {}", what, error.__class__.__name__, error)
             return None
 
@@ -346,10 +361,13 @@ class DataJointWorker:
     def run_once(self) -> CycleSummary:
         """Run one cycle (recovery, every process, logging) and return what it did."""
         self.cycles += 1
+        self._connection_errors = 0
         summary = CycleSummary(cycle=self.cycles, started=time.time())
         started = time.monotonic()
         self._set_activity("running")
         self._emit(WorkerEvent("cycle_start"))
+        if self._outage_backoff:
+            self._reconnect_lost_connections()
         self._heartbeat()
         self._recover(summary)
         durations: dict[str, float] = {}
@@ -371,8 +389,35 @@ class DataJointWorker:
         )  # fmt: skip
         self._bookkeeping("writing WorkerLog", lambda: self.schema.log_cycle(self._process_identity(), summary, durations))
         self._heartbeat()
+        self._track_outage()
         self._emit(WorkerEvent("cycle_end", summary=summary))
         return summary
+
+    def _connections(self) -> list[dj.Connection]:
+        """The worker's connection and those of its tables, each once."""
+        found = {id(self.connection): self.connection}
+        for step in self._steps:
+            if isinstance(step, TableStep):
+                found.setdefault(id(step.table.connection), step.table.connection)
+        return list(found.values())
+
+    def _reconnect_lost_connections(self) -> None:
+        """After an outage, reconnect sessions the driver has given up on (psycopg2 does not reconnect)."""
+        for connection in self._connections():
+            if not session_alive(connection):
+                self._bookkeeping("reconnecting", connection.connect)
+
+    def _track_outage(self) -> None:
+        """Grow the outage backoff after a cycle that could not reach the server; reset it after one that did."""
+        if self._connection_errors:
+            self._outage_backoff = min(max(self._outage_backoff * 2, _OUTAGE_BACKOFF_FIRST), _OUTAGE_BACKOFF_MAX)
+            logger.bind(worker=self.name).warning(
+                "database unreachable ({} failed calls this cycle); next cycle in at least {:.0f} s",
+                self._connection_errors, self._outage_backoff,
+            )  # fmt: skip
+        elif self._outage_backoff:
+            logger.bind(worker=self.name).info("database reachable again")
+            self._outage_backoff = 0.0
 
     def run(self) -> None:
         """Run cycles until a stop condition holds (see the module docstring), then return.
@@ -416,7 +461,7 @@ class DataJointWorker:
                 if self.max_idled_cycle > 0 and idle_cycles > self.max_idled_cycle:
                     log.info("worker {} stopping: {} consecutive idle cycles", self.name, idle_cycles)
                     break
-                wait = sleep
+                wait = max(sleep, self._outage_backoff)
                 if self.run_duration > 0:
                     wait = min(wait, max(self.run_duration - elapsed, 0) + 0.001)
                 self._sleep(wait)
