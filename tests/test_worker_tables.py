@@ -15,6 +15,7 @@ import pytest
 from djsupervisor import DataJointWorker
 from pipeline import make_pipeline, seed
 
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -70,3 +71,24 @@ def test_many_processes_declare_and_write_at_once(db):
     worker = DataJointWorker("reader", schema_name)
     assert len(worker.schema.tables["RegisteredWorker"]()) == 6
     assert len(worker.schema.tables["WorkerLog"]()) == 6
+
+
+def test_many_workers_declare_job_tables_and_share_the_work(db):
+    pipe = make_pipeline(db.schema_name("pipe"))
+    seed(pipe, 30)
+    start_at = time.time() + 4
+    script = Path(__file__).parent / "scripts" / "populate_worker.py"
+    processes = [
+        subprocess.Popen([sys.executable, str(script), db.prefix, str(start_at), str(i)], env=db.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for i in range(5)
+    ]
+    outputs = [p.communicate(timeout=90) for p in processes]
+    done = 0
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["jobs_failed"] == 0, err
+        done += summary["jobs_done"]
+    assert done == 60  # 30 Square + 30 Cube, each computed exactly once across the five workers
+    assert len(pipe.Square()) == 30 and len(pipe.Cube()) == 30

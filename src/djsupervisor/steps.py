@@ -11,6 +11,7 @@ from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
 from .events import ProcessCounts
+from .tables import declare_with_retry
 
 if TYPE_CHECKING:
     from .worker import DataJointWorker
@@ -57,6 +58,7 @@ class TableStep:
         populate_kwargs.pop("suppress_errors", None)
         self.populate_kwargs = populate_kwargs
         self.name = self.table.full_table_name
+        self._job_table_ready = False
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
@@ -74,6 +76,19 @@ class TableStep:
             return ProcessCounts("table", errors=1)
         return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
 
+    def _job_table(self):
+        """The table's job queue, declared (by whichever worker gets there first) on first use."""
+        if not self._job_table_ready:
+
+            def declare():
+                jobs = self.table.jobs  # DataJoint builds and declares it on first access
+                if not jobs.is_declared:
+                    jobs.declare()
+
+            declare_with_retry(declare, f"the job table of {self.name}")
+            self._job_table_ready = True
+        return self.table.jobs
+
     def _populate(self, worker: DataJointWorker) -> dict:
         connection = self.table.connection
         if connection._in_transaction:
@@ -85,7 +100,7 @@ class TableStep:
                 connection.cancel_transaction()
             finally:
                 connection._in_transaction = False
-        jobs = self.table.jobs  # built on first use: loads headings, so it can fail like any query
+        jobs = self._job_table()
         original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
 
         def reserve(key):

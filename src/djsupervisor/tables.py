@@ -13,10 +13,14 @@ import json
 import random
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import datajoint as dj
 from loguru import logger
+
+from .connection import is_connection_error
+
+T = TypeVar("T")
 
 _DECLARE_ATTEMPTS = 6
 
@@ -24,6 +28,23 @@ _DECLARE_ATTEMPTS = 6
 def _json_safe(value: Any) -> Any:
     """`value` with everything JSON cannot hold turned into text (dates, UUIDs, bytes, numpy scalars)."""
     return json.loads(json.dumps(value, default=str))
+
+
+def declare_with_retry(action: Callable[[], T], what: str) -> T:
+    """Run a declaration that another process may be running at the same moment, retrying on a collision.
+
+    CREATE ... IF NOT EXISTS is not enough on PostgreSQL: two sessions creating the same table at once can
+    still collide in its catalog (unique violation on pg_type, DuplicateTable on an index).
+    """
+    for attempt in range(_DECLARE_ATTEMPTS):
+        try:
+            return action()
+        except Exception as error:
+            if attempt == _DECLARE_ATTEMPTS - 1 or is_connection_error(error):
+                raise
+            logger.debug("declaring {} (attempt {}): {}", what, attempt + 1, error)
+            time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _declare_schema(connection: dj.Connection, schema_name: str) -> None:
@@ -112,16 +133,11 @@ class WorkerSchema:
         return self._tables
 
     def _declare(self) -> dict[str, type]:
-        for attempt in range(_DECLARE_ATTEMPTS):
-            try:
-                _declare_schema(self.connection, self.schema_name)
-                return _define_tables(dj.Schema(self.schema_name, connection=self.connection))
-            except Exception as error:  # a concurrent declaration by another worker
-                if attempt == _DECLARE_ATTEMPTS - 1:
-                    raise
-                logger.debug("declaring worker schema {} (attempt {}): {}", self.schema_name, attempt + 1, error)
-                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
-        raise AssertionError("unreachable")
+        def declare() -> dict[str, type]:
+            _declare_schema(self.connection, self.schema_name)
+            return _define_tables(dj.Schema(self.schema_name, connection=self.connection))
+
+        return declare_with_retry(declare, f"worker schema {self.schema_name}")
 
     def register(self, identity: dict, settings: dict, state: str) -> bool:
         """Insert this process's RegisteredWorker row (True once it is there)."""

@@ -1,0 +1,27 @@
+"""One of many processes that start working the same fresh pipeline at the same instant.
+
+argv: test prefix, wall-clock start time (epoch seconds), worker index. Prints the cycle summary as JSON.
+The pipeline's job tables do not exist yet: every process declares them on first use, at once.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import datajoint as dj  # noqa: E402
+
+from djsupervisor import DataJointWorker  # noqa: E402
+from pipeline import make_pipeline  # noqa: E402
+
+prefix, start_at, index = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+dj.conn()
+pipe = make_pipeline(f"{prefix}_pipe")
+worker = DataJointWorker(f"w{index}", f"{prefix}_workers", sleep_duration=0, db_prefix=prefix)
+worker(pipe.Square)
+worker(pipe.Cube)
+time.sleep(max(0.0, start_at - time.time()))
+summary = worker.run_once()
+print(json.dumps(summary.as_dict()))
