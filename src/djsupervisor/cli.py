@@ -1,0 +1,206 @@
+"""The `djsupervisor` command: start, status, stop, reload, scale, check, run.
+
+Every problem with what the user gave (arguments, config, socket) is one line on stderr,
+``djsupervisor: error: ...``, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(f"{self.prog.split()[-1] if ' ' in self.prog else 'arguments'}: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="djsupervisor", description="Run DataJoint pipeline workers in production.")
+    parser.add_argument("--version", action="version", version=f"djsupervisor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def source_options(command, modules: bool) -> None:
+        command.add_argument("-c", "--config", help="the supervisor's TOML config file")
+        if modules:
+            command.add_argument("modules", nargs="*", metavar="MODULE",
+                                 help="modules whose DataJointWorkers to run (instead of -c)")  # fmt: skip
+
+    def socket_options(command) -> None:
+        source_options(command, modules=False)
+        command.add_argument("--socket", help="the control socket (default: from the config or --name)")
+        command.add_argument("--name", help="the supervisor's name (finds its default control socket)")
+
+    start = commands.add_parser("start", help="start the supervisor in the foreground")
+    source_options(start, modules=True)
+    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    start.add_argument("--log-format", choices=["text", "json"])
+
+    status = commands.add_parser("status", help="what every child is doing")
+    socket_options(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    stop = commands.add_parser("stop", help="graceful stop (jobs in flight finish)")
+    socket_options(stop)
+    stop.add_argument("--fast", action="store_true", help="do not wait for jobs in flight")
+
+    reload = commands.add_parser("reload", help="re-read the config file")
+    socket_options(reload)
+
+    scale = commands.add_parser("scale", help="set a pool's size")
+    scale.add_argument("worker")
+    scale.add_argument("replicas", type=int)
+    socket_options(scale)
+
+    check = commands.add_parser("check", help="validate a config, import its targets, connect to the database")
+    check.add_argument("-c", "--config", required=True)
+
+    run = commands.add_parser("run", help="run one worker in the foreground, in process, for debugging")
+    run.add_argument("worker")
+    source_options(run, modules=True)
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    return parser
+
+
+def _load(args, *, check_targets: bool = True):
+    from .config import config_from_modules, load_config
+
+    modules = getattr(args, "modules", None) or []
+    if args.config and modules:
+        raise UsageError("give either -c FILE or MODULE..., not both")
+    if args.config:
+        return load_config(args.config, check_targets=check_targets), args.config
+    if modules:
+        return config_from_modules(modules), None
+    raise UsageError("no configuration: give -c FILE or MODULE...")
+
+
+def _socket_path(args) -> str:
+    from .control import default_socket_path
+
+    if args.socket:
+        return args.socket
+    if args.config:
+        config, _ = _load(args, check_targets=False)
+        return config.control_socket or default_socket_path(config.name)
+    if args.name:
+        return default_socket_path(args.name)
+    found = sorted(glob.glob(str(Path(default_socket_path("x")).parent / "*.sock")))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError("no supervisor found: give -c FILE, --name NAME or --socket PATH")
+    raise UsageError(f"several supervisors ({', '.join(Path(f).stem for f in found)}): give --name NAME")
+
+
+def _request(args, request: dict) -> dict:
+    from .control import ControlError, send_request
+
+    try:
+        response = send_request(_socket_path(args), request)
+    except ControlError as error:
+        raise UsageError(str(error)) from None
+    if not response.get("ok"):
+        raise UsageError(f"{request['cmd']}: {response.get('error', 'refused')}")
+    return response
+
+
+def _start(args) -> int:
+    from .log import add_secret, setup_logging
+    from .supervisor import Supervisor
+
+    config, path = _load(args)
+    add_secret(config.database.password)
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format,
+                  supervisor=config.name)  # fmt: skip
+    return Supervisor(config, path).run()
+
+
+def _status(args) -> int:
+    from .status_format import format_status
+
+    response = _request(args, {"cmd": "status"})
+    response.pop("ok", None)
+    print(json.dumps(response, indent=2, default=str) if args.json else format_status(response))
+    return 0
+
+
+def _check(args) -> int:
+    import datajoint as dj
+
+    from .connection import session_alive
+
+    config, _ = _load(args)
+    print(f"{args.config}: valid; {len(config.workers)} workers: "
+          + ", ".join(f"{w.name}×{w.replicas} ({w.target})" for w in config.workers))  # fmt: skip
+    try:
+        connection = dj.conn()
+        alive = session_alive(connection)
+    except Exception as error:
+        raise UsageError(f"{args.config}: database: cannot connect: {error.__class__.__name__}: {error}".splitlines()[0]) from None
+    if not alive:
+        raise UsageError(f"{args.config}: database: connected but the server does not answer")
+    info = connection.conn_info
+    print(f"database: {connection.adapter.backend} at {info['host']}:{info['port']} as {info['user']}: ok")
+    return 0
+
+
+def _run(args) -> int:
+    from .log import setup_logging
+
+    config, _ = _load(args)
+    worker = config.worker_named(args.worker).build_worker()
+    setup_logging(args.log_level or config.log_level, "text", supervisor=config.name, worker=worker.name)
+    worker.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `djsupervisor` console script."""
+    # The CLI reads DJ_* variables and the config's [database]; DataJoint's hint about a missing
+    # datajoint.json would only stand in front of the one-line answers.
+    warnings.filterwarnings("ignore", message="No datajoint.json found")
+    from .config import ConfigError
+
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "start":
+            return _start(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "stop":
+            _request(args, {"cmd": "stop", "fast": args.fast})
+            return 0
+        if args.command == "reload":
+            _request(args, {"cmd": "reload"})
+            return 0
+        if args.command == "scale":
+            _request(args, {"cmd": "scale", "worker": args.worker, "replicas": args.replicas})
+            return 0
+        if args.command == "check":
+            return _check(args)
+        if args.command == "run":
+            return _run(args)
+    except (UsageError, ConfigError) as error:
+        print(f"djsupervisor: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The control socket: a Unix stream socket, mode 0600 in a 0700 directory, newline-delimited JSON.
+
+Request ``{"cmd": "status" | "stop" | "reload" | "scale", ...}``, one per line; response
+``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``. The server lives in the supervisor's
+selector loop: it never blocks and never lets a client's garbage, size, silence or hang-up reach the loop
+as an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import selectors
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Callable
+
+MAX_REQUEST_BYTES = 64 * 1024
+IDLE_TIMEOUT = 10.0  # seconds a client may stay connected without completing a request
+
+
+class ControlError(Exception):
+    """A control request could not be made; str() is one line."""
+
+
+def default_socket_path(name: str) -> str:
+    """Where a supervisor called `name` listens unless its config says otherwise."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return str(Path(runtime) / "djsupervisor" / f"{name}.sock")
+    if os.getuid() == 0:
+        return f"/run/djsupervisor/{name}.sock"
+    return f"/tmp/djsupervisor-{os.getuid()}/{name}.sock"
+
+
+def _answers(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+def _private_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.getuid():
+        raise ControlError(f"control socket directory {directory} belongs to uid {info.st_uid}, not to us")
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(directory, 0o700)
+
+
+class _Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+        self.since = time.monotonic()
+        self.closing = False
+
+
+class ControlServer:
+    """Serves control requests with `handler(request) -> response` inside the caller's selector loop."""
+
+    def __init__(self, path: str, handler: Callable[[dict], dict]) -> None:
+        self.path = str(path)
+        self.handler = handler
+        self.selector: selectors.BaseSelector | None = None
+        self.clients: dict[int, _Client] = {}
+        _private_directory(Path(self.path).parent)
+        if os.path.exists(self.path):
+            if _answers(self.path):
+                raise ControlError(f"another supervisor is listening on {self.path}")
+            os.unlink(self.path)  # left behind by a supervisor that died
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
+        self.selector = selector
+        selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+
+    def _accept(self, mask: int) -> None:
+        self.expire_idle()  # a client that connects and never asks must not pile up descriptors
+        for _ in range(16):
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            sock.setblocking(False)
+            client = _Client(sock)
+            self.clients[sock.fileno()] = client
+            self.selector.register(sock, selectors.EVENT_READ, data=lambda m, c=client: self._serve(c, m))
+
+    def _drop(self, client: _Client) -> None:
+        self.clients.pop(client.sock.fileno(), None)
+        with contextlib.suppress(Exception):
+            self.selector.unregister(client.sock)
+        with contextlib.suppress(OSError):
+            client.sock.close()
+
+    def _serve(self, client: _Client, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ and not client.closing:
+                self._read(client)
+            if client.outbox:
+                self._write(client)
+        except OSError:
+            self._drop(client)
+
+    def _read(self, client: _Client) -> None:
+        chunk = client.sock.recv(65536)
+        if not chunk:
+            self._drop(client)
+            return
+        client.inbox += chunk
+        if b"\n" not in client.inbox:
+            if len(client.inbox) > MAX_REQUEST_BYTES:
+                self._respond(client, {"ok": False, "error": f"request larger than {MAX_REQUEST_BYTES} bytes"})
+                client.closing = True
+            return
+        line, _, client.inbox = client.inbox.partition(b"\n")
+        self._respond(client, self._answer(line))
+
+    def _answer(self, line: bytes) -> dict:
+        try:
+            request = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            return {"ok": False, "error": f"request is not JSON: {str(error).splitlines()[0]}"}
+        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
+            return {"ok": False, "error": 'request must be a JSON object with a string "cmd"'}
+        try:
+            response = self.handler(request)
+        except Exception as error:  # a handler bug must not take the supervisor down
+            return {"ok": False, "error": f"{error.__class__.__name__}: {error}".splitlines()[0]}
+        return response if isinstance(response, dict) else {"ok": False, "error": "no answer"}
+
+    def _respond(self, client: _Client, response: dict) -> None:
+        client.outbox += json.dumps(response, default=str).encode() + b"\n"
+        client.since = time.monotonic()
+        self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        client.outbox = client.outbox[sent:]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbox else 0)
+        if client.outbox:
+            self.selector.modify(client.sock, events, data=lambda m, c=client: self._serve(c, m))
+        elif client.closing:
+            self._drop(client)
+        else:
+            self.selector.modify(client.sock, selectors.EVENT_READ, data=lambda m, c=client: self._serve(c, m))
+
+    def expire_idle(self, now: float | None = None) -> None:
+        """Drop clients that have kept a connection open without a complete request for too long."""
+        now = time.monotonic() if now is None else now
+        for client in list(self.clients.values()):
+            if now - client.since > IDLE_TIMEOUT:
+                self._drop(client)
+
+    def close(self) -> None:
+        """Stop serving and remove the socket file."""
+        for client in list(self.clients.values()):
+            self._drop(client)
+        if self.selector is not None:
+            with contextlib.suppress(Exception):
+                self.selector.unregister(self.listener)
+        self.listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
+    """Send one request to the supervisor listening on `path` and return its response."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ControlError(f"no supervisor listening on {path} (no such socket)") from None
+    if info.st_uid != os.getuid():
+        raise ControlError(f"refusing {path}: owned by uid {info.st_uid}, not by us (uid {os.getuid()})")
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except (ConnectionRefusedError, FileNotFoundError):
+            raise ControlError(f"no supervisor listening on {path}") from None
+        except TimeoutError:
+            raise ControlError(f"no answer from the supervisor on {path} within {timeout:g} s") from None
+        except OSError as error:
+            raise ControlError(f"control socket {path}: {error.strerror or error}") from None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise ControlError(f"garbled answer from the supervisor on {path}") from None
