@@ -28,12 +28,24 @@ class ControlError(Exception):
 
 
 def default_socket_path(name: str) -> str:
-    """Where a supervisor called `name` listens unless its config says otherwise."""
+    """Where a supervisor called `name` listens unless its config says otherwise.
+
+    In order: ``$DJSUPERVISOR_RUNTIME_DIR`` (the systemd units set it to ``/run/djsupervisor``);
+    ``/run/djsupervisor`` when it is ours (or we are root); ``$XDG_RUNTIME_DIR/djsupervisor``;
+    ``/tmp/djsupervisor-<uid>``.
+    """
+    explicit = os.environ.get("DJSUPERVISOR_RUNTIME_DIR")
+    if explicit:
+        return str(Path(explicit) / f"{name}.sock")
+    system = Path("/run/djsupervisor")
+    try:
+        if os.getuid() == 0 or system.stat().st_uid == os.getuid():
+            return str(system / f"{name}.sock")
+    except OSError:
+        pass
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return str(Path(runtime) / "djsupervisor" / f"{name}.sock")
-    if os.getuid() == 0:
-        return f"/run/djsupervisor/{name}.sock"
     return f"/tmp/djsupervisor-{os.getuid()}/{name}.sock"
 
 

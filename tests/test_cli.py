@@ -1,0 +1,83 @@
+"""The `djsupervisor` command from outside: one-line errors with exit 2, check, run, version."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import TESTS, djsupervisor_command, write_config
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*djsupervisor_command(), *args], capture_output=True, text=True, timeout=90,
+                          env=env, cwd=cwd)  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["start"], "no configuration: give -c FILE or MODULE..."),
+    (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
+    (["scale", "standard", "many", "--name", "x"], "argument replicas: invalid int value: 'many'"),
+    (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
+    (["check"], "the following arguments are required: -c/--config"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    result = cli(*args)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("djsupervisor: error: "), result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_version():
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("djsupervisor ")
+
+
+def test_check_validates_imports_and_connects(db, tmp_path):
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    config = write_config(tmp_path / "lab.toml", """
+        [supervisor]
+        name = "lab"
+        [[worker]]
+        name = "standard"
+        target = "pipelines.supervised:standard"
+        replicas = 2
+    """)  # fmt: skip
+    result = cli("check", "-c", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid; 1 workers: standard×2 (pipelines.supervised:standard)" in result.stdout
+    assert f"database: {db.backend} at" in result.stdout and ": ok" in result.stdout
+
+    unreachable = dict(env, DJ_PORT="1")
+    result = cli("check", "-c", str(config), env=unreachable, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert str(config) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_one_worker_in_the_foreground(db, tmp_path):
+    from pipelines.tables import declare, seed
+
+    pipe = declare(db.schema_name("pipe"))
+    seed(pipe, [1, 2, 3])
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    config = write_config(tmp_path / "lab.toml", """
+        [[worker]]
+        name = "standard"
+        target = "pipelines.supervised:standard"
+        max_idled_cycle = 1
+        sleep_duration = 0
+    """)  # fmt: skip
+    result = cli("run", "standard", "-c", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(pipe.Square()) == 3
+    assert "[lab standard]" in result.stderr  # log lines name supervisor and worker
+
+    result = cli("run", "nosuch", "-c", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "nosuch" in result.stderr and result.stderr.count("\n") == 1
