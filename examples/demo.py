@@ -1,4 +1,5 @@
-"""The demo: seed the example pipeline in fresh schemas and work it, then show each table's queue.
+"""The demo: seed the example pipeline in fresh schemas, work it under `djsupervisor start`, show
+`djsupervisor status` while it runs, stop it gracefully, then show each table's queue.
 
 Run by ./scripts/demo (which sets up the virtualenv and the database). Schemas are named
 ``$DJS_EXAMPLE_PREFIX_*`` (default ``djs_demo``) and recreated on each run.
@@ -7,10 +8,18 @@ Run by ./scripts/demo (which sets up the virtualenv and the database). Schemas a
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("DJS_EXAMPLE_PREFIX", "djs_demo")
 os.environ.setdefault("DJS_EXAMPLE_SLOW_SECONDS", "0.3")
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="No datajoint.json found")  # the demo uses DJ_* variables
+warnings.filterwarnings("ignore", message="MariaDB is not officially supported")  # see README
 
 import datajoint as dj  # noqa: E402
 
@@ -34,21 +43,50 @@ def show_progress(tables) -> None:
               + ", ".join(f"{k}={v}" for k, v in progress.items() if k != "total"))  # fmt: skip
 
 
+def djsupervisor(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run a `djsupervisor` command of this virtualenv."""
+    command = [str(Path(sys.executable).with_name("djsupervisor")), *args]
+    return subprocess.run(command, text=True, **kwargs)
+
+
 def main() -> int:
     prefix = os.environ["DJS_EXAMPLE_PREFIX"]
     dj.config["safemode"] = False
     drop_demo_schemas(prefix)
     from examples.pipeline import Recording, Spikes, Summary, seed
-    from examples.pipeline.workers import analysis, standard
 
     sessions = seed()
     print(f"demo: seeded {sessions} sessions in {prefix}_pipeline")
-    for worker in (standard, analysis):
-        print(f"demo: running worker {worker.name!r} in process until it idles: {', '.join(worker.processes)}")
-        worker.configure(sleep_duration=0.5, max_sleep_duration=None, max_idled_cycle=1).run()
-    print("demo: done")
+    config = str(Path(__file__).with_name("djsupervisor.toml"))
+    log = Path(os.environ.get("DJS_DEMO_LOG", "demo-supervisor.log"))
+    print(f"demo: djsupervisor start -c {config}   (its log: {log})")
+    with open(log, "w") as log_file:
+        supervisor = subprocess.Popen([str(Path(sys.executable).with_name("djsupervisor")), "start", "-c", config],
+                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        shown = 0.0
+        while len(Summary()) < sessions and time.monotonic() < deadline:
+            if supervisor.poll() is not None:
+                print(f"demo: the supervisor exited with status {supervisor.returncode}; see {log}")
+                return 1
+            if time.monotonic() - shown > 3:
+                shown = time.monotonic()
+                status = djsupervisor("status", "-c", config, capture_output=True)
+                print(status.stdout if status.returncode == 0 else "demo: (waiting for the supervisor to listen)")
+            time.sleep(0.5)
+        print("demo: the pipeline is complete; djsupervisor status:")
+        djsupervisor("status", "-c", config)
+        print("demo: djsupervisor stop (graceful: jobs in flight finish)")
+        djsupervisor("stop", "-c", config)
+        supervisor.wait(timeout=60)
+        print(f"demo: the supervisor exited with status {supervisor.returncode}")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.terminate()
+            supervisor.wait(timeout=60)
     show_progress([Recording, Spikes, Summary])
-    complete = len(Summary()) == sessions
+    complete = len(Summary()) == sessions and supervisor.returncode == 0
     print("demo: every session analysed" if complete else "demo: some sessions were not analysed")
     return 0 if complete else 1
 
