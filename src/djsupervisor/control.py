@@ -19,8 +19,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .status_format import format_status  # noqa: F401  (the status table belongs to this interface)
+
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT = 10.0  # seconds a client may stay connected without completing a request
+MAX_CLIENTS = 64  # connections served at once; more are closed right away
 
 
 class ControlError(Exception):
@@ -60,8 +63,11 @@ def _answers(path: str) -> bool:
 
 
 def _private_directory(directory: Path) -> None:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.stat()
+    except OSError as error:
+        raise ControlError(f"control socket directory {directory}: {error.strerror or error}") from None
     if info.st_uid != os.getuid():
         raise ControlError(f"control socket directory {directory} belongs to uid {info.st_uid}, not to us")
     if stat.S_IMODE(info.st_mode) & 0o077:
@@ -86,19 +92,37 @@ class ControlServer:
         self.selector: selectors.BaseSelector | None = None
         self.clients: dict[int, _Client] = {}
         _private_directory(Path(self.path).parent)
-        if os.path.exists(self.path):
-            if _answers(self.path):
-                raise ControlError(f"another supervisor is listening on {self.path}")
-            os.unlink(self.path)  # left behind by a supervisor that died
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
+        self._remove_stale()
+        self.listener = self._bind()
+
+    def _remove_stale(self) -> None:
         try:
-            self.listener.bind(self.path)
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise ControlError(f"control socket {self.path}: {error.strerror or error}") from None
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ControlError(f"control socket {self.path} exists and is not a socket; not replacing it")
+        if _answers(self.path):
+            raise ControlError(f"another supervisor is listening on {self.path}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # left behind by a supervisor that died
+
+    def _bind(self) -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)  # the socket is never, even for a moment, open to others
+        try:
+            listener.bind(self.path)
+            os.chmod(self.path, 0o600)
+            listener.listen(16)
+            listener.setblocking(False)
+        except OSError as error:  # e.g. "AF_UNIX path too long", permission denied
+            listener.close()
+            raise ControlError(f"control socket {self.path}: {error.strerror or error}") from None
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
-        self.listener.listen(16)
-        self.listener.setblocking(False)
+        return listener
 
     def register(self, selector: selectors.BaseSelector) -> None:
         """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
@@ -110,10 +134,11 @@ class ControlServer:
         for _ in range(16):
             try:
                 sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
+            except OSError:  # nothing pending, or out of descriptors: again on the next event
                 return
-            except OSError:
-                return
+            if len(self.clients) >= MAX_CLIENTS:
+                sock.close()
+                continue
             sock.setblocking(False)
             client = _Client(sock)
             self.clients[sock.fileno()] = client
@@ -130,24 +155,31 @@ class ControlServer:
         try:
             if mask & selectors.EVENT_READ and not client.closing:
                 self._read(client)
-            if client.outbox:
+            if client.outbox and client.sock.fileno() in self.clients:
                 self._write(client)
-        except OSError:
+        except Exception:  # whatever a client does costs at most its own connection
             self._drop(client)
 
     def _read(self, client: _Client) -> None:
-        chunk = client.sock.recv(65536)
+        try:
+            chunk = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
         if not chunk:
             self._drop(client)
             return
         client.inbox += chunk
-        if b"\n" not in client.inbox:
-            if len(client.inbox) > MAX_REQUEST_BYTES:
+        while not client.closing:  # several requests may arrive in one read
+            line, newline, rest = client.inbox.partition(b"\n")
+            if len(line) > MAX_REQUEST_BYTES:
                 self._respond(client, {"ok": False, "error": f"request larger than {MAX_REQUEST_BYTES} bytes"})
-                client.closing = True
-            return
-        line, _, client.inbox = client.inbox.partition(b"\n")
-        self._respond(client, self._answer(line))
+                client.closing = True  # the rest of that request would only read as garbage
+                client.inbox = b""
+                return
+            if not newline:
+                return
+            client.inbox = rest
+            self._respond(client, self._answer(line))
 
     def _answer(self, line: bytes) -> dict:
         try:
@@ -163,7 +195,11 @@ class ControlServer:
         return response if isinstance(response, dict) else {"ok": False, "error": "no answer"}
 
     def _respond(self, client: _Client, response: dict) -> None:
-        client.outbox += json.dumps(response, default=str).encode() + b"\n"
+        try:
+            text = json.dumps(response, default=str)
+        except (TypeError, ValueError) as error:  # e.g. a circular structure from the handler
+            text = json.dumps({"ok": False, "error": f"unserializable answer: {error}".splitlines()[0]})
+        client.outbox += text.encode() + b"\n"
         client.since = time.monotonic()
         self._write(client)
 
@@ -182,7 +218,9 @@ class ControlServer:
             self.selector.modify(client.sock, selectors.EVENT_READ, data=lambda m, c=client: self._serve(c, m))
 
     def expire_idle(self, now: float | None = None) -> None:
-        """Drop clients that have kept a connection open without a complete request for too long."""
+        """Drop clients that have kept a connection open without a complete request for too long.
+
+        Runs on every new connection; the supervisor's loop may also call it from a timer."""
         now = time.monotonic() if now is None else now
         for client in list(self.clients.values()):
             if now - client.since > IDLE_TIMEOUT:
@@ -201,22 +239,34 @@ class ControlServer:
 
 
 def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
-    """Send one request to the supervisor listening on `path` and return its response."""
+    """Send one request to the supervisor listening on `path` and return its response.
+
+    Raises ControlError (one line) when nobody listens, the socket belongs to another user, or no complete
+    answer arrives within `timeout` seconds in all.
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise ControlError(f"no supervisor listening on {path} (no such socket)") from None
-    if info.st_uid != os.getuid():
-        raise ControlError(f"refusing {path}: owned by uid {info.st_uid}, not by us (uid {os.getuid()})")
+    except OSError as error:
+        raise ControlError(f"control socket {path}: {error.strerror or error}") from None
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlError(f"{path} is not a socket")
+    if info.st_uid != os.getuid():
+        raise ControlError(f"refusing {path}: owned by uid {info.st_uid}, not by us (uid {os.getuid()}); "
+                           "run the command as the supervisor's user")  # fmt: skip
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
         try:
+            sock.settimeout(timeout)
             sock.connect(path)
             sock.sendall(json.dumps(request).encode() + b"\n")
             data = b""
             while not data.endswith(b"\n"):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)  # a trickling answer must not stretch the timeout
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
@@ -228,6 +278,9 @@ def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
     try:
-        return json.loads(data)
+        response = json.loads(data)
     except ValueError:
-        raise ControlError(f"garbled answer from the supervisor on {path}") from None
+        response = None
+    if not isinstance(response, dict):
+        raise ControlError(f"garbled answer from the supervisor on {path}")
+    return response
