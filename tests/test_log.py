@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -11,7 +13,8 @@ import pytest
 pytestmark = pytest.mark.timeout(60)
 
 SCRIPT = """
-import logging, sys
+import logging, sys, warnings
+warnings.filterwarnings("ignore", message="No datajoint.json found")  # as the CLI does
 from loguru import logger
 from djsupervisor.log import setup_logging, add_secret
 setup_logging("INFO", sys.argv[1], supervisor="lab")
@@ -19,26 +22,65 @@ add_secret("s3cr3t-pw")
 logger.bind(worker="standard", slot=1).info("working on key {}", 7)
 logging.getLogger("datajoint").warning("from datajoint")
 logger.info("connecting with password s3cr3t-pw")
+logger.bind(worker="-", slot="-").info("supervisor line")
+try:
+    raise RuntimeError("login failed for s3cr3t-pw and env-pw-123")
+except RuntimeError:
+    logger.exception("boom")
+warnings.warn("careful")
 """
 
 
-def run(fmt: str) -> list[str]:
-    result = subprocess.run([sys.executable, "-c", SCRIPT, fmt], capture_output=True, text=True, timeout=30)
+def run(fmt: str, **kwargs) -> list[str]:
+    env = dict(os.environ, DJ_PASS="env-pw-123")
+    env.pop("JOURNAL_STREAM", None)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, fmt], capture_output=True, text=True, timeout=30, env=env,
+                            **kwargs)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return result.stderr.strip().splitlines()
 
 
 def test_text_lines_carry_the_context():
     lines = run("text")
-    assert len(lines) == 3
     assert "[lab standard[1]] working on key 7" in lines[0] and "INFO" in lines[0]
     assert "[lab -] from datajoint" in lines[1] and "WARNING" in lines[1]
-    assert "s3cr3t-pw" not in "\n".join(lines) and "password ***" in lines[2]
+    assert "password ***" in lines[2]
+    assert lines[3].endswith("[lab -] supervisor line")  # "-" means no slot, not slot "-"
+    assert "ERROR" in lines[4] and "boom" in lines[4]
+    assert "RuntimeError: login failed for *** and ***" in "\n".join(lines)  # tracebacks are masked too
+    assert any("WARNING" in line and "UserWarning: careful" in line for line in lines)
+    output = "\n".join(lines)
+    assert "s3cr3t-pw" not in output and "env-pw-123" not in output and "\x1b[" not in output
 
 
 def test_json_lines_for_log_shippers():
     records = [json.loads(line) for line in run("json")]
     assert records[0]["supervisor"] == "lab" and records[0]["worker"] == "standard" and records[0]["slot"] == 1
     assert records[0]["message"] == "working on key 7" and records[0]["level"] == "INFO"
-    assert records[1]["message"] == "from datajoint"
+    assert records[1]["message"] == "from datajoint" and records[1]["level"] == "WARNING"
     assert records[2]["message"] == "connecting with password ***"
+    assert records[3]["worker"] is None and records[3]["slot"] is None
+    assert "RuntimeError: login failed for *** and ***" in records[4]["exception"]
+    assert all(isinstance(r["pid"], int) and r["time"] for r in records)
+
+
+def test_journald_gets_syslog_priorities(tmp_path):
+    """With stderr on the journal stream (JOURNAL_STREAM names its device:inode), lines start with <N>."""
+    left, right = socket.socketpair()
+    try:
+        info = os.fstat(right.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+        process = subprocess.Popen([sys.executable, "-c", SCRIPT, "text"], stderr=right, stdout=subprocess.DEVNULL,
+                                   env=env)  # fmt: skip
+        right.close()
+        left.settimeout(30)
+        data = b""
+        while chunk := left.recv(65536):
+            data += chunk
+        assert process.wait(30) == 0
+    finally:
+        left.close()
+    lines = data.decode().splitlines()
+    assert lines[0].startswith("<6>") and "working on key 7" in lines[0]
+    assert lines[1].startswith("<4>") and "from datajoint" in lines[1]
+    assert lines[4].startswith("<3>") and "boom" in lines[4]

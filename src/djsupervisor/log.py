@@ -1,8 +1,10 @@
 """Logging: loguru to stderr, one line per record, every line naming supervisor, worker and slot.
 
 DataJoint logs through the standard library (logger "datajoint"); it is routed into loguru. `fmt="json"`
-writes one JSON object per line for log shippers. No `enqueue=True`: it starts a thread, and the parent
-forks. Passwords never reach the output: the database password (and DJ_PASS) are masked.
+writes one JSON object per line for log shippers. Under journald (stderr is the journal stream) each line
+starts with its syslog priority, so `journalctl -p warning` works. No `enqueue=True`: it starts a thread,
+and the parent forks. Passwords never reach the output: the database password, DJ_PASS and any value given
+to `add_secret` are masked in whole lines, exceptions included.
 """
 
 from __future__ import annotations
@@ -11,17 +13,22 @@ import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 
 from loguru import logger
 
 TEXT_FORMAT = (
     "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [{extra[supervisor]} {extra[worker]}{extra[slot_label]}] {message}"
 )
+_NO_CONTEXT = (None, "", "-")
+# syslog priorities by loguru level number (journald reads a "<N>" prefix)
+_PRIORITIES = ((40, 3), (30, 4), (25, 5), (15, 6), (0, 7))  # ERROR+, WARNING, SUCCESS, INFO/JOBS, DEBUG
 _secrets: set[str] = set()
 
 
 def add_secret(value: str | None) -> None:
-    """Mask `value` wherever it would appear in a log line."""
+    """Mask `value` wherever it would appear in a log line (values under 3 characters are not masked)."""
     if value and len(value) >= 3:
         _secrets.add(value)
 
@@ -29,7 +36,8 @@ def add_secret(value: str | None) -> None:
 def mask(text: str) -> str:
     """`text` with every known secret replaced by ***."""
     for secret in _secrets:
-        text = text.replace(secret, "***")
+        if secret in text:
+            text = text.replace(secret, "***")
     return text
 
 
@@ -41,52 +49,118 @@ class InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        logger.opt(depth=6, exception=record.exc_info).log(level, record.getMessage())
+        frame, depth = logging.currentframe(), 0  # find the caller outside the logging module
+        while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
+            frame, depth = frame.f_back, depth + 1
+        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
 
 
 def _patch(record) -> None:
     extra = record["extra"]
-    extra.setdefault("supervisor", "-")
-    extra.setdefault("worker", "-")
+    for name in ("supervisor", "worker"):
+        if extra.get(name) in _NO_CONTEXT:
+            extra[name] = "-"
     slot = extra.get("slot")
-    extra["slot_label"] = f"[{slot}]" if slot is not None else ""
+    extra["slot_label"] = "" if slot in _NO_CONTEXT else f"[{slot}]"
     record["message"] = mask(record["message"])
+
+
+def _priority(level_no: int) -> int:
+    return next(priority for floor, priority in _PRIORITIES if level_no >= floor)
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald (systemd sets JOURNAL_STREAM to its device:inode)."""
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        info = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def _write(text: str) -> None:
+    sys.stderr.write(mask(text))
+    sys.stderr.flush()  # nothing important may live only in a buffer when a process dies
 
 
 def _json_sink(message) -> None:
     record = message.record
+    extra = {k: v for k, v in record["extra"].items() if k != "slot_label"}
     data = {
         "time": record["time"].isoformat(),
         "level": record["level"].name,
         "message": record["message"],
-        "supervisor": record["extra"].get("supervisor"),
-        "worker": record["extra"].get("worker"),
-        "slot": record["extra"].get("slot"),
+        "supervisor": None if extra.get("supervisor") in _NO_CONTEXT else extra.get("supervisor"),
+        "worker": None if extra.get("worker") in _NO_CONTEXT else extra.get("worker"),
+        "slot": None if extra.get("slot") in _NO_CONTEXT else extra.get("slot"),
         "pid": record["process"].id,
         "module": record["name"],
     }
+    data.update({k: v for k, v in extra.items() if k not in data})
     if record["exception"] is not None:
-        data["exception"] = mask("".join(__import__("traceback").format_exception(*record["exception"])))
-    sys.stderr.write(json.dumps(data, default=str) + "\n")
-    sys.stderr.flush()
+        data["exception"] = "".join(traceback.format_exception(*record["exception"]))
+    prefix = f"<{_priority(record['level'].no)}>" if _stderr_is_journal() else ""
+    _write(prefix + json.dumps(data, default=str) + "\n")
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings as one log line each (warnings' own format spans two lines)."""
+    logger.opt(depth=2).warning("{}: {} ({}:{})", category.__name__, message, filename, lineno)
+
+
+def _route_standard_logging(level: str) -> None:
+    root_level = logging.getLevelName(level)  # a library's debug records are only made when asked for
+    logging.basicConfig(handlers=[InterceptHandler()], level=root_level if isinstance(root_level, int) else logging.INFO,
+                        force=True)  # fmt: skip
+    warnings.showwarning = _log_warning
+    try:  # DataJoint replaces its logger's handlers when imported: import it first, then take them over
+        import datajoint  # noqa: F401
+    except ImportError:
+        pass
+    if logging.getLevelName(15) == "JOBS":  # DataJoint's populate status level
+        try:
+            logger.level("JOBS")
+        except ValueError:
+            logger.level("JOBS", no=15)
+    datajoint_logger = logging.getLogger("datajoint")
+    datajoint_logger.handlers = [InterceptHandler()]
+    datajoint_logger.propagate = False
+
+
+def _known_secrets() -> None:
+    datajoint = sys.modules.get("datajoint")
+    if datajoint is not None:
+        try:
+            add_secret(datajoint.config["database.password"])
+        except Exception:  # a config without the key, or an unexpected config object
+            pass
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
-    """Configure loguru for this process: stderr, `level`, text or JSON, default context (supervisor,
-    worker, slot); route DataJoint's logging into it."""
+    """Configure loguru for this process: stderr, `level`, "text" or "json", default context
+    (supervisor, worker, slot: unbound lines show "-"); route DataJoint's logging and Python warnings
+    into it."""
+    level = level.upper()
     add_secret(os.environ.get("DJ_PASS"))
     logger.remove()
     logger.configure(extra={"supervisor": "-", "worker": "-", **context}, patcher=_patch)
     if fmt == "json":
-        logger.add(_json_sink, level=level.upper(), format="{message}", backtrace=False, diagnose=False)
+        logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)
     else:
-        colorize = sys.stderr.isatty() and not os.environ.get("JOURNAL_STREAM")
-        logger.add(sys.stderr, level=level.upper(), format=TEXT_FORMAT, colorize=colorize, backtrace=False,
-                   diagnose=False)  # fmt: skip
-    datajoint_logger = logging.getLogger("datajoint")
-    datajoint_logger.handlers = [InterceptHandler()]
-    datajoint_logger.propagate = False
-    logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
+        journal = _stderr_is_journal()
+        text_format = TEXT_FORMAT + "\n{exception}"
+
+        def line_format(record) -> str:
+            return f"\\<{_priority(record['level'].no)}>" + text_format if journal else text_format  # escaped: not a color tag
+
+        colorize = sys.stderr.isatty() and not journal and "NO_COLOR" not in os.environ
+        # diagnose=False: tracebacks never show local variables (they may hold credentials)
+        logger.add(_write, level=level, format=line_format, colorize=colorize, backtrace=False, diagnose=False)
+    _route_standard_logging(level)  # after the sink exists: DataJoint's import-time output lands in it
+    _known_secrets()
 
 
 def bind_context(**context) -> None:
