@@ -13,7 +13,8 @@ import time
 import pytest
 
 from djsupervisor import control
-from djsupervisor.control import ControlError, ControlServer, send_request
+from djsupervisor.control import ControlError, ControlServer, format_status, send_request
+from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -110,17 +111,68 @@ def test_silent_clients_are_dropped(server, monkeypatch):
     silent = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(5)]
     for sock in silent:
         sock.connect(server.path)
-    deadline = time.monotonic() + 10
-    while len(server.clients) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    wait_until(lambda: len(server.clients) == 5, 10, message="five silent clients accepted")
+    accepted = time.monotonic()
+    wait_until(lambda: time.monotonic() - accepted > 0.3, 5, message="the idle timeout to pass")
     assert send_request(server.path, {"cmd": "status"})["ok"]  # a new client triggers the expiry
-    deadline = time.monotonic() + 10
-    while len(server.clients) > 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert len(server.clients) <= 1
+    wait_until(lambda: len(server.clients) <= 1, 10, message="silent clients dropped")
     for sock in silent:
+        assert sock.recv(10) == b""  # the server hung up on them
         sock.close()
+
+
+def test_expire_idle_is_callable_from_a_timer(server, monkeypatch):
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(server.path)
+    wait_until(lambda: len(server.clients) == 1, 10, message="the client accepted")
+    server.expire_idle(time.monotonic())  # not idle long enough yet
+    assert len(server.clients) == 1
+    server.expire_idle(time.monotonic() + control.IDLE_TIMEOUT + 1)
+    assert silent.recv(10) == b""
+    silent.close()
+
+
+def test_several_requests_on_one_connection(server):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(server.path)
+        sock.sendall(b'{"cmd": "a"}\n{"cmd": "b"}\n')
+        data = b""
+        while data.count(b"\n") < 2:
+            data += sock.recv(65536)
+    assert [json.loads(line)["echo"]["cmd"] for line in data.splitlines()] == ["a", "b"]
+
+
+def test_a_huge_request_with_a_newline_is_refused_too(server):
+    payload = b'{"cmd": "status", "pad": "' + b"x" * (control.MAX_REQUEST_BYTES * 2) + b'"}\n'
+    answer = json.loads(raw_exchange(server.path, payload))
+    assert answer["ok"] is False and "larger than" in answer["error"]
+    assert all("pad" not in call for call in server.calls)
+
+
+def test_an_unserializable_answer_is_an_error_not_a_crash(tmp_path):
+    loop = {}
+    loop["self"] = loop
+    srv = ControlServer(str(tmp_path / "s.sock"), lambda request: {"ok": True, "loop": loop})
+    selector = selectors.DefaultSelector()
+    srv.register(selector)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(srv.path)
+        sock.sendall(b'{"cmd": "status"}\n')
+        data = b""
+        deadline = time.monotonic() + 10
+        while not data.endswith(b"\n") and time.monotonic() < deadline:
+            for key, mask in selector.select(0.05):
+                key.data(mask)
+            try:
+                sock.setblocking(False)
+                data += sock.recv(65536)
+            except BlockingIOError:
+                pass
+    srv.close()
+    answer = json.loads(data)
+    assert answer["ok"] is False and "unserializable answer" in answer["error"]
 
 
 def test_a_live_supervisor_is_not_displaced(server):
@@ -158,3 +210,53 @@ def test_client_refuses_a_socket_owned_by_someone_else(server):
 def test_default_socket_path_prefers_the_explicit_runtime_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(tmp_path))
     assert control.default_socket_path("lab") == str(tmp_path / "lab.sock")
+
+
+def test_a_path_that_is_not_a_socket_is_never_replaced(tmp_path):
+    path = tmp_path / "lab.sock"
+    path.write_text("precious")
+    with pytest.raises(ControlError, match="exists and is not a socket"):
+        ControlServer(str(path), lambda r: {"ok": True})
+    assert path.read_text() == "precious"
+
+
+def test_bind_problems_are_one_line(tmp_path):
+    path = tmp_path / ("x" * 120) / "lab.sock"  # longer than sun_path allows
+    with pytest.raises(ControlError, match="control socket .*lab.sock") as caught:
+        ControlServer(str(path), lambda r: {"ok": True})
+    assert "\n" not in str(caught.value)
+
+
+def test_a_silent_server_times_out(tmp_path):
+    path = tmp_path / "mute.sock"
+    mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    mute.bind(str(path))
+    mute.listen(1)  # accepts (in the backlog) and never answers
+    try:
+        with pytest.raises(ControlError, match="no answer from the supervisor .* within 0.3 s"):
+            send_request(str(path), {"cmd": "status"}, timeout=0.3)
+    finally:
+        mute.close()
+
+
+def test_status_table():
+    data = {"supervisor": "lab", "pid": 10, "started": time.time() - 3700, "state": "running", "workers": [
+        {"worker": "standard", "slot": 0, "pid": 11, "state": "running", "activity": "populating", "uptime": 3650,
+         "restarts": 1, "rss_mb": 120.4, "cpu_percent": 99.5, "table": "`lab_pipe`.`__square`",
+         "key": {"source_id": 3}, "jobs_done": 12, "jobs_failed": 1},
+        {"worker": "standard", "slot": 1, "pid": None, "state": "fatal", "activity": None, "uptime": None,
+         "restarts": 5, "rss_mb": None, "cpu_percent": None, "table": None, "key": None, "jobs_done": 0,
+         "jobs_failed": 0},
+        {"worker": "ingest", "slot": 0, "pid": 13, "state": "running", "activity": "sleeping", "uptime": 30,
+         "restarts": 0, "rss_mb": 80.0, "cpu_percent": 0.0, "table": None, "key": None, "jobs_done": 0,
+         "jobs_failed": 0},
+    ]}  # fmt: skip
+    lines = format_status(data).splitlines()
+    assert lines[0] == "supervisor lab (pid 10) running, up 1h01m: 1 fatal, 2 running; 12 jobs done"
+    assert lines[1].split() == ["WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "MB", "CPU", "%",
+                                "DONE", "FAILED", "CURRENT"]  # fmt: skip
+    assert lines[2].split() == ["standard", "0", "11", "running", "1h00m", "1", "120", "99.5", "12", "1",
+                                "`lab_pipe`.`__square`", '{"source_id":3}']  # fmt: skip
+    assert lines[3].split() == ["standard", "1", "-", "fatal", "-", "5", "-", "-", "0", "0", "-"]
+    assert lines[4].split()[-1] == "sleeping"
+    assert lines[2].index("running") == lines[4].index("running") == lines[1].index("STATE")  # columns align

@@ -24,32 +24,45 @@ def _number(value, fmt: str) -> str:
 
 
 def _current(slot: dict) -> str:
-    table = slot.get("table") or "-"
+    """The table (and key) a child works on; otherwise what it does (sleeping, idle, ...)."""
+    table = slot.get("table")
+    if not table:
+        return slot.get("activity") or "-"
     key = slot.get("key")
     if key:
         table += " " + json.dumps(key, default=str, separators=(",", ":"))
     return table if len(table) <= 60 else table[:57] + "..."
 
 
-def format_status(data: dict) -> str:
-    """Render a status response as a header line and a table, one row per slot."""
+def _summary(data: dict, workers: list[dict]) -> str:
     started = data.get("started")
     uptime = _duration(time.time() - started) if isinstance(started, (int, float)) else "-"
+    states: dict[str, int] = {}
+    for slot in workers:
+        states[str(slot.get("state"))] = states.get(str(slot.get("state")), 0) + 1
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no children"
+    jobs = sum(slot.get("jobs_done") or 0 for slot in workers)
+    return (f"supervisor {data.get('supervisor')} (pid {data.get('pid')}) {data.get('state')}, up {uptime}: "
+            f"{counts}; {jobs} jobs done")  # fmt: skip
+
+
+def format_status(data: dict) -> str:
+    """Render a status response as a summary line and a table, one row per slot."""
     workers = data.get("workers") or []
-    lines = [f"supervisor {data.get('supervisor')} (pid {data.get('pid')}) {data.get('state')}, up {uptime}, "
-             f"{sum(1 for w in workers if w.get('pid'))} children"]  # fmt: skip
-    header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "JOBS", "CURRENT")
+    lines = [_summary(data, workers)]
+    header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
     rows = [
         (
             str(w.get("worker")), str(w.get("slot")), str(w.get("pid") or "-"), str(w.get("state")),
             _duration(w.get("uptime")), str(w.get("restarts", 0)), _number(w.get("rss_mb"), ".0f"),
-            _number(w.get("cpu_percent"), ".1f"), str(w.get("jobs_done", 0)), _current(w),
+            _number(w.get("cpu_percent"), ".1f"), str(w.get("jobs_done", 0)), str(w.get("jobs_failed", 0)),
+            _current(w),
         )  # fmt: skip
         for w in workers
     ]
+    if not rows:
+        return "\n".join(lines)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    if not rows:
-        lines.append("(no workers)")
     return "\n".join(lines)
