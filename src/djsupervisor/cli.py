@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 EXIT_USAGE = 2
+LOG_LEVELS = ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class UsageError(Exception):
@@ -24,6 +25,16 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
         raise UsageError(f"{self.prog.split()[-1] if ' ' in self.prog else 'arguments'}: {message}")
+
+
+def _replicas(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", help="start the supervisor in the foreground")
     source_options(start, modules=True)
-    start.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    start.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
     start.add_argument("--log-format", choices=["text", "json"])
 
     status = commands.add_parser("status", help="what every child is doing")
@@ -62,16 +73,18 @@ def _parser() -> argparse.ArgumentParser:
 
     scale = commands.add_parser("scale", help="set a pool's size")
     scale.add_argument("worker")
-    scale.add_argument("replicas", type=int)
+    scale.add_argument("replicas", type=_replicas, metavar="N")
     socket_options(scale)
 
     check = commands.add_parser("check", help="validate a config, import its targets, connect to the database")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default="WARNING")
 
     run = commands.add_parser("run", help="run one worker in the foreground, in process, for debugging")
     run.add_argument("worker")
     source_options(run, modules=True)
-    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
+    run.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
+    run.add_argument("--log-format", choices=["text", "json"])
     return parser
 
 
@@ -118,15 +131,34 @@ def _request(args, request: dict) -> dict:
     return response
 
 
-def _start(args) -> int:
+def _logging_for(args, *, context: dict) -> None:
+    """Set up logging before the worker definitions are imported (pipeline modules connect and log then)."""
+    from .config import load_config
     from .log import add_secret, setup_logging
+
+    level, fmt = "INFO", "text"
+    if args.config:  # only the [supervisor] and [database] tables: nothing is imported yet
+        early = load_config(args.config, check_targets=False)
+        level, fmt = early.log_level, early.log_format
+        add_secret(early.database.password)
+        context.setdefault("supervisor", early.name)
+    setup_logging(args.log_level or level, getattr(args, "log_format", None) or fmt, **context)
+
+
+def _start(args) -> int:
+    from .control import ControlError
+    from .log import add_secret
     from .supervisor import Supervisor
 
+    _logging_for(args, context={})
     config, path = _load(args)
     add_secret(config.database.password)
-    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format,
-                  supervisor=config.name)  # fmt: skip
-    return Supervisor(config, path).run()
+    if not args.config:
+        _logging_for(args, context={"supervisor": config.name})
+    try:
+        return Supervisor(config, path).run()
+    except ControlError as error:  # e.g. the same supervisor already runs on this host: refuse to start
+        raise UsageError(f"{config.source}: {error}") from None
 
 
 def _status(args) -> int:
@@ -138,14 +170,24 @@ def _status(args) -> int:
     return 0
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def _check(args) -> int:
     import datajoint as dj
 
     from .connection import session_alive
 
+    _logging_for(args, context={"worker": "check"})
     config, _ = _load(args)
-    print(f"{args.config}: valid; {len(config.workers)} workers: "
+    print(f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
           + ", ".join(f"{w.name}×{w.replicas} ({w.target})" for w in config.workers))  # fmt: skip
+    for worker in config.workers:  # setting overrides are applied as `start` would apply them
+        try:
+            worker.build_worker()
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
     try:
         connection = dj.conn()
         alive = session_alive(connection)
@@ -159,11 +201,14 @@ def _check(args) -> int:
 
 
 def _run(args) -> int:
-    from .log import setup_logging
+    from .log import add_secret, setup_logging
 
+    _logging_for(args, context={"worker": args.worker})
     config, _ = _load(args)
+    add_secret(config.database.password)
     worker = config.worker_named(args.worker).build_worker()
-    setup_logging(args.log_level or config.log_level, "text", supervisor=config.name, worker=worker.name)
+    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format,
+                  supervisor=config.name, worker=worker.name)  # fmt: skip
     worker.run()
     return 0
 

@@ -1,0 +1,196 @@
+"""Fault injection on real processes: kill storms, a killed pool grandchild, a database outage under the
+supervisor, a SIGKILLed parent, two supervisors on one config. The end state is checked in the database:
+every key computed exactly once, nothing left reserved or in error, the supervisor up and stopping cleanly.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from tcpproxy import TcpProxy
+
+pytestmark = [pytest.mark.fault, pytest.mark.process]
+
+KEYS = 40
+
+
+def chain_state(db) -> dict:
+    """Rows and job states of the fault pipeline, read through the test's own session."""
+    connection = db.connection
+    q = connection.adapter.quote_identifier
+    schema = q(f"{db.prefix}_chain")
+    state = {}
+    for table in ("__square", "__cube"):
+        state[table] = connection.query(f"SELECT COUNT(*) FROM {schema}.{q(table)}").fetchone()[0]
+    for table in ("~~square", "~~cube"):
+        for status, count in connection.query(
+            f"SELECT {q('status')}, COUNT(*) FROM {schema}.{q(table)} GROUP BY {q('status')}"
+        ).fetchall():
+            state[f"{table}.{status}"] = count
+    return state
+
+
+def seed_chain(db) -> None:
+    connection = db.connection
+    q = connection.adapter.quote_identifier
+    # importing the pipeline module declares it (in this process, with the test's prefix)
+    import importlib
+    import os
+    import sys
+
+    os.environ["DJS_TEST_PREFIX"] = db.prefix
+    sys.modules.pop("pipelines.faults", None)
+    faults = importlib.import_module("pipelines.faults")
+    faults.Source.insert([dict(source_id=i, value=float(i)) for i in range(1, KEYS + 1)])
+    assert connection.query(f"SELECT COUNT(*) FROM {q(db.prefix + '_chain')}.{q('source')}").fetchone()[0] == KEYS
+
+
+def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor: str = "") -> str:
+    return str(write_config(tmp_path / "faults.toml", f"""
+        [supervisor]
+        name = "faults"
+        control_socket = "{tmp_path / 'faults.sock'}"
+        backoff_initial = 0.05
+        backoff_max = 0.5
+        {supervisor}
+        [[worker]]
+        name = "{worker}"
+        target = "pipelines.faults:{worker}"
+        replicas = {replicas}
+        {extra}
+    """))  # fmt: skip
+
+
+def assert_complete(db) -> None:
+    state = chain_state(db)
+    assert state["__square"] == KEYS and state["__cube"] == KEYS, state
+    leftovers = {k: v for k, v in state.items() if k.startswith("~~")}
+    assert not leftovers, state  # no job reserved, pending or in error
+
+
+@pytest.mark.timeout(300)
+def test_kill_storm(db, supervise, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJS_TEST_DELAY", "0.5")
+    seed_chain(db)
+    sup = supervise(["-c", config_for(tmp_path, "chain", 3)])
+    sup.wait_children({"chain": 3})
+    rng = random.Random(7)
+    kills, began = 0, time.monotonic()
+    while time.monotonic() - began < 15:
+        pids = list(sup.pids("chain").values())
+        if pids:
+            try:
+                psutil.Process(rng.choice(pids)).kill()
+                kills += 1
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(1.0)
+    wait_until(lambda: chain_state(db)["__cube"] == KEYS, 120, message="the pipeline to finish after the storm")
+    wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 30, message="empty job tables")
+    assert kills >= 10, kills
+    assert_complete(db)
+    assert sup.process.poll() is None  # the supervisor rode it out
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(60) == 0
+    print(f"kill storm: {kills} SIGKILLs survived, {2 * KEYS} jobs checked")
+
+
+@pytest.mark.timeout(300)
+def test_killed_pool_grandchild(db, supervise, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJS_TEST_DELAY", "0.3")
+    seed_chain(db)
+    sup = supervise(["-c", config_for(tmp_path, "pooled", 1, supervisor="hang_timeout = 5")])
+    (child,) = sup.wait_children({"pooled": 1}).values()
+    grandchildren = wait_until(lambda: psutil.Process(child).children(), 60, message="the populate pool")
+    wait_until(lambda: chain_state(db)["__square"] >= 2, 60, message="pool work")
+    grandchildren[0].kill()
+    wait_until(lambda: chain_state(db)["__cube"] == KEYS, 240, message="the pipeline to finish")
+    wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
+    assert_complete(db)
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(60) == 0
+
+
+@pytest.mark.timeout(300)
+def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJS_TEST_DELAY", "0.1")
+    seed_chain(db)
+    proxy = TcpProxy(db.settings["host"], db.settings["port"])
+    monkeypatch.setenv("DJ_PORT", str(proxy.port))
+    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
+    try:
+        sup = supervise(["-c", config_for(tmp_path, "chain", 2)])
+        pids_before = sup.wait_children({"chain": 2})
+        wait_until(lambda: chain_state(db)["__square"] >= 3, 60, message="work to begin")
+        proxy.cut()
+        cut_at = time.monotonic()
+        time.sleep(20)  # the outage
+        restarts_during = sum(1 for pid in pids_before.values() if not psutil.pid_exists(pid))
+        proxy.restore()
+        wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
+        wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
+        recovered_in = time.monotonic() - cut_at - 20
+        assert_complete(db)
+        assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
+        assert restarts_during <= 2  # neither crash-looping nor spinning: the children waited it out
+        sup.signal(signal.SIGTERM)
+        assert sup.wait_exit(60) == 0
+        print(f"outage: 20 s cut, pipeline finished {recovered_in:.1f} s after the restore")
+    finally:
+        proxy.close()
+
+
+def _base_env(db) -> dict:
+    import os
+
+    env = dict(os.environ)
+    env.update(DJ_HOST=db.settings["host"], DJ_PORT=str(db.settings["port"]), DJ_USER=db.settings["user"],
+               DJ_PASS=db.settings["password"], DJ_BACKEND=db.backend, DJ_USE_TLS="false")  # fmt: skip
+    return env
+
+
+@pytest.mark.timeout(180)
+def test_parent_sigkill_then_a_new_supervisor_recovers(db, supervise, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJS_TEST_DELAY", "2")
+    seed_chain(db)
+    config = config_for(tmp_path, "chain", 2)
+    first = supervise(["-c", config])
+    children = first.wait_children({"chain": 2})
+    wait_until(lambda: chain_state(db).get("~~square.reserved", 0) == 2, 60, message="jobs in flight")
+    first.process.kill()
+    first.process.wait(10)
+    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                               for p in children.values()), 10, message="the children to die with the parent")  # fmt: skip
+    assert chain_state(db).get("~~square.reserved", 0) == 2  # their jobs are still reserved...
+    monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
+    second = supervise(["-c", config])
+    second.wait_children({"chain": 2})
+    # ...until the new supervisor's children recover them as orphans (no 24 h stale timeout)
+    wait_until(lambda: chain_state(db)["__cube"] == KEYS, 120, message="the pipeline to finish")
+    wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 30, message="empty job tables")
+    assert_complete(db)
+    second.signal(signal.SIGTERM)
+    assert second.wait_exit(60) == 0
+
+
+@pytest.mark.timeout(120)
+def test_second_supervisor_on_the_same_config_refuses(db, supervise, tmp_path):
+    seed_chain(db)
+    config = config_for(tmp_path, "chain", 1)
+    first = supervise(["-c", config])
+    children = first.wait_children({"chain": 1})
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    second = subprocess.run([*djsupervisor_command(), "start", "-c", config], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and "another supervisor is listening" in second.stderr
+    assert first.process.poll() is None and first.pids("chain") == children  # untouched
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit(60) == 0
