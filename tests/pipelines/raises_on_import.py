@@ -1,0 +1,3 @@
+"""A target module that raises on import (hostile-input tests)."""
+
+raise RuntimeError("this module refuses to import")
