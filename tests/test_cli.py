@@ -22,7 +22,7 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     (["bogus"], "invalid choice: 'bogus'"),
     (["start"], "no configuration: give -c FILE or MODULE..."),
     (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
-    (["scale", "standard", "many", "--name", "x"], "argument replicas: invalid int value: 'many'"),
+    (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
     (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
     (["check"], "the following arguments are required: -c/--config"),
 ])  # fmt: skip
@@ -52,7 +52,7 @@ def test_check_validates_imports_and_connects(db, tmp_path):
     """)  # fmt: skip
     result = cli("check", "-c", str(config), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "valid; 1 workers: standard×2 (pipelines.supervised:standard)" in result.stdout
+    assert "valid; 1 worker: standard×2 (pipelines.supervised:standard)" in result.stdout
     assert f"database: {db.backend} at" in result.stdout and ": ok" in result.stdout
 
     unreachable = dict(env, DJ_PORT="1")

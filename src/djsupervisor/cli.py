@@ -131,26 +131,33 @@ def _request(args, request: dict) -> dict:
     return response
 
 
-def _logging_for(args, *, context: dict) -> None:
-    """Set up logging before the worker definitions are imported (pipeline modules connect and log then)."""
+def _logging_for(args, *, context: dict):
+    """Set up logging before the worker definitions are imported (pipeline modules connect and log then).
+
+    Returns the config file's settings read without importing anything (None without -c)."""
     from .config import load_config
     from .log import add_secret, setup_logging
 
-    level, fmt = "INFO", "text"
-    if args.config:  # only the [supervisor] and [database] tables: nothing is imported yet
+    early, level, fmt = None, "INFO", "text"
+    if args.config:  # only the [supervisor] and [database] tables count here
         early = load_config(args.config, check_targets=False)
         level, fmt = early.log_level, early.log_format
         add_secret(early.database.password)
         context.setdefault("supervisor", early.name)
     setup_logging(args.log_level or level, getattr(args, "log_format", None) or fmt, **context)
+    return early
 
 
 def _start(args) -> int:
-    from .control import ControlError
+    from .control import ControlError, default_socket_path, supervisor_listening
     from .log import add_secret
     from .supervisor import Supervisor
 
-    _logging_for(args, context={})
+    early = _logging_for(args, context={})
+    if early is not None:  # refuse before importing anything (pipeline modules connect when imported)
+        socket_path = early.control_socket or default_socket_path(early.name)
+        if supervisor_listening(socket_path):
+            raise UsageError(f"{early.source}: another supervisor is listening on {socket_path}")
     config, path = _load(args)
     add_secret(config.database.password)
     if not args.config:
@@ -181,13 +188,13 @@ def _check(args) -> int:
 
     _logging_for(args, context={"worker": "check"})
     config, _ = _load(args)
-    print(f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
-          + ", ".join(f"{w.name}×{w.replicas} ({w.target})" for w in config.workers))  # fmt: skip
     for worker in config.workers:  # setting overrides are applied as `start` would apply them
         try:
             worker.build_worker()
         except (TypeError, ValueError) as error:
             raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
+    print(f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
+          + ", ".join(f"{w.name}×{w.replicas} ({w.target})" for w in config.workers))  # fmt: skip
     try:
         connection = dj.conn()
         alive = session_alive(connection)
@@ -203,7 +210,9 @@ def _check(args) -> int:
 def _run(args) -> int:
     from .log import add_secret, setup_logging
 
-    _logging_for(args, context={"worker": args.worker})
+    early = _logging_for(args, context={"worker": args.worker})
+    if early is not None:
+        early.worker_named(args.worker)  # an unknown name fails before anything is imported
     config, _ = _load(args)
     add_secret(config.database.password)
     worker = config.worker_named(args.worker).build_worker()

@@ -52,6 +52,11 @@ def default_socket_path(name: str) -> str:
     return f"/tmp/djsupervisor-{os.getuid()}/{name}.sock"
 
 
+def supervisor_listening(path: str) -> bool:
+    """Whether a live process accepts connections on the control socket `path`."""
+    return os.path.exists(path) and _answers(path)
+
+
 def _answers(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
