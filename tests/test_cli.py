@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TESTS, djsupervisor_command, write_config
+from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,3 +81,54 @@ def test_run_one_worker_in_the_foreground(db, tmp_path):
 
     result = cli("run", "nosuch", "-c", str(config), env=env, cwd=tmp_path)
     assert result.returncode == 2 and "nosuch" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.process
+def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_path, monkeypatch):
+    """Against a real supervisor found by --name in $DJSUPERVISOR_RUNTIME_DIR: the status table a person
+    reads, a refused scale as one line, then `stop --fast`."""
+    from pipelines.tables import declare, seed
+
+    pipe = declare(db.schema_name("pipe"))
+    seed(pipe, [1, 2, 3])
+    runtime = tmp_path / "rt"
+    config = write_config(tmp_path / "tablelab.toml", """
+        [supervisor]
+        sample_interval = 0.5
+        [[worker]]
+        name = "standard"
+        target = "pipelines.supervised:standard"
+        replicas = 2
+    """)  # fmt: skip
+    monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(runtime))  # db.env, so the supervisor too, has it
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    sup = supervise(["-c", str(config)])
+    pids = sup.wait_children({"standard": 2})
+    wait_until((runtime / "tablelab.sock").exists, 20, message="the control socket in the runtime dir")
+    wait_until(lambda: len(pipe.Square()) == 3, 30, message="the jobs")
+
+    def table() -> list[str]:
+        result = cli("status", "--name", "tablelab", env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()
+
+    lines = wait_until(lambda: (t := table()) and "3 jobs done" in t[0] and " - " not in t[2] and t, 20,
+                       message="a sampled status with every job counted")  # fmt: skip
+    assert lines[0].startswith(f"supervisor tablelab (pid {sup.pid}) running, up ") and "2 running" in lines[0]
+    assert lines[1].split()[:4] == ["WORKER", "SLOT", "PID", "STATE"]
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [
+        ("standard", "0", pids["standard[0]"], "running"), ("standard", "1", pids["standard[1]"], "running")]
+    assert sum(int(r[8]) for r in rows) == 3  # DONE column
+
+    result = cli("status", env=env, cwd=tmp_path)  # the only supervisor in the runtime dir: found without a name
+    assert result.returncode == 0 and result.stdout.startswith("supervisor tablelab "), result.stderr
+
+    result = cli("scale", "nosuch", "3", "--name", "tablelab", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == "djsupervisor: error: scale: no worker named 'nosuch'\n"
+
+    assert cli("stop", "--fast", "--name", "tablelab", env=env, cwd=tmp_path).returncode == 0
+    assert sup.wait_exit(30) == 0
+    assert "fast stop of 2 children" in sup.output
+    result = cli("status", "--name", "tablelab", env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "no supervisor listening on" in result.stderr
