@@ -58,6 +58,7 @@ class SystemdNotifier:
         if not usec or (pid and pid != str(os.getpid())):
             return None
         try:
-            return int(usec) / 1e6 / 2
+            interval = int(usec) / 1e6 / 2
         except ValueError:
             return None
+        return interval if interval > 0 else None

@@ -1,45 +1,16 @@
-"""The unit files verify, and sd_notify messages reach a real notification socket."""
+"""sd_notify: messages reach a real AF_UNIX datagram socket (a path or an abstract name), as systemd's."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
-import sys
-from pathlib import Path
+import time
 
 import pytest
 
 from djsupervisor.systemd import SystemdNotifier
 
 pytestmark = pytest.mark.timeout(60)
-UNITS = Path(__file__).resolve().parents[1] / "systemd"
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("unit, instance", [("djsupervisor.service", "djsupervisor.service"),
-                                            ("djsupervisor@.service", "djsupervisor@lab.service")])  # fmt: skip
-def test_unit_files_verify(tmp_path, unit, instance):
-    executable = Path(sys.executable).parent / "djsupervisor"
-    text = (UNITS / unit).read_text()
-    assert "/opt/djsupervisor/bin/djsupervisor" in text
-    (tmp_path / instance).write_text(text.replace("/opt/djsupervisor/bin/djsupervisor", str(executable)))
-    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / instance)], capture_output=True, text=True)
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
-
-
-@pytest.mark.parametrize("unit", ["djsupervisor.service", "djsupervisor@.service"])
-def test_unit_files_say_what_the_supervisor_needs(unit):
-    settings = dict(
-        line.split("=", 1) for line in (UNITS / unit).read_text().splitlines() if "=" in line and not line.startswith("#")
-    )
-    assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
-    assert settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
-    assert int(settings["TimeoutStopSec"]) > 30  # above the default graceful_timeout
-    assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
-    assert settings["RuntimeDirectoryMode"] == "0700"
-    assert "DJSUPERVISOR_RUNTIME_DIR=%t/djsupervisor" in settings["Environment"]
 
 
 @pytest.fixture
@@ -92,3 +63,29 @@ def test_abstract_socket_address(monkeypatch):
         assert sock.recv(100) == b"STOPPING=1"
     finally:
         sock.close()
+
+
+def test_reloading_carries_the_monotonic_clock(notify_socket):
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert SystemdNotifier().reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    fields = dict(line.split("=", 1) for line in notify_socket.recv(4096).decode().splitlines())
+    assert fields["RELOADING"] == "1" and before <= int(fields["MONOTONIC_USEC"]) <= after
+
+
+@pytest.mark.parametrize("usec", ["", "garbage", "0"])
+def test_no_usable_watchdog_setting(monkeypatch, usec):
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert SystemdNotifier().watchdog_interval() is None
+
+
+def test_watchdog_without_pid_is_ours(monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "3000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert SystemdNotifier().watchdog_interval() == 1.5
+
+
+def test_a_vanished_socket_is_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    assert SystemdNotifier().watchdog() is False  # nothing raised: the supervisor goes on
