@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,16 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [
         ("standard", "0", pids["standard[0]"], "running"), ("standard", "1", pids["standard[1]"], "running")]
     assert sum(int(r[8]) for r in rows) == 3  # DONE column
+
+    result = cli("status", "--queues", "-c", str(config), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    queue = result.stdout.split("\n\n")[1].splitlines()
+    assert queue[0].split() == ["TABLE", "WORKER", "PENDING", "RESERVED", "SUCCESS", "ERROR", "IGNORE"]
+    succeeded = len(pipe.Square.jobs & "status='success'")  # DataJoint may or may not keep success rows
+    assert queue[1].split()[:5] == [pipe.Square.full_table_name, "standard", "0", "0", str(succeeded)]
+    result = cli("status", "--queues", "--json", "-c", str(config), env=env, cwd=tmp_path)
+    (queue,) = json.loads(result.stdout)["queues"]
+    assert queue["table"] == pipe.Square.full_table_name and queue["pending"] == 0 and queue["error"] == 0
 
     result = cli("status", env=env, cwd=tmp_path)  # the only supervisor in the runtime dir: found without a name
     assert result.returncode == 0 and result.stdout.startswith("supervisor tablelab "), result.stderr

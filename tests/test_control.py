@@ -14,6 +14,7 @@ import pytest
 
 from djsupervisor import control
 from djsupervisor.control import ControlError, ControlServer, format_status, send_request
+from djsupervisor.status_format import format_queues
 from helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -260,3 +261,18 @@ def test_status_table():
     assert lines[3].split() == ["standard", "1", "-", "fatal", "-", "5", "-", "-", "0", "0", "-"]
     assert lines[4].split()[-1] == "sleeping"
     assert lines[2].index("running") == lines[4].index("running") == lines[1].index("STATE")  # columns align
+
+
+def test_queue_table():
+    lines = format_queues([
+        {"worker": "standard", "table": "`lab`.`__square`", "pending": 4, "reserved": 2, "success": 10, "error": 1,
+         "ignore": 0},
+        {"worker": "ingest", "table": "`lab`.`_raw`", "pending": 0, "reserved": 0, "success": 0, "error": 0,
+         "ignore": 3},
+    ]).splitlines()  # fmt: skip
+    assert [line.split() for line in lines] == [
+        ["TABLE", "WORKER", "PENDING", "RESERVED", "SUCCESS", "ERROR", "IGNORE"],
+        ["`lab`.`__square`", "standard", "4", "2", "10", "1", "0"],
+        ["`lab`.`_raw`", "ingest", "0", "0", "0", "0", "3"],
+    ]
+    assert format_queues([]) == "(no tables)"

@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what every child is doing")
     socket_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--queues", action="store_true",
+                        help="also each table's job queue, read from the database (needs -c FILE)")  # fmt: skip
 
     stop = commands.add_parser("stop", help="graceful stop (jobs in flight finish)")
     socket_options(stop)
@@ -78,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config, import its targets, connect to the database")
     check.add_argument("-c", "--config", required=True)
-    check.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, default="WARNING")
+    check.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
 
     run = commands.add_parser("run", help="run one worker in the foreground, in process, for debugging")
     run.add_argument("worker")
@@ -131,10 +133,11 @@ def _request(args, request: dict) -> dict:
     return response
 
 
-def _logging_for(args, *, context: dict):
+def _logging_for(args, *, context: dict, quiet: bool = False):
     """Set up logging before the worker definitions are imported (pipeline modules connect and log then).
 
-    Returns the config file's settings read without importing anything (None without -c)."""
+    Returns the config file's settings read without importing anything (None without -c). `quiet`: only
+    warnings and errors, for commands whose output is what they print."""
     from .config import load_config
     from .log import add_secret, setup_logging
 
@@ -144,7 +147,8 @@ def _logging_for(args, *, context: dict):
         level, fmt = early.log_level, early.log_format
         add_secret(early.database.password)
         context.setdefault("supervisor", early.name)
-    setup_logging(args.log_level or level, getattr(args, "log_format", None) or fmt, **context)
+    level = getattr(args, "log_level", None) or ("WARNING" if quiet else level)
+    setup_logging(level, getattr(args, "log_format", None) or fmt, **context)
     return early
 
 
@@ -169,12 +173,33 @@ def _start(args) -> int:
 
 
 def _status(args) -> int:
-    from .status_format import format_status
+    from .status_format import format_queues, format_status
 
+    if args.queues and not args.config:
+        raise UsageError("status --queues needs -c FILE (it imports the worker definitions)")
     response = _request(args, {"cmd": "status"})
     response.pop("ok", None)
-    print(json.dumps(response, indent=2, default=str) if args.json else format_status(response))
+    if args.queues:
+        response["queues"] = _queues(args)
+    if args.json:
+        print(json.dumps(response, indent=2, default=str))
+    else:
+        print(format_status(response))
+        if args.queues:
+            print()
+            print(format_queues(response["queues"]))
     return 0
+
+
+def _queues(args) -> list[dict]:
+    from .queues import queue_progress
+
+    _logging_for(args, context={"worker": "status"}, quiet=True)
+    config, _ = _load(args)
+    try:
+        return queue_progress((w.name, w.build_worker()) for w in config.workers)
+    except Exception as error:  # the database is out of reach, or a table cannot be read
+        raise UsageError(f"{args.config}: job queues: {error.__class__.__name__}: {error}".splitlines()[0]) from None
 
 
 def _plural(n: int, word: str) -> str:
@@ -186,7 +211,7 @@ def _check(args) -> int:
 
     from .connection import session_alive
 
-    _logging_for(args, context={"worker": "check"})
+    _logging_for(args, context={"worker": "check"}, quiet=True)
     config, _ = _load(args)
     for worker in config.workers:  # setting overrides are applied as `start` would apply them
         try:

@@ -66,3 +66,14 @@ def format_status(data: dict) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return "\n".join(lines)
+
+
+def format_queues(queues: list[dict]) -> str:
+    """Render each table's job queue (``status --queues``) as a table."""
+    header = ("TABLE", "WORKER", "PENDING", "RESERVED", "SUCCESS", "ERROR", "IGNORE")
+    rows = [(str(q.get("table")), str(q.get("worker")), *(str(q.get(s, 0)) for s in header[2:] for s in [s.lower()]))
+            for q in queues]  # fmt: skip
+    if not rows:
+        return "(no tables)"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
