@@ -276,3 +276,20 @@ def test_queue_table():
         ["`lab`.`_raw`", "ingest", "0", "0", "0", "0", "3"],
     ]
     assert format_queues([]) == "(no tables)"
+
+
+def test_a_symlinked_socket_directory_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(ControlError, match="is a symbolic link"):
+        ControlServer(str(tmp_path / "link" / "lab.sock"), lambda r: {"ok": True})
+
+
+def test_a_loose_socket_directory_is_tightened(tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o755)
+    srv = ControlServer(str(loose / "lab.sock"), lambda r: {"ok": True})
+    srv.close()
+    assert stat.S_IMODE(loose.stat().st_mode) == 0o700

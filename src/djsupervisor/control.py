@@ -70,9 +70,11 @@ def _answers(path: str) -> bool:
 def _private_directory(directory: Path) -> None:
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = directory.stat()
+        info = directory.lstat()
     except OSError as error:
         raise ControlError(f"control socket directory {directory}: {error.strerror or error}") from None
+    if stat.S_ISLNK(info.st_mode):  # e.g. a link planted in /tmp: follow nothing someone else set up
+        raise ControlError(f"control socket directory {directory} is a symbolic link; refusing it")
     if info.st_uid != os.getuid():
         raise ControlError(f"control socket directory {directory} belongs to uid {info.st_uid}, not to us")
     if stat.S_IMODE(info.st_mode) & 0o077:
