@@ -27,7 +27,7 @@ def chain_state(db) -> dict:
     q = connection.adapter.quote_identifier
     schema = q(f"{db.prefix}_chain")
     state = {}
-    for table in ("__square", "__cube"):
+    for table in ("__square", "__cube", "__cube__digit"):
         state[table] = connection.query(f"SELECT COUNT(*) FROM {schema}.{q(table)}").fetchone()[0]
     for table in ("~~square", "~~cube"):
         for status, count in connection.query(
@@ -71,6 +71,7 @@ def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor
 def assert_complete(db) -> None:
     state = chain_state(db)
     assert state["__square"] == KEYS and state["__cube"] == KEYS, state
+    assert state["__cube__digit"] == 3 * KEYS, state  # no master without all its parts, no orphan part
     leftovers = {k: v for k, v in state.items() if k.startswith("~~")}
     assert not leftovers, state  # no job reserved, pending or in error
 

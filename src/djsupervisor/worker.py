@@ -10,7 +10,7 @@ Each cycle:
    a failing ``make()`` or callable is logged and recorded in ErrorLog, and the loop goes on;
 3. logs the cycle (WorkerLog) and heartbeats (RegisteredWorker);
 4. checks the stop conditions, then sleeps. After a cycle that could not reach the database server, the
-   sleep is at least an outage backoff that starts at 1 s and doubles per such cycle up to 60 s, so a
+   sleep is at least an outage backoff that starts at 1 s and doubles per such cycle up to 30 s, so a
    worker neither spins nor gives up while the server is away; DataJoint reconnects on the next query.
 
 A cycle is **idle** when no table completed or failed a job and no callable reported work or raised. A
@@ -53,7 +53,7 @@ from .tables import WorkerSchema
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
 _STOP_POLL_INTERVAL = 0.25  # how often a sleep looks for a stop requested from another thread
 _OUTAGE_BACKOFF_FIRST = 1.0  # seconds to wait after a cycle that could not reach the server...
-_OUTAGE_BACKOFF_MAX = 60.0  # ...doubling per such cycle up to this
+_OUTAGE_BACKOFF_MAX = 30.0  # ...doubling per such cycle up to this
 
 
 def _positive_or_disabled(name: str, value: float) -> float:

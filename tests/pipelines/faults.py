@@ -1,4 +1,4 @@
-"""A chained pipeline for fault tests: Source → Square → Cube, with a slow make() and an optional
+"""A chained pipeline for fault tests: Source → Square → Cube (with a part table, written in two steps), with a slow make() and an optional
 populate(processes=2) pool. The prefix comes from DJS_TEST_PREFIX; DJS_TEST_DELAY sets make()'s time."""
 
 from __future__ import annotations
@@ -47,10 +47,19 @@ class Cube(dj.Computed):
     cube : float64
     """
 
+    class Digit(dj.Part):
+        definition = """
+        -> master
+        position : int16
+        ---
+        digit : int16
+        """
+
     def make(self, key):
-        time.sleep(DELAY)
         square = (Square & key).fetch1("square")
         self.insert1(dict(key, cube=square**1.5))
+        time.sleep(DELAY)  # the transaction is open: a cut here must leave neither master nor parts
+        self.Digit.insert(dict(key, position=p, digit=int(d)) for p, d in enumerate(f"{key['source_id']:03d}"))
 
 
 Square.jobs.progress()  # declare the job tables before many processes race to
