@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,12 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
+    ([], "no command given (start, status, stop, reload, scale, check, run; --help for more)"),
     (["bogus"], "invalid choice: 'bogus'"),
+    (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
+    (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),
+    (["start", "--log-format", "xml", "some.module"], "invalid choice: 'xml'"),
+    (["status", "--queues", "--name", "x"], "status --queues needs -c FILE"),
     (["start"], "no configuration: give -c FILE or MODULE..."),
     (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
     (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
@@ -131,6 +137,15 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     result = cli("status", "--queues", "--json", "-c", str(config), env=env, cwd=tmp_path)
     (queue,) = json.loads(result.stdout)["queues"]
     assert queue["table"] == pipe.Square.full_table_name and queue["pending"] == 0 and queue["error"] == 0
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `djsupervisor status | head -0`: the reader is gone before the table is written
+    try:
+        closed = subprocess.run([*djsupervisor_command(), "status", "--name", "tablelab"], env=env, stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr
 
     result = cli("status", env=env, cwd=tmp_path)  # the only supervisor in the runtime dir: found without a name
     assert result.returncode == 0 and result.stdout.startswith("supervisor tablelab "), result.stderr

@@ -24,7 +24,11 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + message
-        raise UsageError(f"{self.prog.split()[-1] if ' ' in self.prog else 'arguments'}: {message}")
+        if " " in self.prog:  # a subcommand's parser: name it
+            raise UsageError(f"{self.prog.split()[-1]}: {message}")
+        if "required: command" in message:
+            message = "no command given (start, status, stop, reload, scale, check, run; --help for more)"
+        raise UsageError(message)
 
 
 def _replicas(text: str) -> int:
@@ -141,6 +145,8 @@ def _logging_for(args, *, context: dict, quiet: bool = False):
     from .config import load_config
     from .log import add_secret, setup_logging
 
+    if args.config and getattr(args, "modules", None):
+        raise UsageError("give either -c FILE or MODULE..., not both")
     early, level, fmt = None, "INFO", "text"
     if args.config:  # only the [supervisor] and [database] tables count here
         early = load_config(args.config, check_targets=False)
@@ -278,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `djsupervisor status | head -1`: the reader is gone, not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     return EXIT_USAGE
 
 
