@@ -3,12 +3,15 @@ its children from outside (psutil, process titles)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,34 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, message: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {message}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def serving(server):
+    """Drive a ControlServer with a selector loop in a thread, as the supervisor's loop would; on exit,
+    assert that no callback ever raised into the loop."""
+    selector = selectors.DefaultSelector()
+    server.register(selector)
+    running, errors = threading.Event(), []
+    running.set()
+
+    def loop():
+        while running.is_set():
+            try:
+                for key, mask in selector.select(0.02):
+                    key.data(mask)
+            except Exception as error:  # what the supervisor's loop would die of
+                errors.append(error)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    server.loop_errors = errors
+    try:
+        yield server
+    finally:
+        running.clear()
+        thread.join(5)
+    assert not errors, errors
 
 
 def djsupervisor_command() -> list[str]:

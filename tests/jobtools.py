@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import platform
 import subprocess
-import time
 
 import datajoint as dj
 
 from djsupervisor.connection import live_connection_ids
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, message: str = "condition"):
-    """Poll `predicate` until it returns a truthy value (returned) or `timeout` seconds pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {message}")
-        time.sleep(interval)
+from helpers import wait_until  # noqa: F401  (re-exported for the worker tests)
 
 
 def open_connection(db, **overrides) -> dj.Connection:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from djsupervisor.config import ConfigError, load_config, parse_config
 from djsupervisor.control import ControlServer
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from helpers import TESTS, djsupervisor_command, serving, supervise, wait_until, write_config  # noqa: F401
 
 pytestmark = pytest.mark.fault
 
@@ -67,25 +67,8 @@ def test_config_files_of_any_bytes(tmp_path, raw):
 def control_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("ctl") / "run" / "fuzz.sock"
     server = ControlServer(str(path), lambda request: {"ok": True, "cmd": request["cmd"]})
-    selector = selectors.DefaultSelector()
-    server.register(selector)
-    running, errors = threading.Event(), []
-    running.set()
-
-    def loop():
-        while running.is_set():
-            try:
-                for key, mask in selector.select(0.02):
-                    key.data(mask)
-            except Exception as error:
-                errors.append(error)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    server.errors = errors
-    yield server
-    running.clear()
-    thread.join(5)
+    with serving(server):
+        yield server
     server.close()
 
 
@@ -109,7 +92,7 @@ def test_control_protocol_never_breaks_the_loop(control_server, payload, newline
             assert isinstance(response, dict) and "ok" in response
             if not response["ok"]:
                 assert "\n" not in response["error"]
-    assert not control_server.errors
+    assert not control_server.loop_errors
     # and it still answers a proper request
     from djsupervisor.control import send_request
 
