@@ -27,6 +27,7 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),
     (["start", "--log-format", "xml", "some.module"], "invalid choice: 'xml'"),
     (["status", "--queues", "--name", "x"], "status --queues needs -c FILE"),
+    (["stop", "--wait", "soon", "--name", "x"], "argument --wait: must be a number of seconds > 0, got 'soon'"),
     (["start"], "no configuration: give -c FILE or MODULE..."),
     (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
     (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
@@ -153,8 +154,10 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     result = cli("scale", "nosuch", "3", "--name", "tablelab", env=env, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "djsupervisor: error: scale: no worker named 'nosuch'\n"
 
-    assert cli("stop", "--fast", "--name", "tablelab", env=env, cwd=tmp_path).returncode == 0
-    assert sup.wait_exit(30) == 0
+    result = cli("stop", "--fast", "--wait", "30", "--name", "tablelab", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not (runtime / "tablelab.sock").exists()  # --wait returned once the supervisor was done
+    assert sup.wait_exit(10) == 0
     assert "fast stop of 2 children" in sup.output
     result = cli("status", "--name", "tablelab", env=env, cwd=tmp_path)
     assert result.returncode == 2 and "no supervisor listening on" in result.stderr

@@ -41,6 +41,16 @@ def _replicas(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -73,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     stop = commands.add_parser("stop", help="graceful stop (jobs in flight finish)")
     socket_options(stop)
     stop.add_argument("--fast", action="store_true", help="do not wait for jobs in flight")
+    stop.add_argument("--wait", type=_seconds, nargs="?", const=120.0, metavar="SECONDS",
+                      help="return once the supervisor has exited (at most SECONDS, default 120)")  # fmt: skip
 
     reload = commands.add_parser("reload", help="re-read the config file")
     socket_options(reload)
@@ -135,6 +147,25 @@ def _request(args, request: dict) -> dict:
     if not response.get("ok"):
         raise UsageError(f"{request['cmd']}: {response.get('error', 'refused')}")
     return response
+
+
+def _stop(args) -> int:
+    import time
+
+    from .control import supervisor_listening
+
+    path = _socket_path(args)
+    _request(args, {"cmd": "stop", "fast": args.fast})
+    if args.wait is None:
+        return 0
+    deadline = time.monotonic() + args.wait
+    while supervisor_listening(path):  # the supervisor closes its socket last, after its children are gone
+        if time.monotonic() > deadline:
+            print(f"djsupervisor: error: stop: the supervisor on {path} still runs after {args.wait:g} s",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        time.sleep(0.1)
+    return 0
 
 
 def _logging_for(args, *, context: dict, quiet: bool = False):
@@ -267,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _status(args)
         if args.command == "stop":
-            _request(args, {"cmd": "stop", "fast": args.fast})
-            return 0
+            return _stop(args)
         if args.command == "reload":
             _request(args, {"cmd": "reload"})
             return 0
