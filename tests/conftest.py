@@ -115,3 +115,12 @@ def db(backend) -> TestDatabase:
     connection = configure_datajoint(backend)
     drop_schemas(connection, prefix)
     connection.close()
+
+
+@pytest.fixture(autouse=True)
+def private_runtime_dir(tmp_path_factory, monkeypatch):
+    """Each test's supervisors keep their default control sockets in a directory of the test's own, so that
+    tests (and concurrent test runs) never find each other's supervisors."""
+    directory = tmp_path_factory.mktemp("run")
+    monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(directory))
+    return directory
