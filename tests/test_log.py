@@ -19,6 +19,7 @@ from loguru import logger
 from djsupervisor.log import setup_logging, add_secret
 setup_logging("INFO", sys.argv[1], supervisor="lab")
 add_secret("s3cr3t-pw")
+add_secret('p"Zq\\te')
 logger.bind(worker="standard", slot=1).info("working on key {}", 7)
 logging.getLogger("datajoint").warning("from datajoint")
 logger.info("connecting with password s3cr3t-pw")
@@ -28,6 +29,10 @@ try:
 except RuntimeError:
     logger.exception("boom")
 warnings.warn("careful")
+try:
+    raise RuntimeError('bad p"Zq\\te')
+except RuntimeError:
+    logger.exception("quoted")
 """
 
 
@@ -50,6 +55,7 @@ def test_text_lines_carry_the_context():
     assert "RuntimeError: login failed for *** and ***" in "\n".join(lines)  # tracebacks are masked too
     assert any("WARNING" in line and "UserWarning: careful" in line for line in lines)
     output = "\n".join(lines)
+    assert "RuntimeError: bad ***" in output and "Zq" not in output
     assert "s3cr3t-pw" not in output and "env-pw-123" not in output and "\x1b[" not in output
 
 
@@ -62,6 +68,8 @@ def test_json_lines_for_log_shippers():
     assert records[3]["worker"] is None and records[3]["slot"] is None
     assert "RuntimeError: login failed for *** and ***" in records[4]["exception"]
     assert all(isinstance(r["pid"], int) and r["time"] for r in records)
+    assert "RuntimeError: bad ***" in records[-1]["exception"]
+    assert "Zq" not in "".join(json.dumps(r) for r in records)  # not even JSON-escaped
 
 
 def test_journald_gets_syslog_priorities(tmp_path):

@@ -102,6 +102,8 @@ def _json_sink(message) -> None:
     data.update({k: v for k, v in extra.items() if k not in data})
     if record["exception"] is not None:
         data["exception"] = "".join(traceback.format_exception(*record["exception"]))
+    # masked before encoding too: JSON escapes a secret holding quotes or backslashes
+    data = {k: mask(v) if isinstance(v, str) else v for k, v in data.items()}
     prefix = f"<{_priority(record['level'].no)}>" if _stderr_is_journal() else ""
     _write(prefix + json.dumps(data, default=str) + "\n")
 
