@@ -209,12 +209,11 @@ def main() -> None:
             s = start(directory)
         except StartFailed as failure:
             failures.append(str(failure))
+            print(f"demo: throwaway database: {failure}", file=sys.stderr)
             continue
         if s:
             break
     if s is None:
-        for failure in failures:
-            print(f"demo: throwaway database: {failure}", file=sys.stderr)
         sys.exit(4 if failures else 3)
     print(f"export DJ_BACKEND={s['backend']} DJ_HOST={s['host']} DJ_PORT={s['port']} DJ_USER={s['user']} DJ_PASS=''")
 
