@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("DJS_EXAMPLE_PREFIX", "djs_demo")
-os.environ.setdefault("DJS_EXAMPLE_SLOW_SECONDS", "0.3")
+os.environ.setdefault("DJS_EXAMPLE_SLOW_SECONDS", "1.0")  # each Summary job: long enough to watch
+STATUS_EVERY = float(os.environ.get("DJS_DEMO_STATUS_SECONDS", "2"))
 
 import warnings  # noqa: E402
 
@@ -70,15 +71,18 @@ def main() -> int:
             if supervisor.poll() is not None:
                 print(f"demo: the supervisor exited with status {supervisor.returncode}; see {log}")
                 return 1
-            if time.monotonic() - shown > 3:
+            if time.monotonic() - shown >= STATUS_EVERY:
                 shown = time.monotonic()
                 status = djsupervisor("status", "-c", config, capture_output=True)
                 print(status.stdout if status.returncode == 0 else "demo: (waiting for the supervisor to listen)")
             time.sleep(0.5)
-        print("demo: the pipeline is complete; djsupervisor status:")
-        djsupervisor("status", "-c", config)
-        print("demo: djsupervisor stop (graceful: jobs in flight finish)")
-        djsupervisor("stop", "-c", config)
+        if len(Summary()) < sessions:
+            print("demo: the pipeline did not complete within 300 s; djsupervisor status --queues:")
+        else:
+            print("demo: the pipeline is complete; djsupervisor status --queues:")
+        djsupervisor("status", "-c", config, "--queues")
+        print("demo: djsupervisor stop --wait (graceful: jobs in flight finish)")
+        djsupervisor("stop", "-c", config, "--wait", "60")
         supervisor.wait(timeout=60)
         print(f"demo: the supervisor exited with status {supervisor.returncode}")
     finally:
@@ -92,4 +96,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl+C reached the supervisor too, which stops its children gracefully
+        print("demo: interrupted")
+        sys.exit(130)
