@@ -335,7 +335,7 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
         return f"{base}_{next(counter)}"
 
     rounds = 2 if small else 3
-    window = 1.5 if small else 6.0
+    window = 1.0 if small else 4.0
     try:
         # 1. throughput
         replica_list = [1] if small else [1, 2, 4]
@@ -357,7 +357,7 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
         # 2. restart latency
         sd_ok = (SUPERVISORD_VENV / "bin" / "supervisord").exists()
         res = {"djsupervisor": [], "supervisord": []}
-        for _ in range(rounds if small else 5):
+        for _ in range(rounds if small else 4):
             for kind in ("supervisord", "djsupervisor"):
                 if kind == "supervisord" and not sd_ok:
                     continue
@@ -377,10 +377,10 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
             rows.append(f"| {backend} | 2. restart (ms) | {fmt(d)} | supervisord not installed | – | – |")
         # 3. graceful stop
         res3 = []
-        for _ in range(rounds if small else 5):
+        for _ in range(rounds if small else 3):
             p = prefix()
             try:
-                res3.append(stop_latency(db, p, 1000 if small else 2000, 2) * 1000)
+                res3.append(stop_latency(db, p, 1000, 2) * 1000)
             finally:
                 db.drop_prefix(p)
         med = statistics.median(res3)
@@ -389,10 +389,10 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
         # 4. footprint
         for n in ([4] if small else [8, 32]):
             ready, cpu, rss = [], [], []
-            for _ in range(1 if small else 2):
+            for _ in range(1):
                 p = prefix()
                 try:
-                    r, c, m = footprint(db, p, n, 3 if small else 10)
+                    r, c, m = footprint(db, p, n, 3 if small else 8)
                 finally:
                     db.drop_prefix(p)
                 ready.append(r * 1000), cpu.append(c), rss.append(m)
@@ -404,11 +404,11 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
         # 5. idle load
         n = 2 if small else 4
         res5 = {"fixed": [], "adaptive": []}
-        for _ in range(1 if small else 2):
+        for _ in range(1):
             for kind, mx in (("fixed", None), ("adaptive", 8.0)):
                 p = prefix()
                 try:
-                    res5[kind].append(idle_queries(db, p, n, 5 if small else 30, mx))
+                    res5[kind].append(idle_queries(db, p, n, 5 if small else 20, mx))
                 finally:
                     db.drop_prefix(p)
         counter_name = "Questions" if backend == "mysql" else "pg_stat_database xact_commit+rollback"
@@ -445,6 +445,10 @@ def main() -> None:
     started = time.time()
     for backend in (["mysql", "postgresql"] if args.backend == "both" else [args.backend]):
         run_backend(backend, args.small, rows, notes)
+        write(args, rows, notes, started)
+
+
+def write(args, rows, notes, started) -> None:
     text = "\n".join([
         "# djsupervisor benchmark results", "",
         f"Command: `.venv/bin/python bench/run.py{' --small' if args.small else ''} --backend {args.backend}` "
