@@ -293,3 +293,14 @@ def test_a_loose_socket_directory_is_tightened(tmp_path):
     srv = ControlServer(str(loose / "lab.sock"), lambda r: {"ok": True})
     srv.close()
     assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+
+
+def test_close_leaves_a_newer_socket_alone(tmp_path):
+    path = tmp_path / "lab.sock"
+    first = ControlServer(str(path), lambda r: {"ok": True})
+    os.unlink(path)  # someone removed it, and another supervisor took the path
+    second = ControlServer(str(path), lambda r: {"ok": True})
+    first.close()
+    assert path.exists()
+    second.close()
+    assert not path.exists()

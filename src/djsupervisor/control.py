@@ -101,6 +101,8 @@ class ControlServer:
         _private_directory(Path(self.path).parent)
         self._remove_stale()
         self.listener = self._bind()
+        info = os.stat(self.path)
+        self._identity = (info.st_dev, info.st_ino)
 
     def _remove_stale(self) -> None:
         try:
@@ -241,8 +243,13 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 self.selector.unregister(self.listener)
         self.listener.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return
+        if (info.st_dev, info.st_ino) == self._identity:  # not a socket someone else has bound there since
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
