@@ -32,6 +32,7 @@ def test_unit_files_say_what_the_supervisor_needs(unit):
     )
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
+    assert settings["RestartPreventExitStatus"] == "2" and settings["OOMPolicy"] == "continue"
     assert int(settings["TimeoutStopSec"]) > 30  # above the default graceful_timeout
     assert settings["NoNewPrivileges"] == "yes" and settings["ProtectSystem"] == "strict"
     assert settings["RuntimeDirectoryMode"] == "0700" and settings["RuntimeDirectoryPreserve"] == "yes"
