@@ -72,13 +72,14 @@ def test_json_lines_for_log_shippers():
     assert "Zq" not in "".join(json.dumps(r) for r in records)  # not even JSON-escaped
 
 
-def test_journald_gets_syslog_priorities(tmp_path):
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_journald_gets_syslog_priorities(tmp_path, fmt):
     """With stderr on the journal stream (JOURNAL_STREAM names its device:inode), lines start with <N>."""
     left, right = socket.socketpair()
     try:
         info = os.fstat(right.fileno())
         env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
-        process = subprocess.Popen([sys.executable, "-c", SCRIPT, "text"], stderr=right, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen([sys.executable, "-c", SCRIPT, fmt], stderr=right, stdout=subprocess.DEVNULL,
                                    env=env)  # fmt: skip
         right.close()
         left.settimeout(30)
@@ -89,6 +90,8 @@ def test_journald_gets_syslog_priorities(tmp_path):
     finally:
         left.close()
     lines = data.decode().splitlines()
+    if fmt == "json":  # journald strips the prefix; what remains is the JSON object
+        assert json.loads(lines[0][3:])["message"] == "working on key 7"
     assert lines[0].startswith("<6>") and "working on key 7" in lines[0]
     assert lines[1].startswith("<4>") and "from datajoint" in lines[1]
     assert lines[4].startswith("<3>") and "boom" in lines[4]

@@ -9,6 +9,7 @@ to `add_secret` are masked in whole lines, exceptions included.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -86,7 +87,7 @@ def _write(text: str) -> None:
     sys.stderr.flush()  # nothing important may live only in a buffer when a process dies
 
 
-def _json_sink(message) -> None:
+def _json_sink(message, journal: bool = False) -> None:
     record = message.record
     extra = {k: v for k, v in record["extra"].items() if k != "slot_label"}
     data = {
@@ -104,7 +105,7 @@ def _json_sink(message) -> None:
         data["exception"] = "".join(traceback.format_exception(*record["exception"]))
     # masked before encoding too: JSON escapes a secret holding quotes or backslashes
     data = {k: mask(v) if isinstance(v, str) else v for k, v in data.items()}
-    prefix = f"<{_priority(record['level'].no)}>" if _stderr_is_journal() else ""
+    prefix = f"<{_priority(record['level'].no)}>" if journal else ""
     _write(prefix + json.dumps(data, default=str) + "\n")
 
 
@@ -149,10 +150,11 @@ def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
     add_secret(os.environ.get("DJ_PASS"))
     logger.remove()
     logger.configure(extra={"supervisor": "-", "worker": "-", **context}, patcher=_patch)
+    journal = _stderr_is_journal()
     if fmt == "json":
-        logger.add(_json_sink, level=level, format="{message}", backtrace=False, diagnose=False)
+        logger.add(functools.partial(_json_sink, journal=journal), level=level, format="{message}", backtrace=False,
+                   diagnose=False)  # fmt: skip
     else:
-        journal = _stderr_is_journal()
         text_format = TEXT_FORMAT + "\n{exception}"
 
         def line_format(record) -> str:
