@@ -304,3 +304,19 @@ def test_close_leaves_a_newer_socket_alone(tmp_path):
     assert path.exists()
     second.close()
     assert not path.exists()
+
+
+def test_a_request_flood_is_cut_off(server):
+    flood = b'{"cmd": "status"}\n' * 1000
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(server.path)
+        sock.sendall(flood)
+        data = b""
+        while chunk := sock.recv(65536):  # the server answers a few, refuses, and hangs up
+            data += chunk
+    answers = [json.loads(line) for line in data.splitlines()]
+    assert len(answers) <= control.MAX_PIPELINED + 1 and answers[-1]["ok"] is False
+    assert "requests at once" in answers[-1]["error"]
+    assert len(server.calls) <= control.MAX_PIPELINED
+    assert send_request(server.path, {"cmd": "still-alive"})["ok"]

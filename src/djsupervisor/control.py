@@ -9,7 +9,6 @@ as an exception.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import selectors
@@ -24,6 +23,7 @@ from .status_format import format_status  # noqa: F401  (the status table belong
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT = 10.0  # seconds a client may stay connected without completing a request
 MAX_CLIENTS = 64  # connections served at once; more are closed right away
+MAX_PIPELINED = 8  # requests answered from one read; a client sending more is cut off
 
 
 class ControlError(Exception):
@@ -178,17 +178,22 @@ class ControlServer:
             self._drop(client)
             return
         client.inbox += chunk
-        while not client.closing:  # several requests may arrive in one read
+        for _ in range(MAX_PIPELINED):  # several requests may arrive in one read
             line, newline, rest = client.inbox.partition(b"\n")
             if len(line) > MAX_REQUEST_BYTES:
-                self._respond(client, {"ok": False, "error": f"request larger than {MAX_REQUEST_BYTES} bytes"})
-                client.closing = True  # the rest of that request would only read as garbage
-                client.inbox = b""
+                self._refuse(client, f"request larger than {MAX_REQUEST_BYTES} bytes")
                 return
             if not newline:
                 return
             client.inbox = rest
             self._respond(client, self._answer(line))
+        if b"\n" in client.inbox:  # a flood: each answer costs the loop time that children's reports need
+            self._refuse(client, f"more than {MAX_PIPELINED} requests at once")
+
+    def _refuse(self, client: _Client, error: str) -> None:
+        client.closing = True  # whatever else it sent is not read
+        client.inbox = b""
+        self._respond(client, {"ok": False, "error": error})
 
     def _answer(self, line: bytes) -> dict:
         try:
