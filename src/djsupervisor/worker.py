@@ -13,7 +13,7 @@ Each cycle:
    sleep is at least an outage backoff that starts at 1 s and doubles per such cycle up to 30 s, so a
    worker neither spins nor gives up while the server is away; DataJoint reconnects on the next query.
 
-A cycle is **idle** when no table completed or failed a job and no callable reported work or raised. A
+A cycle is **idle** when no table completed or failed a job and no callable reported work. A
 callable reports work by returning a truthy value or a positive number (``0``, negatives, ``None``,
 ``False`` and empty containers report none). Re-pending jobs in step 1 is not work.
 
