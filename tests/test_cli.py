@@ -46,6 +46,9 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("djsupervisor ")
+    module = subprocess.run([sys.executable, "-m", "djsupervisor", "--version"], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert module.returncode == 0 and module.stdout == result.stdout
 
 
 def test_check_validates_imports_and_connects(db, tmp_path):
@@ -94,7 +97,7 @@ def test_run_one_worker_in_the_foreground(db, tmp_path):
 @pytest.mark.process
 def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_path, monkeypatch):
     """Against a real supervisor found by --name in $DJSUPERVISOR_RUNTIME_DIR: the status table a person
-    reads, a refused scale as one line, then `stop --fast`."""
+    reads, --queues, a closed stdout, a refused scale as one line, then `stop --fast --wait`."""
     from pipelines.tables import declare, seed
 
     pipe = declare(db.schema_name("pipe"))
