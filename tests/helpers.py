@@ -9,6 +9,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -60,6 +61,23 @@ def serving(server):
         running.clear()
         thread.join(5)
     assert not errors, errors
+
+
+def raw_exchange(path, payload: bytes, *, read: bool = True) -> bytes:
+    """Send raw bytes to a control socket and read one answer line (b"" if the server hangs up)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(payload)
+        if not read:
+            return b""
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
 
 
 def djsupervisor_command() -> list[str]:

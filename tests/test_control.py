@@ -7,7 +7,6 @@ import os
 import selectors
 import socket
 import stat
-import threading
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from djsupervisor import control
 from djsupervisor.control import ControlError, ControlServer, format_status, send_request
 from djsupervisor.status_format import format_queues
-from helpers import wait_until
+from helpers import raw_exchange, serving, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,44 +32,10 @@ def server(tmp_path):
 
     path = tmp_path / "run" / "lab.sock"
     srv = ControlServer(str(path), handler)
-    selector = selectors.DefaultSelector()
-    srv.register(selector)
-    running = threading.Event()
-    running.set()
-    errors = []
-
-    def loop():
-        while running.is_set():
-            try:
-                for key, mask in selector.select(0.05):
-                    key.data(mask)
-            except Exception as error:  # what the supervisor's loop would die of
-                errors.append(error)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    srv.calls, srv.loop_errors = calls, errors
-    yield srv
-    running.clear()
-    thread.join(5)
+    srv.calls = calls
+    with serving(srv):
+        yield srv
     srv.close()
-    assert not errors, errors
-
-
-def raw_exchange(path, payload: bytes, *, read=True) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(str(path))
-        sock.sendall(payload)
-        if not read:
-            return b""
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        return data
 
 
 def test_socket_is_private(server):

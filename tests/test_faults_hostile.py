@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
-import socket
-import string
 import subprocess
-import threading
 import uuid
 
 import psutil
@@ -19,7 +15,7 @@ from hypothesis import strategies as st
 
 from djsupervisor.config import ConfigError, load_config, parse_config
 from djsupervisor.control import ControlServer
-from helpers import TESTS, djsupervisor_command, serving, supervise, wait_until, write_config  # noqa: F401
+from helpers import TESTS, djsupervisor_command, raw_exchange, serving, supervise, wait_until, write_config  # noqa: F401
 
 pytestmark = pytest.mark.fault
 
@@ -77,21 +73,13 @@ def control_server(tmp_path_factory):
 @given(st.one_of(st.binary(max_size=2000), st.builds(lambda v: json.dumps(v).encode(), values)),
        st.booleans())  # fmt: skip
 def test_control_protocol_never_breaks_the_loop(control_server, payload, newline):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(5)
-        sock.connect(control_server.path)
-        sock.sendall(payload + (b"\n" if newline else b""))
-        if newline and b"\n" not in payload:
-            answer = b""
-            while not answer.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                answer += chunk
-            response = json.loads(answer)
-            assert isinstance(response, dict) and "ok" in response
-            if not response["ok"]:
-                assert "\n" not in response["error"]
+    expect_answer = newline and b"\n" not in payload
+    answer = raw_exchange(control_server.path, payload + (b"\n" if newline else b""), read=expect_answer)
+    if expect_answer:
+        response = json.loads(answer)
+        assert isinstance(response, dict) and "ok" in response
+        if not response["ok"]:
+            assert "\n" not in response["error"]
     assert not control_server.loop_errors
     # and it still answers a proper request
     from djsupervisor.control import send_request

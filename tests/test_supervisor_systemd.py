@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 
 import pytest
 
@@ -34,24 +33,27 @@ def test_notifications_over_a_supervisor_life(db, supervise, tmp_path, monkeypat
     """)  # fmt: skip
     messages: list[str] = []
 
-    def received(prefix: str) -> bool:
+    def drain() -> None:
         while True:
             try:
                 messages.append(sock.recv(4096).decode())
             except BlockingIOError:
-                break
+                return
+
+    def received(prefix: str) -> bool:
+        drain()
         return any(m.startswith(prefix) for m in messages)
 
     sup = supervise(["-c", str(config)])
     wait_until(lambda: received("READY=1"), 30, message="READY=1")
     assert len(sup.pids("standard")) == 2  # READY came once the children were up
-    wait_until(lambda: received("~") or sum(m == "WATCHDOG=1" for m in messages) >= 2, 10, message="keep-alives")
+    wait_until(lambda: drain() or sum(m == "WATCHDOG=1" for m in messages) >= 2, 10, message="keep-alives")
     sup.signal(signal.SIGHUP)
     wait_until(lambda: received("RELOADING=1"), 10, message="RELOADING=1")
     sup.signal(signal.SIGTERM)
     wait_until(lambda: received("STOPPING=1"), 30, message="STOPPING=1")
     assert sup.wait_exit(60) == 0
-    received("~")
+    drain()
     status = [m for m in messages if m.startswith("STATUS=")]
     assert status and status[0].startswith("STATUS=2 "), messages  # sent with READY: two children
     sock.close()

@@ -243,6 +243,28 @@ def record_timed_out_job(connection, job: dict, log) -> None:
         log.info("timed-out job {} {} was no longer reserved", job["table"], job["key"])
 
 
+def _run_then_exit(body) -> None:
+    """Run a forked child's `body` and end the process with its exit status, whatever happens: an
+    exception is printed and gives EXIT_ERROR; output is flushed; `os._exit` skips the parent's atexit
+    handlers and buffers."""
+    code = EXIT_ERROR
+    try:
+        code = body()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except Exception:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, close_fds: list[int]) -> None:
     """The body of a short-lived recovery child; never returns.
 
@@ -250,8 +272,7 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
     (after a fast stop, or when a slot gave up): one pass of `recover_jobs` per distinct worker scope, a
     second one a moment later for sessions the server had not yet seen close.
     """
-    code = EXIT_ERROR
-    try:
+    def body() -> int:
         isolate(parent_pid, close_fds)
         setproctitle.setproctitle(f"djsupervisor: {supervisor} recovery")
         from loguru import logger
@@ -277,25 +298,15 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
                                       stale_timeout_hours=worker.stale_timeout_hours)  # fmt: skip
                 if counts.orphaned or counts.stale:
                     log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
-        code = EXIT_OK
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except Exception:
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return EXIT_OK
+
+    _run_then_exit(body)
 
 
 def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: int, report_fd: int,
               close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None) -> None:  # fmt: skip
     """The body of a forked child; never returns."""
-    code = EXIT_ERROR
-    try:
+    def body() -> int:
         isolate(parent_pid, close_fds)
         from loguru import logger
 
@@ -328,18 +339,7 @@ def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: in
         worker.add_listener(reporter.on_event)
         log.info("child {} (pid {}) running", label, os.getpid())
         worker.run()
-        code = EXIT_RECYCLE if recycle.is_set() else EXIT_OK
         reporter.close()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except Exception:
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        return EXIT_RECYCLE if recycle.is_set() else EXIT_OK
+
+    _run_then_exit(body)
