@@ -32,6 +32,7 @@ from loguru import logger
 
 from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
 from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
+from .fleet_view import FleetView
 from .monitor import ResourceSampler, judge
 from .slot import LIVE_STATES, Slot, SlotState, restart_delay
 
@@ -119,6 +120,7 @@ class Supervisor:
         self.started = time.time()
         self.timers = Timers()
         self.sampler = ResourceSampler()
+        self.fleet = FleetView()  # queue depths and drain flags, as the fleet agent last read them
         self.selector: selectors.BaseSelector | None = None
         self.control = None
         self.notifier: Any = _NoNotifier()

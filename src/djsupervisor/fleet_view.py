@@ -1,0 +1,73 @@
+"""What the parent knows of the database: queue depths of its pools' tables and the drain flags set for it.
+
+The parent does no database work. A long-lived *fleet agent* child (see `agent.py`) holds one connection,
+writes the children's heartbeats into RegisteredWorker, and reads back, every `fleet_interval` seconds,
+the job-queue depth of every table the pools populate and the drain/halt flags that match this supervisor.
+It reports them on its pipe; the parent keeps the latest reading here. The metrics endpoint and the
+autoscaler read this view and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+#: Job states counted per table (DataJoint 2.x job-table statuses).
+QUEUE_STATES = ("pending", "reserved", "success", "error", "ignore")
+
+
+@dataclasses.dataclass
+class TableDepth:
+    """How many rows of one table's job queue are in each state."""
+
+    pending: int = 0
+    reserved: int = 0
+    success: int = 0
+    error: int = 0
+    ignore: int = 0
+
+    @classmethod
+    def from_counts(cls, counts: dict) -> "TableDepth":
+        """From a ``{state: count}`` mapping (states not listed count 0, unknown states are ignored)."""
+        return cls(**{state: int(counts.get(state, 0) or 0) for state in QUEUE_STATES})
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class FleetView:
+    """The parent's latest reading from the fleet agent.
+
+    `tables` maps each pool (worker definition name) to the full names of the tables it populates;
+    `depths` maps a table full name to its queue depth; `drained` maps a pool name to ``"drain"`` or
+    ``"halt"`` while a matching flag is set in the database; `updated` is the monotonic time of the
+    last reading (None before the first one).
+    """
+
+    tables: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    depths: dict[str, TableDepth] = dataclasses.field(default_factory=dict)
+    drained: dict[str, str] = dataclasses.field(default_factory=dict)
+    updated: float | None = None
+
+    def pending(self, pool: str) -> int | None:
+        """Pending jobs over every table pool `pool` populates; None if they have not been read yet."""
+        if self.updated is None or pool not in self.tables:
+            return None
+        return sum(self.depths[t].pending for t in self.tables[pool] if t in self.depths)
+
+    def age(self, now: float | None = None) -> float | None:
+        """Seconds since the last reading (None before the first)."""
+        if self.updated is None:
+            return None
+        return (time.monotonic() if now is None else now) - self.updated
+
+    def apply(self, report: dict, now: float | None = None) -> None:
+        """Take in one agent report: ``{"tables": {...}, "depths": {table: {state: n}}, "drained": {...}}``."""
+        if "tables" in report:
+            self.tables = {pool: list(tables) for pool, tables in report["tables"].items()}
+        if "depths" in report:
+            self.depths = {table: TableDepth.from_counts(c) for table, c in report["depths"].items()}
+        if "drained" in report:
+            self.drained = dict(report["drained"])
+        self.updated = time.monotonic() if now is None else now
