@@ -191,6 +191,7 @@ def _logging_for(args, *, context: dict, quiet: bool = False):
 
 def _start(args) -> int:
     from .control import ControlError, default_socket_path, supervisor_listening
+    from .http_status import HttpError
     from .log import add_secret
     from .supervisor import Supervisor
 
@@ -205,7 +206,7 @@ def _start(args) -> int:
         _logging_for(args, context={"supervisor": config.name})
     try:
         return Supervisor(config, path).run()
-    except ControlError as error:  # e.g. the same supervisor already runs on this host: refuse to start
+    except (ControlError, HttpError) as error:  # e.g. already running here, or the http port is taken
         raise UsageError(f"{config.source}: {error}") from None
 
 

@@ -116,6 +116,7 @@ class SupervisorConfig:
     sample_interval: float = 5.0  # psutil sampling period
     log_level: str = "INFO"
     log_format: str = "text"
+    http: str | None = None  # "host:port" of the metrics and status page endpoint; None: off
     database: DatabaseConfig = DatabaseConfig()
 
     def worker_named(self, name: str) -> WorkerConfig:
@@ -205,7 +206,37 @@ def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
         sample_interval=float(c.number("sample_interval", 5.0, exclusive=True)),
         log_level=c.string("log_level", "INFO", choices=LOG_LEVELS),
         log_format=c.string("log_format", "text", choices=LOG_FORMATS),
+        http=_http_address(c),
     )
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) as (host, port); ValueError saying what is wrong.
+
+    Port 0 means any free port."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"must be 'host:port', got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(ch.isspace() or ch in "/[]" for ch in host) or (":" in host and not text.startswith("[")):
+        raise ValueError(f"must be 'host:port' (an IPv6 host in brackets), got {text!r}")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ValueError(f"port must be a number, got {text!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be 0..65535, got {port} in {text!r}")
+    return host, port
+
+
+def _http_address(c: _Checker) -> str | None:
+    text = c.string("http")
+    if text is not None:
+        try:
+            split_host_port(text)
+        except ValueError as error:
+            c.fail("http", str(error))
+    return text
 
 
 def _parse_database(source: str, table: Any) -> DatabaseConfig:

@@ -94,6 +94,8 @@ class Slot:
     rss_mb: float | None = None
     cpu_percent: float | None = None
     rolled: bool = False  # restarted by a config roll, not yet RUNNING
+    jobs_done_before: int = 0  # by this slot's earlier children (a child's own counts start at 0)
+    jobs_failed_before: int = 0
 
     @property
     def label(self) -> str:
@@ -122,9 +124,20 @@ class Slot:
         self.started, self.started_wall = time.monotonic(), time.time()
         self.last_report = self.started
         self.last_report_wall = None
+        self.jobs_done_before, self.jobs_failed_before = self.jobs_done_total, self.jobs_failed_total
         self.report = {}
         self.after_stop, self.stop_reason, self.stop_deadline, self.kill_reason = "stay", "", None, ""
         self.rss_mb = self.cpu_percent = None
+
+    @property
+    def jobs_done_total(self) -> int:
+        """Jobs done by every child this slot has had."""
+        return self.jobs_done_before + int(self.report.get("jobs_done", 0) or 0)
+
+    @property
+    def jobs_failed_total(self) -> int:
+        """Jobs failed in every child this slot has had."""
+        return self.jobs_failed_before + int(self.report.get("jobs_failed", 0) or 0)
 
     def vacated(self) -> None:
         """The child is gone (reaped)."""
@@ -160,5 +173,7 @@ class Slot:
             "key": report.get("key"),
             "jobs_done": report.get("jobs_done", 0),
             "jobs_failed": report.get("jobs_failed", 0),
+            "jobs_done_total": self.jobs_done_total,
+            "jobs_failed_total": self.jobs_failed_total,
             "last_heartbeat": self.last_report_wall,
         }

@@ -6,7 +6,8 @@ import json
 import time
 
 
-def _duration(seconds) -> str:
+def format_duration(seconds) -> str:
+    """Seconds as "42s", "3m05s", "2h07m" or "4d03h" ("-" for None)."""
     if seconds is None:
         return "-"
     seconds = int(seconds)
@@ -36,7 +37,7 @@ def _current(slot: dict) -> str:
 
 def _summary(data: dict, workers: list[dict]) -> str:
     started = data.get("started")
-    uptime = _duration(time.time() - started) if isinstance(started, (int, float)) else "-"
+    uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
     states: dict[str, int] = {}
     for slot in workers:
         states[str(slot.get("state"))] = states.get(str(slot.get("state")), 0) + 1
@@ -54,7 +55,7 @@ def format_status(data: dict) -> str:
     rows = [
         (
             str(w.get("worker")), str(w.get("slot")), str(w.get("pid") or "-"), str(w.get("state")),
-            _duration(w.get("uptime")), str(w.get("restarts", 0)), _number(w.get("rss_mb"), ".0f"),
+            format_duration(w.get("uptime")), str(w.get("restarts", 0)), _number(w.get("rss_mb"), ".0f"),
             _number(w.get("cpu_percent"), ".1f"), str(w.get("jobs_done", 0)), str(w.get("jobs_failed", 0)),
             _current(w),
         )  # fmt: skip

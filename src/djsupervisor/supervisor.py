@@ -76,6 +76,8 @@ class Pool:
     config: WorkerConfig | None
     replicas: int
     slots: dict[int, Slot] = dataclasses.field(default_factory=dict)
+    jobs_done_retired: int = 0  # by slots removed from the pool (the metrics' counters never go down)
+    jobs_failed_retired: int = 0
 
     def active(self) -> list[Slot]:
         """Slots meant to stay (not being retired), by index."""
@@ -123,6 +125,7 @@ class Supervisor:
         self.fleet = FleetView()  # queue depths and drain flags, as the fleet agent last read them
         self.selector: selectors.BaseSelector | None = None
         self.control = None
+        self.http = None  # the metrics and status page endpoint (http_status.StatusServer), if configured
         self.notifier: Any = _NoNotifier()
         self._by_pid: dict[int, Slot] = {}
         self._recovery_pids: set[int] = set()
@@ -149,6 +152,7 @@ class Supervisor:
             "pid": self.pid,
             "started": self.started,
             "state": self.state,
+            "http": self.http.address if self.http is not None else None,
             "workers": [
                 slot.status(now)
                 for name in sorted(self.pools)
@@ -233,6 +237,8 @@ class Supervisor:
             self._every(_CHECK_INTERVAL, self._check_children)
             self._every(self.config.sample_interval, self._sample)
             self._every(_STATUS_INTERVAL, self._send_status)
+            if self.http is not None:
+                self._every(1.0, self.http.expire_idle)
             watchdog = self.notifier.watchdog_interval()
             if watchdog:
                 self._every(watchdog / 2, self.notifier.watchdog)
@@ -280,6 +286,12 @@ class Supervisor:
                 self.log.info("control socket {}", path)
         else:
             self.log.warning("no control socket: djsupervisor.control is not available")
+        if self.config.http:  # after the control socket: a bind error stops the start before any child
+            from .http_status import StatusServer, supervisor_pages
+
+            self.http = StatusServer(self.config.http, supervisor_pages(self))
+            self.http.register(self.selector)
+            self.log.info("status page on http://{}/ (metrics on /metrics)", self.http.address)
 
     def _teardown(self) -> None:
         for pid in list(self._by_pid) + list(self._recovery_pids):  # only if run() ends by an exception
@@ -289,6 +301,8 @@ class Supervisor:
                 self.control.close()
             except Exception as error:
                 self.log.warning("closing the control socket failed: {}", error)
+        if self.http is not None:
+            self.http.close()
         if self._wake_w >= 0:
             signal.set_wakeup_fd(-1)
         for signum, handler in self._previous_handlers.items():
@@ -570,6 +584,8 @@ class Supervisor:
         pool = self.pools.get(slot.worker)
         if pool is not None and pool.slots.get(slot.index) is slot:
             del pool.slots[slot.index]
+            pool.jobs_done_retired += slot.jobs_done_total
+            pool.jobs_failed_retired += slot.jobs_failed_total
             self._slot_log(slot).info("{} removed", slot.label)
 
     # ----- what should be running
@@ -638,6 +654,9 @@ class Supervisor:
         if new.name != self.config.name:
             self.log.warning("reload: the supervisor name change to {!r} applies at the next start", new.name)
             new = dataclasses.replace(new, name=self.config.name)
+        if new.http != self.config.http:
+            self.log.warning("reload: the http address change to {!r} applies at the next start", new.http)
+            new = dataclasses.replace(new, http=self.config.http)
         for name, pool in self.pools.items():
             if name not in new_names and pool.config is not None:
                 self.log.info("reload: worker {} removed", name)

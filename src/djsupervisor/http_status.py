@@ -1,0 +1,244 @@
+"""A tiny HTTP/1.1 server for the metrics and the status page, inside the supervisor's selector loop.
+
+No threads: the listening socket and every client are registered on the caller's selector, like the
+control socket's (`control.ControlServer`). One request per connection (``Connection: close``), GET and
+HEAD only, pages rendered in the loop by callables the supervisor gives. A client can cost the loop little:
+the request head is capped (431), clients are capped in number and in lifetime (`expire_idle`, from a timer
+and on each new connection), writes never block (an outbox, flushed when the socket is writable), and
+nothing a client does raises into the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import selectors
+import socket
+import time
+from typing import Any, Callable, Mapping
+
+from .config import split_host_port
+
+MAX_HEAD_BYTES = 8 * 1024  # request line and headers
+IDLE_TIMEOUT = 5.0  # seconds a connection may live in all (slow or silent clients are dropped)
+MAX_CLIENTS = 32  # connections served at once; more are closed right away
+MAX_DRAIN_BYTES = 64 * 1024  # read and thrown away after the answer before closing (see _finish)
+METHODS = ("GET", "HEAD")
+
+#: A page: a callable returning (content type, body).
+Page = Callable[[], tuple[str, bytes]]
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error"}  # fmt: skip
+
+
+class HttpError(Exception):
+    """The HTTP endpoint could not be set up; str() is one line."""
+
+
+def _bind(address: str) -> socket.socket:
+    host, port = split_host_port(address)
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise HttpError(f"http {address}: cannot resolve {host!r}: {error.strerror or error}") from None
+    listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop
+        listener.bind(sockaddr)
+        listener.listen(64)
+        listener.setblocking(False)
+    except OSError as error:  # address in use, not ours to bind, ...
+        listener.close()
+        raise HttpError(f"http {address}: cannot listen: {error.strerror or error}") from None
+    return listener
+
+
+class _Client:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox = b""
+        self.since = time.monotonic()
+        self.answered = False  # a response is queued; whatever arrives now is thrown away
+        self.drained = 0
+
+
+class StatusServer:
+    """Serves `pages` (path -> Page) over HTTP on `address` ("host:port"; port 0 picks a free one)."""
+
+    def __init__(self, address: str, pages: Mapping[str, Page]) -> None:
+        self.pages = dict(pages)
+        self.selector: selectors.BaseSelector | None = None
+        self.clients: dict[int, _Client] = {}
+        self.listener = _bind(address)
+        host, port = self.listener.getsockname()[:2]
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
+        self.selector = selector
+        selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+
+    def _accept(self, mask: int) -> None:
+        self.expire_idle()
+        for _ in range(16):
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # nothing pending, or out of descriptors: again on the next event
+                return
+            if len(self.clients) >= MAX_CLIENTS:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = _Client(sock)
+            self.clients[sock.fileno()] = client
+            self.selector.register(sock, selectors.EVENT_READ, data=self._callback(client))
+
+    def _callback(self, client: _Client) -> Callable[[int], None]:
+        return lambda mask: self._serve(client, mask)
+
+    def _drop(self, client: _Client) -> None:
+        if self.clients.get(client.sock.fileno()) is client:
+            del self.clients[client.sock.fileno()]
+        with contextlib.suppress(Exception):
+            self.selector.unregister(client.sock)
+        with contextlib.suppress(OSError):
+            client.sock.close()
+
+    def _serve(self, client: _Client, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(client)
+            if client.outbox and client.sock.fileno() in self.clients:
+                self._write(client)
+        except Exception:  # whatever a client does costs at most its own connection
+            self._drop(client)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            chunk = client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not chunk:
+            self._drop(client)
+            return
+        if client.answered:
+            client.drained += len(chunk)
+            if client.drained > MAX_DRAIN_BYTES:
+                self._drop(client)
+            return
+        client.inbox += chunk
+        end = _head_end(client.inbox)
+        if end is None:
+            if len(client.inbox) > MAX_HEAD_BYTES:
+                self._error(client, 431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            return
+        if end > MAX_HEAD_BYTES:
+            self._error(client, 431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            return
+        self._handle(client, client.inbox[:end])
+
+    def _handle(self, client: _Client, head: bytes) -> None:
+        request_line = head.split(b"\n", 1)[0].rstrip(b"\r").decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+            self._error(client, 400, "malformed request line")
+            return
+        method, target, _ = parts
+        path = target.split("?", 1)[0]
+        page = self.pages.get(path)
+        if page is None:
+            self._error(client, 404, f"no page {path}; try /, /metrics or /status.json")
+            return
+        if method not in METHODS:
+            self._error(client, 405, f"{method} not allowed", head_only=method == "HEAD", allow=True)
+            return
+        try:
+            content_type, body = page()
+        except Exception as error:  # a rendering bug answers 500, the loop goes on
+            self._error(client, 500, f"{error.__class__.__name__}: {error}".splitlines()[0])
+            return
+        self._respond(client, 200, content_type, body, head_only=method == "HEAD")
+
+    def _error(self, client: _Client, code: int, message: str, *, head_only: bool = False, allow=False) -> None:
+        body = f"{code} {_REASONS[code]}: {message}\n".encode("utf-8", "replace")
+        extra = f"Allow: {', '.join(METHODS)}\r\n" if allow else ""
+        self._respond(client, code, "text/plain; charset=utf-8", body, head_only=head_only, extra=extra)
+
+    def _respond(self, client: _Client, code: int, content_type: str, body: bytes, *, head_only: bool,
+                 extra: str = "") -> None:  # fmt: skip
+        head = (
+            f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'\r\n"
+            f"{extra}Connection: close\r\n\r\n"
+        )
+        client.answered = True
+        client.inbox = b""
+        client.outbox = head.encode("latin-1") + (b"" if head_only else body)
+        self._write(client)
+
+    def _write(self, client: _Client) -> None:
+        try:
+            sent = client.sock.send(client.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        client.outbox = client.outbox[sent:]
+        if client.outbox:
+            self.selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, data=self._callback(client))
+            return
+        self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
+        self._finish(client)
+
+    def _finish(self, client: _Client) -> None:
+        # Half-close and wait for the client's EOF (or the lifetime cap): closing with unread input would
+        # send a reset that can destroy the answer before the client has read it.
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+
+    def expire_idle(self, now: float | None = None) -> None:
+        """Drop connections older than IDLE_TIMEOUT (silent, slow, or never closing after the answer)."""
+        now = time.monotonic() if now is None else now
+        for client in list(self.clients.values()):
+            if now - client.since > IDLE_TIMEOUT:
+                self._drop(client)
+
+    def close(self) -> None:
+        """Stop serving: close every connection and the listening socket."""
+        for client in list(self.clients.values()):
+            self._drop(client)
+        if self.selector is not None:
+            with contextlib.suppress(Exception):
+                self.selector.unregister(self.listener)
+        self.listener.close()
+
+
+def _head_end(data: bytes) -> int | None:
+    """Where the request head ends (just past its blank line), or None if it has not yet."""
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := data.find(sep)) >= 0]
+    return min(ends) if ends else None
+
+
+def supervisor_pages(supervisor: Any) -> dict[str, Page]:
+    """The pages of a running `Supervisor`: /metrics, / (the status page) and /status.json."""
+    import psutil
+
+    from . import __version__
+    from .metrics import CONTENT_TYPE, render_metrics
+    from .status_page import render_page
+
+    def metrics() -> tuple[str, bytes]:
+        rss = psutil.Process().memory_info().rss
+        text = render_metrics(supervisor.status(), supervisor.pools, supervisor.fleet, version=__version__,
+                              parent_rss_bytes=rss)  # fmt: skip
+        return CONTENT_TYPE, text.encode()
+
+    def page() -> tuple[str, bytes]:
+        text = render_page(supervisor.status(), supervisor.fleet, version=__version__)
+        return "text/html; charset=utf-8", text.encode()
+
+    def status_json() -> tuple[str, bytes]:
+        return "application/json", json.dumps(supervisor.status(), default=str).encode()
+
+    return {"/metrics": metrics, "/": page, "/status.json": status_json}

@@ -1,0 +1,256 @@
+"""The metrics and status page endpoint: the server in process (routes, hostile clients, bind errors), config
+validation, and the real `djsupervisor start` observed over HTTP (Prometheus parser, headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from djsupervisor import http_status
+from djsupervisor.config import ConfigError, parse_config
+from djsupervisor.http_status import HttpError, StatusServer
+from helpers import TESTS, djsupervisor_command, serving, supervise, wait_until, write_config  # noqa: F401
+from pipelines.tables import declare, seed
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ----- the server, in process
+
+
+def get(url: str, method: str = "GET", timeout: float = 5) -> tuple[int, dict, bytes]:
+    """(status, headers, body) of one request; error statuses are returned, not raised."""
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def raw(address: str, payload: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes, read until the server closes."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        return data
+
+
+@pytest.fixture
+def server():
+    def boom():
+        raise RuntimeError("render bug\nsecond line")
+
+    pages = {"/": lambda: ("text/html; charset=utf-8", b"<p>hi</p>"), "/boom": boom,
+             "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", b"up 1\n")}  # fmt: skip
+    srv = StatusServer("127.0.0.1:0", pages)
+    with serving(srv):
+        yield srv
+    srv.close()
+
+
+def test_routes_methods_and_headers(server):
+    base = f"http://{server.address}"
+    status, headers, body = get(base + "/metrics?x=1")
+    assert (status, body) == (200, b"up 1\n")
+    assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8" and headers["Connection"] == "close"
+    status, headers, body = get(base + "/", method="HEAD")
+    assert (status, body, headers["Content-Length"]) == (200, b"", "9")
+    assert get(base + "/nope")[0] == 404
+    status, headers, _ = get(base + "/metrics", method="POST")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, _, body = get(base + "/boom")
+    assert status == 500 and body == b"500 Internal Server Error: RuntimeError: render bug\n"
+    assert raw(server.address, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert get(base + "/")[2] == b"<p>hi</p>"  # the loop is unharmed (serving() checks nothing raised)
+
+
+def test_a_huge_head_is_refused_and_the_server_goes_on(server):
+    answer = raw(server.address, b"GET / HTTP/1.1\r\nX: " + b"a" * 100 * 1024 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert get(f"http://{server.address}/")[0] == 200
+
+
+def test_silent_clients_are_dropped_and_their_number_capped(server, monkeypatch):
+    host, port = server.address.rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=5) for _ in range(http_status.MAX_CLIENTS)]
+    wait_until(lambda: len(server.clients) == http_status.MAX_CLIENTS, 5, message="all silent clients accepted")
+    with socket.create_connection((host, int(port)), timeout=5) as extra:  # one too many: closed at once
+        assert extra.recv(10) == b""
+    monkeypatch.setattr(http_status, "IDLE_TIMEOUT", 0.2)
+    time.sleep(0.3)  # older than the (patched) timeout; the next connection expires them
+    assert get(f"http://{server.address}/")[0] == 200
+    for sock in silent:
+        assert sock.recv(10) == b""
+        sock.close()
+
+
+def test_an_address_in_use_is_a_one_line_error():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(HttpError, match=rf"^http 127.0.0.1:{port}: cannot listen: Address already in use$"):
+            StatusServer(f"127.0.0.1:{port}", {})
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("9108", "must be 'host:port'"),
+    (":9108", "must be 'host:port'"),
+    ("localhost:http", "port must be a number"),
+    ("127.0.0.1:65536", "port must be 0..65535"),
+    ("::1:9108", "IPv6 host in brackets"),
+    (9108, "must be a non-empty string"),
+])  # fmt: skip
+def test_bad_http_addresses_are_one_line_config_errors(value, problem):
+    data = {"supervisor": {"http": value}, "worker": [{"name": "w", "target": "m:w"}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "lab.toml", "lab", check_targets=False)
+    message = str(caught.value)
+    assert message.startswith("lab.toml: supervisor.http: ") and problem in message and "\n" not in message
+
+
+def test_good_http_addresses():
+    for value in ("127.0.0.1:9108", "localhost:0", "[::1]:9108", "0.0.0.0:80"):
+        data = {"supervisor": {"http": value}, "worker": [{"name": "w", "target": "m:w"}]}
+        assert parse_config(data, "lab.toml", "lab", check_targets=False).http == value
+
+
+# ----- the real supervisor
+
+
+CONFIG = """
+    [supervisor]
+    name = "lab"
+    control_socket = "{socket}"
+    http = "{http}"
+    sample_interval = 0.5
+    graceful_timeout = 5
+
+    [[worker]]
+    name = "standard"
+    target = "pipelines.supervised:standard"
+    replicas = 2
+"""
+
+
+def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def metrics(address: str) -> dict[tuple, float]:
+    """The supervisor's metrics, parsed by prometheus_client, by (name, sorted labels)."""
+    status, headers, body = get(f"http://{address}/metrics")
+    assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}  # fmt: skip
+
+
+def running(found: dict) -> float:
+    return found[("djsupervisor_children", (("state", "running"), ("worker", "standard")))]
+
+
+def done(found: dict) -> float:
+    return found[("djsupervisor_jobs_done_total", (("worker", "standard"),))]
+
+
+def restarts(found: dict, slot: int) -> float:
+    return found[("djsupervisor_restarts_total", (("slot", str(slot)), ("worker", "standard")))]
+
+
+def chromium_dom(url: str, tmp_path) -> str:
+    """The DOM headless Chromium renders for `url` (Debian's chromium; .ci/run installs it)."""
+    binary = shutil.which("chromium")
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run should have installed Debian's chromium package")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium'}",
+               "--dump-dom", url]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.process
+@pytest.mark.timeout(150)
+def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
+    pipe = declare(db.schema_name("pipe"))
+    seed(pipe, range(1, 5), delay=0.2)
+    config = write_config(tmp_path / "lab.toml", CONFIG.format(socket=tmp_path / "lab.sock", http="127.0.0.1:0"))
+    sup = supervise(["-c", str(config)])
+    sup.wait_children({"standard": 2})
+    result = wait_until(lambda: (r := cli(db, tmp_path, "status", "--json", "-c", str(config))).returncode == 0 and r,
+                        20, message="status over the control socket")  # fmt: skip
+    address = json.loads(result.stdout)["http"]
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", address) and not address.endswith(":0")
+    assert f"status page on http://{address}/" in sup.output
+
+    found = wait_until(lambda: (m := metrics(address)) and running(m) == 2 and done(m) == 4
+                       and ("djsupervisor_child_rss_bytes", (("slot", "1"), ("worker", "standard"))) in m and m,
+                       30, message="2 running children, 4 jobs done, sampled")  # fmt: skip
+    assert found[("djsupervisor_replicas_desired", (("worker", "standard"),))] == 2
+    assert found[("djsupervisor_child_rss_bytes", (("slot", "0"), ("worker", "standard")))] > 10 * 2**20
+    assert found[("djsupervisor_parent_rss_bytes", ())] > 10 * 2**20
+    assert restarts(found, 0) == 0 and found[("djsupervisor_up", ())] == 1
+    status = json.loads(get(f"http://{address}/status.json")[2])
+    assert status["supervisor"] == "lab" and status["http"] == address and len(status["workers"]) == 2
+
+    # hostile clients: one silent, one sending a 100 KiB head; the loop keeps answering, both are dropped
+    host, port = address.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)), timeout=10)
+    flood = socket.create_connection((host, int(port)), timeout=10)
+    flood.sendall(b"GET / HTTP/1.1\r\nX: " + b"a" * 100 * 1024)
+    began = time.monotonic()
+    assert cli(db, tmp_path, "status", "-c", str(config)).returncode == 0
+    assert get(f"http://{address}/metrics")[0] == 200
+    assert time.monotonic() - began < 10
+    assert flood.recv(65536).startswith(b"HTTP/1.1 431 ")
+    began = time.monotonic()
+    assert silent.recv(10) == b""  # dropped by the idle timer, not by our timeout
+    assert time.monotonic() - began < http_status.IDLE_TIMEOUT + 3
+    silent.close()
+    flood.close()
+
+    # a killed child: its slot's restart counter goes up, the jobs-done counter does not go down
+    os.kill(sup.pids("standard")["standard[0]"], signal.SIGKILL)
+    found = wait_until(lambda: (m := metrics(address)) and restarts(m, 0) == 1 and running(m) == 2 and m, 30,
+                       message="standard[0] restarted")  # fmt: skip
+    assert done(found) == 4
+    seed(pipe, [5, 6], delay=0)
+    wait_until(lambda: done(metrics(address)) == 6, 30, message="6 jobs done")
+
+    pids = sup.wait_children({"standard": 2})
+    dom = chromium_dom(f"http://{address}/", tmp_path)
+    assert re.search(r'<span id="supervisor">lab</span>', dom)
+    rows = re.findall(r'<tr class="(\w+)"><td>standard</td><td class="n">(\d)</td><td class="n">(\d+)</td>', dom)
+    assert sorted(rows) == sorted(("running", label[-2], str(pid)) for label, pid in pids.items()), dom[-3000:]
+
+    assert cli(db, tmp_path, "stop", "-c", str(config)).returncode == 0
+    assert sup.wait_exit(30) == 0
+
+
+@pytest.mark.process
+def test_a_taken_http_port_stops_the_start_before_any_child(db, supervise, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "lab.toml", CONFIG.format(socket=tmp_path / "lab.sock", http=f"127.0.0.1:{port}"))
+        sup = supervise(["-c", str(config)])
+        assert sup.wait_exit(30) == 2
+    errors = [line for line in sup.output.splitlines() if "error" in line.lower()]
+    assert errors == [f"djsupervisor: error: {config}: http 127.0.0.1:{port}: cannot listen: Address already in use"]
+    assert "started standard" not in sup.output and not (tmp_path / "lab.sock").exists()
