@@ -71,6 +71,8 @@ def test_routes_methods_and_headers(server):
     status, headers, body = get(base + "/", method="HEAD")
     assert (status, body, headers["Content-Length"]) == (200, b"", "9")
     assert get(base + "/nope")[0] == 404
+    answer = raw(server.address, b"HEAD /nope HTTP/1.1\r\n\r\n")  # headers only, Content-Length of the GET
+    assert answer.startswith(b"HTTP/1.1 404 ") and answer.endswith(b"\r\n\r\n") and b"Content-Length: 0" not in answer
     status, headers, _ = get(base + "/metrics", method="POST")
     assert status == 405 and headers["Allow"] == "GET, HEAD"
     status, _, body = get(base + "/boom")

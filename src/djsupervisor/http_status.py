@@ -147,19 +147,20 @@ class StatusServer:
             return
         method, target, _ = parts
         path = target.split("?", 1)[0]
+        head_only = method == "HEAD"
         page = self.pages.get(path)
         if page is None:
-            self._error(client, 404, f"no page {path}; try /, /metrics or /status.json")
+            self._error(client, 404, f"no page {path}; try {', '.join(sorted(self.pages))}", head_only=head_only)
             return
         if method not in METHODS:
-            self._error(client, 405, f"{method} not allowed", head_only=method == "HEAD", allow=True)
+            self._error(client, 405, f"{method} not allowed", allow=True)
             return
         try:
             content_type, body = page()
         except Exception as error:  # a rendering bug answers 500, the loop goes on
-            self._error(client, 500, f"{error.__class__.__name__}: {error}".splitlines()[0])
+            self._error(client, 500, f"{error.__class__.__name__}: {error}".splitlines()[0], head_only=head_only)
             return
-        self._respond(client, 200, content_type, body, head_only=method == "HEAD")
+        self._respond(client, 200, content_type, body, head_only=head_only)
 
     def _error(self, client: _Client, code: int, message: str, *, head_only: bool = False, allow=False) -> None:
         body = f"{code} {_REASONS[code]}: {message}\n".encode("utf-8", "replace")

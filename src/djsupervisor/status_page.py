@@ -30,6 +30,8 @@ def _cell(value: Any, numeric: bool = False, css: str = "") -> str:
 
 
 def _current(slot: Mapping[str, Any]) -> str:
+    if slot.get("pid") is None:  # what the last child reported is history
+        return "-"
     table = slot.get("table")
     if not table:
         return slot.get("activity") or "-"
