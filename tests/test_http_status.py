@@ -50,12 +50,16 @@ def raw(address: str, payload: bytes, timeout: float = 5) -> bytes:
         return data
 
 
+BIG = 16 * 2**20  # more than the socket buffers hold: the answer goes out over many writable events
+
+
 @pytest.fixture
 def server():
     def boom():
         raise RuntimeError("render bug\nsecond line")
 
     pages = {"/": lambda: ("text/html; charset=utf-8", b"<p>hi</p>"), "/boom": boom,
+             "/big": lambda: ("text/plain", b"x" * BIG),
              "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", b"up 1\n")}  # fmt: skip
     srv = StatusServer("127.0.0.1:0", pages)
     with serving(srv):
@@ -79,6 +83,18 @@ def test_routes_methods_and_headers(server):
     assert status == 500 and body == b"500 Internal Server Error: RuntimeError: render bug\n"
     assert raw(server.address, b"garbage\r\n\r\n").startswith(b"HTTP/1.1 400 ")
     assert get(base + "/")[2] == b"<p>hi</p>"  # the loop is unharmed (serving() checks nothing raised)
+
+
+def test_a_large_answer_reaches_a_slow_client_that_half_closed(server):
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"GET /big HTTP/1.0\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)  # as `printf ... | nc` does
+        time.sleep(0.3)  # the server sees the EOF with most of the answer still to send
+        data = b""
+        while chunk := sock.recv(2**20):
+            data += chunk
+    assert data.endswith(b"\r\n\r\n" + b"x" * BIG)
 
 
 def test_a_huge_head_is_refused_and_the_server_goes_on(server):

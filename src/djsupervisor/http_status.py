@@ -58,9 +58,10 @@ class _Client:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbox = b""
-        self.outbox = b""
+        self.outbox = memoryview(b"")  # what is left to send of the answer (a view: no copy per write)
         self.since = time.monotonic()
         self.answered = False  # a response is queued; whatever arrives now is thrown away
+        self.eof = False  # the client sent all it will send
         self.drained = 0
 
 
@@ -121,7 +122,11 @@ class StatusServer:
         except (BlockingIOError, InterruptedError):
             return
         if not chunk:
-            self._drop(client)
+            if client.outbox:  # the client half-closed after its request: finish the answer, then drop it
+                client.eof = True
+                self.selector.modify(client.sock, selectors.EVENT_WRITE, data=self._callback(client))
+            else:
+                self._drop(client)
             return
         if client.answered:
             client.drained += len(chunk)
@@ -177,7 +182,7 @@ class StatusServer:
         )
         client.answered = True
         client.inbox = b""
-        client.outbox = head.encode("latin-1") + (b"" if head_only else body)
+        client.outbox = memoryview(head.encode("latin-1") + (b"" if head_only else body))
         self._write(client)
 
     def _write(self, client: _Client) -> None:
@@ -187,10 +192,13 @@ class StatusServer:
             sent = 0
         client.outbox = client.outbox[sent:]
         if client.outbox:
-            self.selector.modify(client.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, data=self._callback(client))
-            return
-        self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
-        self._finish(client)
+            events = selectors.EVENT_WRITE | (0 if client.eof else selectors.EVENT_READ)
+            self.selector.modify(client.sock, events, data=self._callback(client))
+        elif client.eof:
+            self._drop(client)
+        else:
+            self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
+            self._finish(client)
 
     def _finish(self, client: _Client) -> None:
         # Half-close and wait for the client's EOF (or the lifetime cap): closing with unread input would
