@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .loop_server import LoopClient, LoopServer
 from .status_format import format_status  # noqa: F401  (the status table belongs to this interface)
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -81,28 +82,33 @@ def _private_directory(directory: Path) -> None:
         os.chmod(directory, 0o700)
 
 
-class _Client:
+class _Client(LoopClient):
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.inbox = b""
-        self.outbox = b""
-        self.since = time.monotonic()
+        super().__init__(sock)
         self.closing = False
 
 
-class ControlServer:
+class ControlServer(LoopServer):
     """Serves control requests with `handler(request) -> response` inside the caller's selector loop."""
+
+    client_class = _Client
 
     def __init__(self, path: str, handler: Callable[[dict], dict]) -> None:
         self.path = str(path)
         self.handler = handler
-        self.selector: selectors.BaseSelector | None = None
-        self.clients: dict[int, _Client] = {}
         _private_directory(Path(self.path).parent)
         self._remove_stale()
-        self.listener = self._bind()
+        super().__init__(self._bind())
         info = os.stat(self.path)
         self._identity = (info.st_dev, info.st_ino)
+
+    @property
+    def max_clients(self) -> int:
+        return MAX_CLIENTS
+
+    @property
+    def idle_timeout(self) -> float:
+        return IDLE_TIMEOUT
 
     def _remove_stale(self) -> None:
         try:
@@ -133,41 +139,8 @@ class ControlServer:
             os.umask(old_umask)
         return listener
 
-    def register(self, selector: selectors.BaseSelector) -> None:
-        """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
-        self.selector = selector
-        selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
-
-    def _accept(self, mask: int) -> None:
-        self.expire_idle()  # a client that connects and never asks must not pile up descriptors
-        for _ in range(16):
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:  # nothing pending, or out of descriptors: again on the next event
-                return
-            if len(self.clients) >= MAX_CLIENTS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _Client(sock)
-            self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, data=lambda m, c=client: self._serve(c, m))
-
-    def _drop(self, client: _Client) -> None:
-        self.clients.pop(client.sock.fileno(), None)
-        with contextlib.suppress(Exception):
-            self.selector.unregister(client.sock)
-        with contextlib.suppress(OSError):
-            client.sock.close()
-
-    def _serve(self, client: _Client, mask: int) -> None:
-        try:
-            if mask & selectors.EVENT_READ and not client.closing:
-                self._read(client)
-            if client.outbox and client.sock.fileno() in self.clients:
-                self._write(client)
-        except Exception:  # whatever a client does costs at most its own connection
-            self._drop(client)
+    def _reading(self, client: _Client) -> bool:
+        return not client.closing  # whatever else it sent is not read
 
     def _read(self, client: _Client) -> None:
         try:
@@ -218,36 +191,18 @@ class ControlServer:
         self._write(client)
 
     def _write(self, client: _Client) -> None:
-        try:
-            sent = client.sock.send(client.outbox)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        client.outbox = client.outbox[sent:]
+        self._send(client)
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbox else 0)
         if client.outbox:
-            self.selector.modify(client.sock, events, data=lambda m, c=client: self._serve(c, m))
+            self.selector.modify(client.sock, events, data=self._callback(client))
         elif client.closing:
             self._drop(client)
         else:
-            self.selector.modify(client.sock, selectors.EVENT_READ, data=lambda m, c=client: self._serve(c, m))
-
-    def expire_idle(self, now: float | None = None) -> None:
-        """Drop clients that have kept a connection open without a complete request for too long.
-
-        Runs on every new connection; the supervisor's loop may also call it from a timer."""
-        now = time.monotonic() if now is None else now
-        for client in list(self.clients.values()):
-            if now - client.since > IDLE_TIMEOUT:
-                self._drop(client)
+            self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
 
     def close(self) -> None:
         """Stop serving and remove the socket file."""
-        for client in list(self.clients.values()):
-            self._drop(client)
-        if self.selector is not None:
-            with contextlib.suppress(Exception):
-                self.selector.unregister(self.listener)
-        self.listener.close()
+        super().close()
         try:
             info = os.stat(self.path)
         except OSError:

@@ -14,10 +14,10 @@ import contextlib
 import json
 import selectors
 import socket
-import time
 from typing import Any, Callable, Mapping
 
 from .config import split_host_port
+from .loop_server import LoopClient, LoopServer
 
 MAX_HEAD_BYTES = 8 * 1024  # request line and headers
 IDLE_TIMEOUT = 5.0  # seconds a connection may live in all (slow or silent clients are dropped)
@@ -54,67 +54,33 @@ def _bind(address: str) -> socket.socket:
     return listener
 
 
-class _Client:
+class _Client(LoopClient):
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.inbox = b""
+        super().__init__(sock)
         self.outbox = memoryview(b"")  # what is left to send of the answer (a view: no copy per write)
-        self.since = time.monotonic()
         self.answered = False  # a response is queued; whatever arrives now is thrown away
         self.eof = False  # the client sent all it will send
         self.drained = 0
 
 
-class StatusServer:
+class StatusServer(LoopServer):
     """Serves `pages` (path -> Page) over HTTP on `address` ("host:port"; port 0 picks a free one)."""
 
+    client_class = _Client
+
     def __init__(self, address: str, pages: Mapping[str, Page]) -> None:
+        super().__init__(_bind(address))
         self.pages = dict(pages)
-        self.selector: selectors.BaseSelector | None = None
-        self.clients: dict[int, _Client] = {}
-        self.listener = _bind(address)
         host, port = self.listener.getsockname()[:2]
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def register(self, selector: selectors.BaseSelector) -> None:
-        """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
-        self.selector = selector
-        selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+    @property
+    def max_clients(self) -> int:
+        return MAX_CLIENTS
 
-    def _accept(self, mask: int) -> None:
-        self.expire_idle()
-        for _ in range(16):
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:  # nothing pending, or out of descriptors: again on the next event
-                return
-            if len(self.clients) >= MAX_CLIENTS:
-                sock.close()
-                continue
-            sock.setblocking(False)
-            client = _Client(sock)
-            self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, data=self._callback(client))
-
-    def _callback(self, client: _Client) -> Callable[[int], None]:
-        return lambda mask: self._serve(client, mask)
-
-    def _drop(self, client: _Client) -> None:
-        if self.clients.get(client.sock.fileno()) is client:
-            del self.clients[client.sock.fileno()]
-        with contextlib.suppress(Exception):
-            self.selector.unregister(client.sock)
-        with contextlib.suppress(OSError):
-            client.sock.close()
-
-    def _serve(self, client: _Client, mask: int) -> None:
-        try:
-            if mask & selectors.EVENT_READ:
-                self._read(client)
-            if client.outbox and client.sock.fileno() in self.clients:
-                self._write(client)
-        except Exception:  # whatever a client does costs at most its own connection
-            self._drop(client)
+    @property
+    def idle_timeout(self) -> float:
+        return IDLE_TIMEOUT
 
     def _read(self, client: _Client) -> None:
         try:
@@ -186,11 +152,7 @@ class StatusServer:
         self._write(client)
 
     def _write(self, client: _Client) -> None:
-        try:
-            sent = client.sock.send(client.outbox)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        client.outbox = client.outbox[sent:]
+        self._send(client)
         if client.outbox:
             events = selectors.EVENT_WRITE | (0 if client.eof else selectors.EVENT_READ)
             self.selector.modify(client.sock, events, data=self._callback(client))
@@ -205,22 +167,6 @@ class StatusServer:
         # send a reset that can destroy the answer before the client has read it.
         with contextlib.suppress(OSError):
             client.sock.shutdown(socket.SHUT_WR)
-
-    def expire_idle(self, now: float | None = None) -> None:
-        """Drop connections older than IDLE_TIMEOUT (silent, slow, or never closing after the answer)."""
-        now = time.monotonic() if now is None else now
-        for client in list(self.clients.values()):
-            if now - client.since > IDLE_TIMEOUT:
-                self._drop(client)
-
-    def close(self) -> None:
-        """Stop serving: close every connection and the listening socket."""
-        for client in list(self.clients.values()):
-            self._drop(client)
-        if self.selector is not None:
-            with contextlib.suppress(Exception):
-                self.selector.unregister(self.listener)
-        self.listener.close()
 
 
 def _head_end(data: bytes) -> int | None:

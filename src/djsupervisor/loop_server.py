@@ -1,0 +1,110 @@
+"""What the supervisor's socket servers (control socket, HTTP status) share: a non-blocking listener and its
+clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long."""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import time
+from typing import Callable
+
+
+class LoopClient:
+    """One connection: its socket, what it sent so far, and when it connected (monotonic)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox = b""
+        self.outbox: bytes | memoryview = b""  # what is left to send
+        self.since = time.monotonic()
+
+
+class LoopServer:
+    """Base of a server driven by the caller's selector loop; subclasses implement `_read(client)` (the socket
+    is readable) and `_write(client)` (send some of `client.outbox`), and may stop reading with `_reading`.
+
+    `max_clients` and `idle_timeout` are read at each use (subclasses return their module's settings)."""
+
+    max_clients = 64
+    idle_timeout = 10.0
+    client_class = LoopClient
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.selector: selectors.BaseSelector | None = None
+        self.clients: dict[int, LoopClient] = {}
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
+        self.selector = selector
+        selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+
+    def _serve(self, client: LoopClient, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ and self._reading(client):
+                self._read(client)
+            if client.outbox and client.sock.fileno() in self.clients:
+                self._write(client)
+        except Exception:  # whatever a client does costs at most its own connection
+            self._drop(client)
+
+    def _reading(self, client: LoopClient) -> bool:
+        return True
+
+    def _read(self, client: LoopClient) -> None:
+        raise NotImplementedError
+
+    def _write(self, client: LoopClient) -> None:
+        raise NotImplementedError
+
+    def _send(self, client: LoopClient) -> None:
+        """Send what the socket takes now of `client.outbox` (never blocks)."""
+        try:
+            sent = client.sock.send(client.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        client.outbox = client.outbox[sent:]
+
+    def _callback(self, client: LoopClient) -> Callable[[int], None]:
+        return lambda mask: self._serve(client, mask)
+
+    def _accept(self, mask: int) -> None:
+        self.expire_idle()  # a client that connects and never asks must not pile up descriptors
+        for _ in range(16):
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:  # nothing pending, or out of descriptors: again on the next event
+                return
+            if len(self.clients) >= self.max_clients:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = self.client_class(sock)
+            self.clients[sock.fileno()] = client
+            self.selector.register(sock, selectors.EVENT_READ, data=self._callback(client))
+
+    def _drop(self, client: LoopClient) -> None:
+        if self.clients.get(client.sock.fileno()) is client:
+            del self.clients[client.sock.fileno()]
+        with contextlib.suppress(Exception):
+            self.selector.unregister(client.sock)
+        with contextlib.suppress(OSError):
+            client.sock.close()
+
+    def expire_idle(self, now: float | None = None) -> None:
+        """Drop clients connected for longer than `idle_timeout`; runs on every new connection, and the
+        supervisor's loop calls it from a timer."""
+        now = time.monotonic() if now is None else now
+        for client in list(self.clients.values()):
+            if now - client.since > self.idle_timeout:
+                self._drop(client)
+
+    def close(self) -> None:
+        """Stop serving: close every connection and the listening socket."""
+        for client in list(self.clients.values()):
+            self._drop(client)
+        if self.selector is not None:
+            with contextlib.suppress(Exception):
+                self.selector.unregister(self.listener)
+        self.listener.close()
