@@ -63,7 +63,9 @@ def test_children_replicas_counters_and_resources():
     pools = {"standard": FakePool(2, jobs_done_retired=10, jobs_failed_retired=4), "other": FakePool(1)}
     found = samples(render_metrics(status, pools, FleetView(), version="9.9", parent_rss_bytes=123456789))
     assert value(found, "djsupervisor_up") == 1
-    assert value(found, "djsupervisor_info", supervisor="lab", version="9.9", state="running") == 1
+    assert value(found, "djsupervisor_info", supervisor="lab", version="9.9") == 1
+    assert value(found, "djsupervisor_state", state="running") == 1
+    assert value(found, "djsupervisor_state", state="stopping") == 0
     for state in SlotState:  # every state is listed, 0 included
         expected = {"running": 1, "backoff": 1}.get(state.value, 0)
         assert value(found, "djsupervisor_children", worker="standard", state=state.value) == expected

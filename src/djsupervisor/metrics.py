@@ -16,6 +16,7 @@ from .fleet_view import QUEUE_STATES, FleetView
 from .slot import SlotState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SUPERVISOR_STATES = ("starting", "running", "reloading", "stopping")
 
 
 def _escape_label(value: Any) -> str:
@@ -78,8 +79,11 @@ def render_metrics(
 
     up = _Family("djsupervisor_up", "gauge", "1 while the supervisor answers.")
     up.add(1)
-    info = _Family("djsupervisor_info", "gauge", "The supervisor's name, state and version (value 1).")
-    info.add(1, supervisor=supervisor, version=version, state=status.get("state", ""))
+    info = _Family("djsupervisor_info", "gauge", "The supervisor's name and version (value 1).")
+    info.add(1, supervisor=supervisor, version=version)
+    current = _Family("djsupervisor_state", "gauge", "1 for the supervisor's current state, 0 for the others.")
+    for name in dict.fromkeys((*SUPERVISOR_STATES, status.get("state", ""))):
+        current.add(int(name == status.get("state")), state=name)
     started = _Family("djsupervisor_start_time_seconds", "gauge", "When the supervisor started (Unix time).")
     if isinstance(status.get("started"), (int, float)):
         started.add(float(status["started"]))
@@ -120,7 +124,7 @@ def render_metrics(
     if reading_age is not None:
         age.add(round(reading_age, 3))
 
-    families = (up, info, started, children, desired, restarts, done, failed, rss, cpu, parent, queue, age)
+    families = (up, info, current, started, children, desired, restarts, done, failed, rss, cpu, parent, queue, age)
     return "\n".join(line for family in families for line in family.lines()) + "\n"
 
 
