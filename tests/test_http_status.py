@@ -258,6 +258,12 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     rows = re.findall(r'<tr class="(\w+)"><td>standard</td><td class="n">(\d)</td><td class="n">(\d+)</td>', dom)
     assert sorted(rows) == sorted(("running", label[-2], str(pid)) for label, pid in pids.items()), dom[-3000:]
 
+    # a slot removed by scaling down takes its count along into the pool's: the counter stays at 6
+    assert cli(db, tmp_path, "scale", "standard", "1", "-c", str(config)).returncode == 0
+    slot_1 = ("djsupervisor_restarts_total", (("slot", "1"), ("worker", "standard")))
+    found = wait_until(lambda: (m := metrics(address)) and slot_1 not in m and m, 30, message="standard[1] removed")
+    assert done(found) == 6 and found[("djsupervisor_replicas_desired", (("worker", "standard"),))] == 1
+
     assert cli(db, tmp_path, "stop", "-c", str(config)).returncode == 0
     assert sup.wait_exit(30) == 0
 
@@ -266,7 +272,8 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
 def test_a_taken_http_port_stops_the_start_before_any_child(db, supervise, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        config = write_config(tmp_path / "lab.toml", CONFIG.format(socket=tmp_path / "lab.sock", http=f"127.0.0.1:{port}"))
+        text = CONFIG.format(socket=tmp_path / "lab.sock", http=f"127.0.0.1:{port}")
+        config = write_config(tmp_path / "lab.toml", text)
         sup = supervise(["-c", str(config)])
         assert sup.wait_exit(30) == 2
     errors = [line for line in sup.output.splitlines() if "error" in line.lower()]
