@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,40 @@ def test_fleet_config_loads():
     config = load((FLEET / "djsupervisor.toml").read_text(), "examples/fleet/djsupervisor.toml")
     assert [w.name for w in config.workers] == ["standard", "analysis"]
     assert all(w.target.startswith("examples.pipeline.workers:") for w in config.workers)
+
+
+def readme_commands() -> list[list[str]]:
+    """The `djsupervisor ...` command lines in the code blocks of examples/fleet/README.md."""
+    commands, in_code = [], False
+    for line in (FLEET / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        words = shlex.split(line, comments=True) if in_code else []
+        if "djsupervisor" in words:
+            commands.append(words[words.index("djsupervisor") :])
+    return commands
+
+
+def cli_knows(argv: list[str]) -> bool:
+    try:
+        _parser().parse_args(argv)
+        return True
+    except UsageError:
+        return False
+
+
+def test_fleet_readme_commands_are_ones_the_cli_accepts():
+    pending = {"drain": ["drain", "--host", "h", "-c", "x"], "resume": ["resume", "--host", "h", "-c", "x"],
+               "--fleet": ["status", "--fleet", "-c", "x"]}  # fmt: skip
+    unknown = {word for word, probe in pending.items() if not cli_knows(probe)}  # the fleet work, not merged yet
+    commands = readme_commands()
+    assert len(commands) >= 6
+    checked = [argv for argv in commands if not unknown.intersection(argv)]
+    if not checked:
+        pytest.skip(f"the CLI does not know {', '.join(sorted(unknown))} yet")
+    for argv in checked:
+        cli_accepts(argv)
 
 
 # ----- Slurm
