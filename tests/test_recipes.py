@@ -40,8 +40,9 @@ PENDING_KEYS = {"host", "fleet_interval", "http", "max_cpu_percent", "min_availa
 MARGIN = 10  # seconds an orchestrator must wait beyond graceful_timeout, at least
 
 
-def load(text: str, source: str) -> SupervisorConfig:
-    """The config in `text` as `djsupervisor start` would load it, without importing the targets."""
+def load(text: str, source: str, dropped: set | None = None) -> SupervisorConfig:
+    """The config in `text` as `djsupervisor start` would load it, without importing the targets; the
+    pending keys it had to drop are added to `dropped`."""
     data = tomllib.loads(text)
     while True:
         try:
@@ -50,6 +51,8 @@ def load(text: str, source: str) -> SupervisorConfig:
             name = error.key.rsplit(".", 1)[-1]
             if not (error.problem.startswith("unknown key") and name in PENDING_KEYS):
                 raise
+            if dropped is not None:
+                dropped.add(name)
             table = data["supervisor"] if error.key.startswith("supervisor.") else _worker_table(data, error.key)
             del table[name]
 
@@ -103,7 +106,7 @@ def k8s():
     config_path = command[command.index("-c") + 1]
     assert Path(config_path).parent == Path(mounts[config_volume["name"]]["mountPath"])
     text = configmap["data"][Path(config_path).name]  # the file the command names is in the ConfigMap
-    return {"deployment": deployment, "pod": pod, "container": container, "config_path": config_path,
+    return {"deployment": deployment, "pod": pod, "container": container, "config_path": config_path, "text": text,
             "toml": tomllib.loads(text), "config": load(text, "k8s/configmap.yaml")}  # fmt: skip
 
 
@@ -126,6 +129,19 @@ def test_k8s_commands_are_ones_the_cli_accepts(k8s):
     writable = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
     assert any(runtime_dir.is_relative_to(path) for path in writable)
     assert env["DJ_PASS"]["valueFrom"]["secretKeyRef"]["key"] and "value" not in env["DJ_PASS"]
+
+
+def test_k8s_probe_fails_when_no_supervisor_listens(k8s, tmp_path):
+    dropped: set[str] = set()
+    load(k8s["text"], "k8s/configmap.yaml", dropped)
+    text = "\n".join(line for line in k8s["text"].splitlines() if line.split("=")[0].strip() not in dropped)
+    config = tmp_path / "djsupervisor.toml"
+    config.write_text(text)
+    command = k8s["container"]["livenessProbe"]["exec"]["command"]
+    argv = [sys.executable, "-m", "djsupervisor", *command[1:-1], str(config)]  # the probe, on this file
+    env = {**os.environ, "DJSUPERVISOR_RUNTIME_DIR": str(tmp_path / "run")}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 2 and "no supervisor listening" in result.stderr, result.stderr
 
 
 def test_k8s_metrics_port_is_the_one_scraped_and_probed(k8s):
