@@ -127,12 +127,23 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     cli(db, tmp_path, "resume", "--all", "-c", str(config_a))
 
 
+def can_unshare_uts() -> bool:
+    try:
+        return subprocess.run(["unshare", "--uts", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.mark.timeout(240)
+@pytest.mark.skipif(not can_unshare_uts(), reason="needs unshare --uts (root): a host name per supervisor")
 def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
     pipe = declare(db.schema_name("pipe"))
     configs = {host: fleet_config(tmp_path, f"sup-{host}", host, replicas=1, stale_hours=0.001)
                for host in ("host-a", "host-b", "host-c")}  # fmt: skip
-    sups = {host: supervise(["-c", str(config)]) for host, config in configs.items()}
+    # Each supervisor in a UTS namespace of its own: its reservations name its host, so the survivors cannot
+    # tell by pid that host-c's child is dead; only the stale rule (reservation older than the
+    # stale_timeout, 3.6 s here, and its connection gone) brings its job back.
+    sups = {host: supervise(["-c", str(config)], uts_host=host) for host, config in configs.items()}
     for sup in sups.values():
         sup.wait_children({"standard": 1})
     seed(pipe, range(40), delay=0.3)
@@ -153,10 +164,16 @@ def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
         wait_until(lambda p=process: process_gone(p.pid), 10, message=f"pid {process.pid} gone")
 
     # The other two hosts recover its reservation and finish everything, each key computed exactly once.
+    lost = (pipe.Square.jobs & "status = 'reserved'" & {"pid": child.pid}).to_dicts()
+    assert lost and all(job["host"] == "host-c" for job in lost)
     wait_until(lambda: len(pipe.Square()) == 40, 120, message="all 40 squares despite host-c's death")
     assert len(pipe.Square.jobs & "status = 'error'") == 0
     assert len(pipe.Square.jobs & "status = 'reserved'") == 0
     assert sorted(pipe.Square.to_arrays("source_id")) == list(range(40))
+    logs = db.connection.query(  # the survivors' WorkerLog says the stale rule re-pended it
+        f"SELECT SUM(recovered) FROM {db.connection.adapter.quote_identifier(db.prefix + '_workers')}.worker_log"
+    ).fetchone()[0]
+    assert logs and int(logs) >= len(lost)
 
     # Seen from a fourth process: host-c's row is overdue, the others are not.
     def overdue_c():
