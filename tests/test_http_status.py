@@ -155,12 +155,18 @@ CONFIG = """
     control_socket = "{socket}"
     http = "{http}"
     sample_interval = 0.5
+    fleet_interval = 0.5
     graceful_timeout = 5
 
     [[worker]]
     name = "standard"
     target = "pipelines.supervised:standard"
     replicas = 2
+
+    [[worker]]
+    name = "other"                            # no child: its queue (Cube) stays as the test leaves it
+    target = "pipelines.supervised:other"
+    replicas = 0
 """
 
 
@@ -228,6 +234,14 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     status = json.loads(get(f"http://{address}/status.json")[2])
     assert status["supervisor"] == "lab" and status["http"] == address and len(status["workers"]) == 2
 
+    # the fleet agent's reading of the job queues: Cube's 4 pending jobs (nobody populates it)
+    pipe.Cube.jobs.refresh()
+    cube = pipe.Cube.full_table_name.replace("`", "").replace('"', "")
+    pending = ("djsupervisor_queue_jobs", (("state", "pending"), ("table", cube)))
+    found = wait_until(lambda: (m := metrics(address)).get(pending) == 4 and m, 20, message="Cube's queue read")
+    assert found[("djsupervisor_fleet_reading_age_seconds", ())] < 5
+    assert found[("djsupervisor_children", (("state", "running"), ("worker", "other")))] == 0
+
     # hostile clients: one silent, one sending a 100 KiB head; the loop keeps answering, both are dropped
     host, port = address.rsplit(":", 1)
     silent = socket.create_connection((host, int(port)), timeout=10)
@@ -255,6 +269,7 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     pids = sup.wait_children({"standard": 2})
     dom = chromium_dom(f"http://{address}/", tmp_path)
     assert re.search(r'<span id="supervisor">lab</span>', dom)
+    assert re.search(rf'<tr><td>{re.escape(cube)}</td><td>other</td><td class="n">4</td>', dom), dom[-3000:]
     rows = re.findall(r'<tr class="(\w+)"><td>standard</td><td class="n">(\d)</td><td class="n">(\d+)</td>', dom)
     assert sorted(rows) == sorted(("running", label[-2], str(pid)) for label, pid in pids.items()), dom[-3000:]
 
