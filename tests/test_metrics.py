@@ -118,5 +118,7 @@ def test_status_page_escapes_everything():
     assert "<script>" not in page and "<i>lab</i>" not in page and "<b>" not in page
     assert html.escape("<i>lab</i>") in page and "4242" in page
     assert 'http-equiv="refresh"' in page and "<td class=\"n\">9</td>" in page
-    empty = render_page(status_of(), FleetView(), version="1")
+    assert 'id="drained"' not in page
+    empty = render_page(dict(status_of(), drained={"standard": "halt", NASTY: "drain"}), FleetView(), version="1")
     assert "No reading of the job queues yet" in empty
+    assert f"Drained: {html.escape(NASTY)} (drain), standard (halt)</p>" in empty

@@ -67,6 +67,12 @@ def _queue_rows(fleet: FleetView) -> list[str]:
     return rows
 
 
+def _drained(status: Mapping[str, Any]) -> str:
+    """Pools held by a drain or halt flag, as "pool (mode)"."""
+    drained = status.get("drained") or {}
+    return ", ".join(f"{pool} ({mode})" for pool, mode in sorted(drained.items()))
+
+
 def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, now: float | None = None) -> str:
     """The status page for `status` (`Supervisor.status()`) and `fleet` (queue depths); `now` is monotonic."""
     name = html.escape(str(status.get("supervisor")))
@@ -82,6 +88,7 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
         f"<title>djsupervisor {name}</title><style>{_STYLE}</style></head><body>",
         f'<h1>djsupervisor <span id="supervisor">{name}</span></h1>',
         f'<p id="summary">{html.escape(summary)}</p>',
+        *(f'<p id="drained">Drained: {html.escape(drained)}</p>' for drained in [_drained(status)] if drained),
         "<h2>Children</h2>",
         '<table id="slots"><thead><tr>' + "".join(f"<th>{c}</th>" for c in _SLOT_COLUMNS) + "</tr></thead><tbody>",
         *(_slot_row(slot) for slot in slots),
