@@ -178,23 +178,30 @@ class Supervisor:
             for slot in list(pool.slots.values()):
                 self._stop_slot(slot, "supervisor stopping", "stay", fast=fast)
 
-    def request_reload(self) -> None:
-        """Re-read the config file: new definitions start, removed ones stop, changed ones roll."""
+    def request_reload(self) -> str | None:
+        """Re-read the config file: new definitions start, removed ones stop, changed ones roll.
+
+        Returns None once applied, else why nothing changed (the running configuration stays)."""
         if self._stop_mode:
-            return
+            return "the supervisor is stopping"
         if self.config_path is None:
             self.log.warning("reload: started without a config file, nothing to reload")
-            return
+            return "started without a config file: nothing to reload"
         self.notifier.reloading()
         self.state = "reloading"
+        problem = None
         try:
             new = load_config(self.config_path)
         except ConfigError as error:
             self.log.error("reload failed, keeping the running configuration: {}", error)
+            problem = f"reload failed, the running configuration stays: {error}"
         else:
             self._apply_config(new)
+            if self.agent is not None:  # it reads the pools' tables and flags: give it the new pools
+                self.agent.restart()
         self.state = "running"
         self.notifier.ready()
+        return problem
 
     def scale(self, worker: str, n: int) -> dict:
         """Set the size of pool `worker` to `n` children."""
@@ -218,8 +225,8 @@ class Supervisor:
                 self.request_stop(fast=bool(request.get("fast")))
                 return {"ok": True}
             if cmd == "reload":
-                self.request_reload()
-                return {"ok": True}
+                problem = self.request_reload()
+                return {"ok": True} if problem is None else {"ok": False, "error": problem}
             if cmd == "scale":
                 return {"ok": True, **self.scale(request.get("worker"), request.get("replicas"))}
         except (KeyError, ValueError) as error:
