@@ -64,3 +64,25 @@ def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, 
     assert cli(db, tmp_path, "stop", "-c", str(config)).returncode == 0
     assert sup.wait_exit(30) == 0
     assert not socket_path.exists()
+
+
+@pytest.mark.parametrize("backend", ["mysql"])  # the socket does not depend on the database
+def test_a_silent_control_client_is_dropped_without_any_other_connection(db, supervise, tmp_path):
+    import socket
+    import time
+
+    from djsupervisor.control import IDLE_TIMEOUT
+
+    declare(db.schema_name("pipe"))
+    socket_path = tmp_path / "lab.sock"
+    config = write_config(tmp_path / "lab.toml", f'[supervisor]\nname = "lab"\ncontrol_socket = "{socket_path}"\n'
+                          '[[worker]]\nname = "standard"\ntarget = "pipelines.supervised:standard"\n')  # fmt: skip
+    sup = supervise(["-c", str(config)])
+    sup.wait_children({"standard": 1})
+    wait_until(socket_path.exists, 10, message="the control socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(socket_path))
+        connected = time.monotonic()
+        silent.settimeout(IDLE_TIMEOUT + 15)
+        assert silent.recv(1) == b""  # closed by the supervisor's timer, not by a later client
+        assert IDLE_TIMEOUT <= time.monotonic() - connected < IDLE_TIMEOUT + 10

@@ -44,7 +44,8 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
 _STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
-_RECOVERY_TIMEOUT = 30.0  # seconds a recovery child may take
+_RECOVERY_TIMEOUT = 30.0
+_CONTROL_EXPIRY_INTERVAL = 5.0  # seconds between sweeps of idle control-socket clients  # seconds a recovery child may take
 _AFTER_STOP_RANK = {"respawn": 0, "retire": 1, "stay": 2}  # a stronger reason to stay down wins
 
 
@@ -253,6 +254,8 @@ class Supervisor:
             self._every(_CHECK_INTERVAL, self._check_children)
             self._every(self.config.sample_interval, self._sample)
             self._every(_STATUS_INTERVAL, self._send_status)
+            if self.control is not None:  # a client that connects and never asks loses its descriptor
+                self._every(_CONTROL_EXPIRY_INTERVAL, self.control.expire_idle)
             watchdog = self.notifier.watchdog_interval()
             if watchdog:
                 self._every(watchdog / 2, self.notifier.watchdog)
