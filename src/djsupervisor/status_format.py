@@ -60,12 +60,28 @@ def format_status(data: dict) -> str:
         )  # fmt: skip
         for w in workers
     ]
-    if not rows:
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.extend(_autoscale_lines(data.get("pools") or []))
     return "\n".join(lines)
+
+
+def _autoscale_lines(pools: list[dict]) -> list[str]:
+    """One line per autoscaled pool: its size within its bounds, pending jobs, the last decision."""
+    lines = []
+    for pool in pools:
+        auto = pool.get("autoscale")
+        if not auto:
+            continue
+        pending = "-" if auto.get("pending") is None else auto["pending"]
+        bounds = f"{auto.get('min')}..{auto.get('max')}"
+        line = f"autoscale {pool.get('worker')}: {pool.get('replicas')} children ({bounds}), {pending} pending"
+        if auto.get("decision"):
+            line += f"; {auto['decision']}: {auto.get('reason')}"
+        lines.append(line)
+    return lines
 
 
 def format_queues(queues: list[dict]) -> str:
