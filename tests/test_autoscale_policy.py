@@ -239,3 +239,19 @@ def test_reload_keeps_the_runtime_minimum_unless_replicas_changed_and_clamps_to_
     assert reload(W + "replicas = 3\nmax_replicas = 3\n") == {"w": (3, 3, 3)}  # a changed replicas is the minimum
     assert reload(W + "replicas = 1\n") == {"w": (1, None, None)}  # autoscaling removed: the config's size
     assert reload(W + "replicas = 1\nmax_replicas = 2\n") == {"w": (1, 1, 2)}  # and back
+
+
+def test_status_text_has_a_line_per_autoscaled_pool():
+    from djsupervisor.status_format import format_status
+
+    text = format_status({"supervisor": "lab", "pid": 1, "state": "running", "workers": [], "pools": [
+        {"worker": "fixed", "replicas": 2, "autoscale": None},
+        {"worker": "w", "replicas": 2, "autoscale": {"min": 1, "max": 4, "pending": 40, "decision": "grow",
+                                                     "reason": "40 pending for 1 child > 2 per child"}},
+        {"worker": "v", "replicas": 1, "autoscale": {"min": 1, "max": 2, "pending": None, "decision": None,
+                                                     "reason": None}},
+    ]})  # fmt: skip
+    assert text.splitlines()[1:] == [
+        "autoscale w: 2 of 1..4 children, 40 pending; grow: 40 pending for 1 child > 2 per child",
+        "autoscale v: 1 of 1..2 children, - pending",
+    ]

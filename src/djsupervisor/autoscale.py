@@ -126,7 +126,7 @@ class Autoscaler:
             return Decision(obs.minimum, "grow", "bounds", f"below the minimum {obs.minimum}")
         if obs.desired > s.max_replicas:
             return Decision(s.max_replicas, "shrink", "bounds", f"above max_replicas {s.max_replicas}")
-        load = f"{obs.pending} pending for {obs.live} children"
+        load = f"{obs.pending} pending for {obs.live} {'child' if obs.live == 1 else 'children'}"
         if high:
             return self._grow(obs, load)
         if obs.pending == 0:
@@ -169,7 +169,7 @@ class Autoscaler:
             return self._hold(obs, "at-min", f"no pending jobs; at the minimum {obs.minimum}")
         idle = obs.now - self.idle_since if self.idle_since is not None else 0.0
         if idle < s.scale_down_after:
-            wait = f"no pending jobs for {idle:.0f} of scale_down_after {s.scale_down_after:g} s"
+            wait = f"no pending jobs for {idle:.0f} s of scale_down_after {s.scale_down_after:g} s"
             return self._hold(obs, "idle-wait", wait)
         if cooling := self._cooling(obs):
             return self._hold(obs, "cooldown", f"no pending jobs, but scale_cooldown has {cooling:.0f} s left")

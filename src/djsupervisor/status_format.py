@@ -77,7 +77,7 @@ def _autoscale_lines(pools: list[dict]) -> list[str]:
             continue
         pending = "-" if auto.get("pending") is None else auto["pending"]
         bounds = f"{auto.get('min')}..{auto.get('max')}"
-        line = f"autoscale {pool.get('worker')}: {pool.get('replicas')} children ({bounds}), {pending} pending"
+        line = f"autoscale {pool.get('worker')}: {pool.get('replicas')} of {bounds} children, {pending} pending"
         if auto.get("decision"):
             line += f"; {auto['decision']}: {auto.get('reason')}"
         lines.append(line)
