@@ -4,22 +4,16 @@ fleet agent reads them) and shrinks it back once they are done; every key is com
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401 (a fixture)
+from helpers import run_cli as cli
+from helpers import supervise, wait_until, write_config  # noqa: F401 (a fixture)
 from pipelines.tables import declare, seed
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
 KEYS = 240  # at ~50 ms each: about 12 s for one child, enough for the pool to grow twice
-
-
-def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
 
 
 def test_pool_grows_under_a_backlog_and_shrinks_back_when_idle(db, supervise, tmp_path):
