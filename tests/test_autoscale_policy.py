@@ -10,7 +10,8 @@ import signal
 import pytest
 
 from djsupervisor.autoscale import AutoscaleSettings, Autoscaler, HostBudget, Observation
-from djsupervisor.config import ConfigError, load_config, parse_config
+from djsupervisor.config import ConfigError, load_config
+from djsupervisor.fleet_view import FleetView
 from djsupervisor.supervisor import Supervisor
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,6 +95,25 @@ def test_stale_or_missing_readings_hold_and_break_the_streaks():
     assert see(b, 16, 0, 0, desired=2) == ("hold", 2, "stale")  # idle long enough, but the reading is stale
     assert see(b, 20, 20, 0, desired=2) == ("hold", 2, "idle-wait")  # idle time counts again from here
     assert see(b, 30, 30, 0, desired=2) == ("shrink", 1, "idle")
+
+
+def test_a_drained_pool_holds_and_starts_over_afterwards():
+    a = scaler(cooldown=0, down_after=5)
+    see(a, 0, 0, 100)
+    assert see(a, 5, 5, 100, drained="drain") == ("hold", 1, "drained")
+    assert see(a, 10, 10, 100) == ("hold", 1, "hysteresis")  # the streak started over
+    b = scaler(cooldown=0, down_after=5)
+    see(b, 0, 0, 0, desired=2)
+    assert see(b, 10, 10, 0, desired=2, drained="halt") == ("hold", 2, "drained")
+
+
+def test_a_reading_that_missed_one_of_the_pools_tables_is_no_reading():
+    view = FleetView()
+    view.apply({"tables": {"w": ["a", "b"]}, "depths": {"a": {"pending": 3}, "b": {"pending": 4}}}, now=1.0)
+    assert view.pending("w") == 7
+    view.apply({"tables": {"w": ["a", "b"]}, "depths": {"a": {"pending": 3}}}, now=2.0)  # b could not be read
+    assert view.pending("w") is None and view.age(now=3.0) == 1.0
+    assert see(scaler(), 3, view.updated, view.pending("w")) == ("hold", 1, "no-reading")
 
 
 def test_no_growth_over_the_host_cpu_budget():

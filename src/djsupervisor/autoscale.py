@@ -4,8 +4,8 @@ Pure logic: `Autoscaler.decide` takes the time and every reading in an `Observat
 `Decision`; the supervisor applies it to the pool's desired size (a shrink retires the highest slot after
 its job in flight) and logs the reason. The rules, checked in this order:
 
-* no queue reading yet, or one older than ``stale_after`` (3 fleet intervals): hold, and forget the
-  streaks below (what happened between readings is unknown);
+* no queue reading yet, one older than ``stale_after`` (3 fleet intervals), or a pool drained or halted by
+  a fleet flag: hold, and forget the streaks below (what happened between readings is unknown);
 * below the minimum or above `max_replicas` (after a `scale` or a reload): back inside the bounds at once;
 * pending > ``scale_up_pending`` × live children on two consecutive fleet readings (hysteresis): grow by
   ``scale_step`` (up to `max_replicas`) unless the pool is still starting children, the last change was
@@ -52,7 +52,8 @@ class Observation:
 
     `reading_time` is the monotonic time of the fleet agent's latest reading (None before the first) and
     `pending` the pool's pending jobs in it; `desired` the pool's current size, `minimum` its floor,
-    `live` its children that are starting or running; `cpu_percent`, `available_mb` the host's, and
+    `live` its children that are starting or running; `drained` the fleet flag on the pool ("drain",
+    "halt") if any; `cpu_percent`, `available_mb` the host's, and
     `child_rss_mb` the median RSS of the pool's children (None when unknown).
     """
 
@@ -63,6 +64,7 @@ class Observation:
     minimum: int
     live: int
     stale_after: float
+    drained: str | None = None
     cpu_percent: float | None = None
     available_mb: float | None = None
     child_rss_mb: float | None = None
@@ -107,7 +109,10 @@ class Autoscaler:
         s = self.settings
         if obs.reading_time is None or obs.pending is None:
             self.high_readings, self.idle_since = 0, None
-            return self._hold(obs, "no-reading", "no queue reading yet")
+            return self._hold(obs, "no-reading", "no queue reading of every table of the pool")
+        if obs.drained:
+            self.high_readings, self.idle_since = 0, None
+            return self._hold(obs, "drained", f"{obs.drained}ed by a fleet flag")
         age = obs.now - obs.reading_time
         if age > obs.stale_after:
             self.high_readings, self.idle_since = 0, None

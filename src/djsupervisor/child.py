@@ -304,7 +304,8 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
 
 
 def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: int, report_fd: int,
-              close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None) -> None:  # fmt: skip
+              close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None,
+              host: str = "", fleet_window: float = 0.0) -> None:  # fmt: skip
     """The body of a forked child; never returns."""
     def body() -> int:
         isolate(parent_pid, close_fds)
@@ -320,6 +321,7 @@ def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: in
         from .connection import reconnect_after_fork
 
         worker = worker_config.build_worker()
+        worker.place(supervisor=supervisor, slot=slot_index, host=host or None, heartbeat_window=fleet_window)
         connections = worker_connections(worker)
         for connection in connections:
             reconnect_after_fork(connection)

@@ -1,4 +1,4 @@
-"""The `djsupervisor` command: start, status, stop, reload, scale, check, run.
+"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
 ``djsupervisor: error: ...``, and exit status 2; never a traceback.
@@ -27,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         if " " in self.prog:  # a subcommand's parser: name it
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
-            message = "no command given (start, status, stop, reload, scale, check, run; --help for more)"
+            message = "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"
         raise UsageError(message)
 
 
@@ -52,7 +52,7 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, fleet_cli
 
     parser = _Parser(prog="djsupervisor", description="Run DataJoint pipeline workers in production.")
     parser.add_argument("--version", action="version", version=f"djsupervisor {__version__}")
@@ -73,18 +73,28 @@ def _parser() -> argparse.ArgumentParser:
     source_options(start, modules=True)
     start.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
     start.add_argument("--log-format", choices=["text", "json"])
+    start.add_argument("--host", help="the host name in the fleet registry (overrides the config's host)")
 
     status = commands.add_parser("status", help="what every child is doing")
     socket_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--queues", action="store_true",
                         help="also each table's job queue, read from the database (needs -c FILE)")  # fmt: skip
+    status.add_argument("--fleet", action="store_true",
+                        help="every host's workers, from the database (needs -c FILE or --schema)")  # fmt: skip
+    fleet_cli.add_schema_option(status)
 
     stop = commands.add_parser("stop", help="graceful stop (jobs in flight finish)")
     socket_options(stop)
     stop.add_argument("--fast", action="store_true", help="do not wait for jobs in flight")
     stop.add_argument("--wait", type=_seconds, nargs="?", const=120.0, metavar="SECONDS",
                       help="return once the supervisor has exited (at most SECONDS, default 120)")  # fmt: skip
+
+    def fleet_source(command) -> None:
+        command.add_argument("-c", "--config", help="the config whose workers' schemas to use")
+        fleet_cli.add_schema_option(command)
+
+    fleet_cli.add_arguments(commands, fleet_source)
 
     reload = commands.add_parser("reload", help="re-read the config file")
     socket_options(reload)
@@ -204,13 +214,19 @@ def _start(args) -> int:
     if not args.config:
         _logging_for(args, context={"supervisor": config.name})
     try:
-        return Supervisor(config, path).run()
+        return Supervisor(config, path, host=args.host).run()
     except ControlError as error:  # e.g. the same supervisor already runs on this host: refuse to start
         raise UsageError(f"{config.source}: {error}") from None
 
 
 def _status(args) -> int:
     from .status_format import format_queues, format_status
+
+    if args.fleet:
+        from .fleet_cli import fleet_status
+
+        _logging_for(args, context={"worker": "status"}, quiet=True)
+        return fleet_status(args, _load)
 
     if args.queues and not args.config:
         raise UsageError("status --queues needs -c FILE (it imports the worker definitions)")
@@ -290,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     # datajoint.json would only stand in front of the one-line answers.
     warnings.filterwarnings("ignore", message="No datajoint.json found")
     from .config import ConfigError
+    from .fleet_cli import FleetError
 
     try:
         args = _parser().parse_args(argv)
@@ -307,9 +324,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return _check(args)
+        if args.command in ("drain", "resume"):
+            from . import fleet_cli
+
+            _logging_for(args, context={"worker": args.command}, quiet=True)
+            return getattr(fleet_cli, args.command)(args, _load)
         if args.command == "run":
             return _run(args)
-    except (UsageError, ConfigError) as error:
+    except (UsageError, ConfigError, FleetError) as error:
         print(f"djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -129,7 +129,8 @@ class SupervisorConfig:
     heartbeat_timeout: float = 30.0  # silence after which a child counts as hung (SIGSTOP, deadlock)
     hang_timeout: float = 600.0  # no progress outside a job for this long counts as hung
     sample_interval: float = 5.0  # psutil sampling period
-    fleet_interval: float = 5.0  # seconds between the fleet agent's readings of queue depths
+    host: str = ""  # the host name in the fleet registry ("" = the machine's host name)
+    fleet_interval: float = 5.0  # seconds between fleet heartbeats and readings (queue depths, drain flags)
     max_cpu_percent: float | None = None  # host CPU use at or above which no pool grows
     min_available_memory_mb: float | None = None  # host available memory below which no pool grows
     log_level: str = "INFO"
@@ -216,6 +217,10 @@ def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
     if not isinstance(table, dict):
         raise ConfigError(source, "supervisor", f"must be a table, got {_type_name(table)}")
     c = _Checker(source, table, "supervisor", _SUPERVISOR_KEYS)
+    for key, longest in (("name", 64), ("host", 255)):
+        value = table.get(key)
+        if isinstance(value, str) and (value == "*" or len(value) > longest):
+            c.fail(key, f"must be a name of at most {longest} characters other than '*', got {value!r}")
     return dict(
         name=c.string("name", default_name),
         graceful_timeout=float(c.number("graceful_timeout", 30.0)),
@@ -228,6 +233,7 @@ def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
         heartbeat_timeout=float(c.number("heartbeat_timeout", 30.0, exclusive=True)),
         hang_timeout=float(c.number("hang_timeout", 600.0, exclusive=True)),
         sample_interval=float(c.number("sample_interval", 5.0, exclusive=True)),
+        host=c.string("host", ""),
         fleet_interval=float(c.number("fleet_interval", 5.0, exclusive=True)),
         max_cpu_percent=_cpu_percent(c),
         min_available_memory_mb=c.number("min_available_memory_mb"),

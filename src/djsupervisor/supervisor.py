@@ -21,6 +21,7 @@ import heapq
 import itertools
 import json
 import os
+import platform
 import selectors
 import signal
 import statistics
@@ -32,6 +33,7 @@ from typing import Any, Callable
 import psutil
 from loguru import logger
 
+from .agent import FleetAgentLink, heartbeat_window
 from .autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
 from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
 from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
@@ -121,7 +123,11 @@ class _NoNotifier:
 class Supervisor:
     """The supervisor of one configuration's worker pools; `run()` until stopped, returns the exit status."""
 
-    def __init__(self, config: SupervisorConfig, config_path: str | os.PathLike | None = None) -> None:
+    def __init__(self, config: SupervisorConfig, config_path: str | os.PathLike | None = None,
+                 host: str | None = None) -> None:  # fmt: skip
+        self._host_override = host
+        if host:
+            config = dataclasses.replace(config, host=host)
         self.config = config
         self.config_path = config_path
         self.pools: dict[str, Pool] = {}
@@ -134,6 +140,7 @@ class Supervisor:
         self._host_cpu: float | None = None  # host-wide CPU % over the last sample_interval
         self.selector: selectors.BaseSelector | None = None
         self.control = None
+        self.agent: FleetAgentLink | None = None
         self.notifier: Any = _NoNotifier()
         self._by_pid: dict[int, Slot] = {}
         self._recovery_pids: set[int] = set()
@@ -160,6 +167,9 @@ class Supervisor:
             "pid": self.pid,
             "started": self.started,
             "state": self.state,
+            "host": self.config.host or platform.node(),
+            "drained": dict(self.fleet.drained),
+            "fleet_age": round(self.fleet.age(), 3) if self.fleet.updated is not None else None,
             "workers": [
                 slot.status(now)
                 for name in sorted(self.pools)
@@ -267,6 +277,9 @@ class Supervisor:
             )  # fmt: skip
             self.state = "running"
             self._manage()
+            self.agent = FleetAgentLink(self)
+            self.agent.start()
+            self._every(self.config.fleet_interval, self.agent.tick)
             self._every(_CHECK_INTERVAL, self._check_children)
             psutil.cpu_percent(None)  # the first call starts the measurement and returns nothing useful
             self._every(self.config.sample_interval, self._sample)
@@ -282,6 +295,8 @@ class Supervisor:
                         key.data(mask)
                 self.timers.run_due(time.monotonic())
                 self._manage()
+            if self.agent is not None:
+                self.agent.stop()
             self.log.info("supervisor {} stopped", self.config.name)
             return 0
         finally:
@@ -323,6 +338,8 @@ class Supervisor:
     def _teardown(self) -> None:
         for pid in list(self._by_pid) + list(self._recovery_pids):  # only if run() ends by an exception
             _killpg(pid, signal.SIGKILL)
+        if self.agent is not None:
+            self.agent.stop(fast=True)
         if self.control is not None:
             try:
                 self.control.close()
@@ -385,6 +402,7 @@ class Supervisor:
                 supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
                 parent_pid=self.pid, report_fd=write_fd, close_fds=[read_fd, *close_fds],
                 heartbeat_interval=self.config.heartbeat_interval, timed_out_job=timed_out_job,
+                host=self.config.host, fleet_window=heartbeat_window(self.config.fleet_interval),
             )  # fmt: skip
 
         pid = self._fork(child)
@@ -407,6 +425,8 @@ class Supervisor:
         """Fork; the child runs `child(fds_to_close)` and never returns. Signals stay blocked across the
         fork: a signal meant for the child must not run the parent's handlers in it."""
         close_in_child = [self._wake_r, self._wake_w, self.selector.fileno(), *self.selector.get_map()]
+        if self.agent is not None:
+            close_in_child += self.agent.fds()
         sys.stdout.flush()
         sys.stderr.flush()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -494,6 +514,9 @@ class Supervisor:
                 os.killpg(pid, signal.SIGKILL)  # whatever the child started and left behind
             except OSError:
                 pass
+            if self.agent is not None and pid == self.agent.pid:
+                self.agent.exited(status)
+                continue
             if pid in self._recovery_pids:
                 self._recovery_pids.discard(pid)
                 self.log.info("job recovery (pid {}) ended: {}", pid, _describe_exit(status))
@@ -501,6 +524,8 @@ class Supervisor:
             slot = self._by_pid.pop(pid, None)
             self.sampler.forget(pid)
             if slot is not None:
+                if self.agent is not None:
+                    self.agent.child_gone(slot.worker, pid)
                 self._child_exited(slot, status)
 
     def _child_exited(self, slot: Slot, status: int) -> None:
@@ -634,9 +659,12 @@ class Supervisor:
                     self.log.info("pool {} removed", name)
                 continue
             active = pool.active()
-            for slot in active[pool.replicas:]:
-                self._stop_slot(slot, f"pool shrunk to {pool.replicas}", "retire")
-            for _ in range(pool.replicas - len(active)):
+            drained = self.fleet.drained.get(name)
+            target = 0 if drained else pool.replicas
+            for slot in active[target:]:
+                why = f"{drained}ed by a fleet flag" if drained else f"pool shrunk to {pool.replicas}"
+                self._stop_slot(slot, why, "retire")
+            for _ in range(target - len(active)):
                 index = pool.free_index()
                 pool.slots[index] = Slot(name, index, pool.config)
             for slot in pool.active():
@@ -645,6 +673,7 @@ class Supervisor:
                 ):
                     self._spawn(slot)
             self._roll(pool)
+        self._halt_if_flagged()
         if not self._ready_sent and all(
             "connection_ids" in s.report or s.state not in LIVE_STATES for p in self.pools.values() for s in p.slots.values()
         ):
@@ -652,6 +681,13 @@ class Supervisor:
             self.notifier.ready()
             self._send_status()
             self.log.info("all children started")
+
+    def _halt_if_flagged(self) -> None:
+        """Stop (gracefully) once a halt flag covers every pool: the jobs in flight finish, then exit 0."""
+        live = [name for name, pool in self.pools.items() if pool.config is not None]
+        if live and all(self.fleet.drained.get(name) == "halt" for name in live):
+            self.log.warning("halted by a fleet flag (djsupervisor resume clears it)")
+            self.request_stop()
 
     def _roll(self, pool: Pool) -> None:
         """Restart children running an outdated definition, one at a time, each once the previous one runs."""
@@ -680,6 +716,8 @@ class Supervisor:
         if new.name != self.config.name:
             self.log.warning("reload: the supervisor name change to {!r} applies at the next start", new.name)
             new = dataclasses.replace(new, name=self.config.name)
+        if self._host_override:
+            new = dataclasses.replace(new, host=self._host_override)
         for name, pool in self.pools.items():
             if name not in new_names and pool.config is not None:
                 self.log.info("reload: worker {} removed", name)
@@ -755,7 +793,7 @@ class Supervisor:
             rss = [s.rss_mb for s in active if s.pid is not None and s.rss_mb is not None]
             decision = pool.autoscaler.decide(Observation(
                 now=now, reading_time=self.fleet.updated, pending=self.fleet.pending(pool.name),
-                desired=pool.replicas, minimum=pool.minimum, live=live,
+                desired=pool.replicas, minimum=pool.minimum, live=live, drained=self.fleet.drained.get(pool.name),
                 stale_after=STALE_INTERVALS * self.config.fleet_interval, cpu_percent=self._host_cpu,
                 available_mb=available_mb, child_rss_mb=statistics.median(rss) if rss else None,
             ))  # fmt: skip

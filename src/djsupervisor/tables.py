@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable, TypeVar
 
 import datajoint as dj
+import psutil
 from loguru import logger
 
 from .connection import is_connection_error
@@ -67,13 +68,29 @@ def _define_tables(schema: dj.Schema) -> dict[str, type]:
         ---
         settings        : json            # the worker's settings and registered processes
         connection_id   : int64           # the process's database session
-        state           : varchar(32)     # idle, running, populating, sleeping, stopped
+        supervisor=""   : varchar(64)     # the djsupervisor that runs it ("" when run by hand)
+        slot=-1         : int32           # its slot in that supervisor's pool (-1 when run by hand)
+        state           : varchar(32)     # idle, running, populating, sleeping, stopped, exited
         current_table="" : varchar(255)   # the table or callable it is working on
         current_key=null : json
         cycles=0        : int64
         jobs_done=0     : int64
         jobs_failed=0   : int64
-        last_heartbeat  : datetime(3)
+        last_heartbeat  : datetime(3)     # by the database server's clock
+        heartbeat_window=0 : float64      # seconds after last_heartbeat by which the next is due (0: unknown)
+        """
+
+    @schema
+    class FleetFlag(dj.Manual):
+        definition = """
+        # Drain and halt flags: children of matching pools finish their job in flight and stop
+        host            : varchar(255)    # a host name, or * for every host
+        supervisor      : varchar(64)     # a supervisor name, or *
+        worker_name     : varchar(64)     # a worker definition (pool) name, or *
+        ---
+        mode            : varchar(8)      # drain: children stop; halt: and the supervisor exits
+        set_by          : varchar(255)    # user@host that set it
+        set_at          : datetime(3)
         """
 
     @schema
@@ -114,7 +131,41 @@ def _define_tables(schema: dj.Schema) -> dict[str, type]:
         INDEX (worker_name, error_time)
         """
 
-    return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog)
+    return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog, FleetFlag=FleetFlag)
+
+
+_HEARTBEAT_FIELDS = ("state", "current_table", "current_key", "cycles", "jobs_done", "jobs_failed",
+                     "heartbeat_window", "connection_id", "supervisor", "slot")  # fmt: skip
+_IDENTITY_FIELDS = ("worker_name", "host", "pid", "process_start")
+
+
+def process_start(pid: int) -> datetime.datetime:
+    """When process `pid` started, to the millisecond (RegisteredWorker's process_start)."""
+    started = datetime.datetime.fromtimestamp(psutil.Process(pid).create_time())
+    return started.replace(microsecond=started.microsecond // 1000 * 1000)
+
+
+def update_heartbeats(connection: dj.Connection, table: str, rows: list[dict]) -> int:
+    """Set the given fields of existing RegisteredWorker rows and stamp them with the server's clock.
+
+    Each row holds the identity (worker_name, host, pid, process_start) and any of the heartbeat fields.
+    LOCALTIMESTAMP is the server's time in the session's zone, the same on every host that reads it back
+    (client clocks and time zones may differ). Returns how many rows existed.
+    """
+    q = connection.adapter.quote_identifier
+    found = 0
+    for row in rows:
+        fields = [f for f in _HEARTBEAT_FIELDS if f in row]
+        values = [json.dumps(_json_safe(row[f])) if f == "current_key" and row[f] is not None else row[f]
+                  for f in fields]  # fmt: skip
+        assignments = ", ".join(f"{q(f)} = %s" for f in fields)
+        where = " AND ".join(f"{q(f)} = %s" for f in _IDENTITY_FIELDS)
+        cursor = connection.query(
+            f"UPDATE {table} SET {assignments}, {q('last_heartbeat')} = LOCALTIMESTAMP(3) WHERE {where}",
+            args=(*values, *(row[f] for f in _IDENTITY_FIELDS)),
+        )
+        found += cursor.rowcount > 0
+    return found
 
 
 class WorkerSchema:
@@ -139,24 +190,24 @@ class WorkerSchema:
 
         return declare_with_retry(declare, f"worker schema {self.schema_name}")
 
-    def register(self, identity: dict, settings: dict, state: str) -> bool:
+    def register(self, identity: dict, settings: dict, state: str, placement: dict | None = None) -> bool:
         """Insert this process's RegisteredWorker row (True once it is there)."""
-        now = datetime.datetime.now()
         self.tables["RegisteredWorker"].insert1(
             dict(identity, settings=_json_safe(settings), connection_id=self.connection.connection_id,
-                 state=state, last_heartbeat=now),  # fmt: skip
+                 state=state, last_heartbeat=datetime.datetime.now(), **(placement or {})),  # fmt: skip
             skip_duplicates=True,
         )
         return True
 
     def heartbeat(self, identity: dict, *, state: str, table: str | None, key: dict | None,
-                  cycles: int, jobs_done: int, jobs_failed: int) -> None:  # fmt: skip
-        """Update this process's RegisteredWorker row with what it is doing now."""
-        self.tables["RegisteredWorker"].update1(
-            dict(identity, state=state, current_table=table or "", current_key=_json_safe(key),
-                 cycles=cycles, jobs_done=jobs_done, jobs_failed=jobs_failed,
-                 connection_id=self.connection.connection_id, last_heartbeat=datetime.datetime.now())  # fmt: skip
-        )
+                  cycles: int, jobs_done: int, jobs_failed: int, window: float | None = None) -> None:  # fmt: skip
+        """Update this process's RegisteredWorker row with what it is doing now (server clock); the
+        heartbeat window is left as it is when `window` is None."""
+        row = dict(identity, state=state, current_table=table or "", current_key=key, cycles=cycles,
+                   jobs_done=jobs_done, jobs_failed=jobs_failed, connection_id=self.connection.connection_id)  # fmt: skip
+        if window is not None:
+            row["heartbeat_window"] = window
+        update_heartbeats(self.connection, self.tables["RegisteredWorker"].full_table_name, [row])
 
     def log_cycle(self, identity: dict, summary, durations: dict[str, float]) -> None:
         """Insert one WorkerLog row per registered process for the cycle `summary` describes."""

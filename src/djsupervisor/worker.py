@@ -35,7 +35,6 @@ import time
 from typing import Any, Callable, Iterable, Sequence
 
 import datajoint as dj
-import psutil
 from loguru import logger
 
 from .connection import (
@@ -48,8 +47,9 @@ from .connection import (
 from .events import Activity, CycleSummary, WorkerEvent
 from .jobs import JobRecovery
 from .steps import CallableStep, TableStep, make_step
-from .tables import WorkerSchema
+from .tables import WorkerSchema, process_start
 
+_SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
 _STOP_POLL_INTERVAL = 0.25  # how often a sleep looks for a stop requested from another thread
 _OUTAGE_BACKOFF_FIRST = 1.0  # seconds to wait after a cycle that could not reach the server...
@@ -155,6 +155,7 @@ class DataJointWorker:
         self._schema: WorkerSchema | None = None
         self._recovery: JobRecovery | None = None
         self._identity: dict | None = None
+        self._placement: dict = {}
         self._registered_pid: int | None = None
         self._last_db_heartbeat = 0.0
         self._connection_errors = 0  # in the current cycle
@@ -295,12 +296,21 @@ class DataJointWorker:
             logger.bind(worker=self.name).warning("{} failed: {}: {}", what, error.__class__.__name__, error)
             return None
 
+    def place(self, *, supervisor: str, slot: int, host: str | None = None, heartbeat_window: float = 0.0) -> None:
+        """Record where this worker runs, for the fleet registry (djsupervisor's children call this).
+
+        `host` replaces the machine's host name in RegisteredWorker, WorkerLog and ErrorLog (a pod's or
+        a Slurm node's name, say). `heartbeat_window`: seconds within which the supervisor's fleet agent
+        stamps this process's row again; it owns the window from then on."""
+        self._placement = {"supervisor": supervisor, "slot": slot, "host": host,
+                           "heartbeat_window": heartbeat_window}  # fmt: skip
+        self._identity = None
+
     def _process_identity(self) -> dict:
         pid = os.getpid()
         if self._identity is None or self._identity["pid"] != pid:
-            started = datetime.datetime.fromtimestamp(psutil.Process(pid).create_time())
-            started = started.replace(microsecond=started.microsecond // 1000 * 1000)  # datetime(3)
-            self._identity = dict(worker_name=self.name, host=platform.node(), pid=pid, process_start=started)
+            host = self._placement.get("host") or platform.node()
+            self._identity = dict(worker_name=self.name, host=host, pid=pid, process_start=process_start(pid))
             self._schema = None
             self._recovery = None
         return self._identity
@@ -316,19 +326,28 @@ class DataJointWorker:
     def _register(self) -> None:
         identity = self._process_identity()
         settings = dict(self.settings, processes=[s.describe() for s in self._steps])
-        if self._bookkeeping("registering the worker", lambda: self.schema.register(identity, settings, "running")):
+        placement = {k: v for k, v in self._placement.items() if k in ("supervisor", "slot", "heartbeat_window")}
+        if self._bookkeeping("registering the worker",
+                             lambda: self.schema.register(identity, settings, "running", placement)):  # fmt: skip
             self._registered_pid = identity["pid"]
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, window: float | None = None) -> None:
+        """Update RegisteredWorker. `window`: seconds by which the next heartbeat is due. Unknown (None)
+        means 0 ("cannot tell": a job may run for hours) for a worker run by hand; a supervised one leaves
+        the window to its supervisor's fleet agent, which heartbeats for it on a fixed period."""
         self._last_db_heartbeat = time.monotonic()
         if self._registered_pid != os.getpid():
             self._register()
+        if self._placement:
+            window = None
+        elif window is None:
+            window = 0.0
         activity = self._activity
         self._bookkeeping(
             "heartbeat",
             lambda: self.schema.heartbeat(
                 self._process_identity(), state=activity.state, table=activity.table, key=activity.key,
-                cycles=self.cycles, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed,
+                cycles=self.cycles, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed, window=window,
             ),
         )  # fmt: skip
 
@@ -488,7 +507,7 @@ class DataJointWorker:
             return
         self._set_activity("sleeping")
         self._emit(WorkerEvent("sleep", seconds=seconds))
-        self._heartbeat()
+        self._heartbeat(window=seconds + _SLEEP_HEARTBEAT_GRACE)
         deadline = time.monotonic() + seconds
         while not self.stop_requested:
             remaining = deadline - time.monotonic()
