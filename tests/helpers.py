@@ -92,7 +92,8 @@ def djsupervisor_command() -> list[str]:
 
 def run_cli(db, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """Run `djsupervisor ARGS...` against the test's database and pipelines; its output captured as text."""
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # as Supervised
     return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=60)  # fmt: skip
 
