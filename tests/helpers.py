@@ -109,12 +109,15 @@ def write_config(path: Path, text: str) -> Path:
 class Supervised:
     """A running `djsupervisor start`, its output in a file, its children seen through psutil."""
 
-    def __init__(self, args: list[str], env: dict, workdir: Path) -> None:
-        self.log_path = workdir / "supervisor.log"
+    def __init__(self, args: list[str], env: dict, workdir: Path, uts_host: str | None = None) -> None:
+        self.log_path = workdir / (f"supervisor-{uts_host}.log" if uts_host else "supervisor.log")
         self._log = open(self.log_path, "wb")
         env = dict(env, PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    PYTHONUNBUFFERED="1")  # fmt: skip
-        self.process = subprocess.Popen([*djsupervisor_command(), "start", *args], env=env, cwd=workdir,
+        command = [*djsupervisor_command(), "start", *args]
+        if uts_host:  # a host of its own name: a UTS namespace (root only), as on another machine
+            command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', uts_host, *command]
+        self.process = subprocess.Popen(command, env=env, cwd=workdir,
                                         stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)  # its own group, like a shell's job  # fmt: skip
         self.pid = self.process.pid
@@ -199,13 +202,14 @@ def supervise(db, tmp_path):
     """Start the real `djsupervisor start ARGS...` for this test's database; everything is killed afterwards.
 
     Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
-    DJS_TEST_PREFIX.
+    DJS_TEST_PREFIX. ``supervise(args, uts_host="node-b")`` runs it under that host name (its own UTS
+    namespace), so that DataJoint's job reservations name that host, as on another machine.
     """
     started: list[Supervised] = []
 
-    def start(args: list[str]) -> Supervised:
+    def start(args: list[str], uts_host: str | None = None) -> Supervised:
         env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
-        supervised = Supervised(args, env, tmp_path)
+        supervised = Supervised(args, env, tmp_path, uts_host)
         started.append(supervised)
         return supervised
 

@@ -4,6 +4,7 @@ drain/resume/halt and stale recovery are observed from a separate process (the `
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 
@@ -35,8 +36,6 @@ def fleet_config(tmp_path, name: str, host: str, replicas: int = 1, stale_hours:
 
 def cli(db, tmp_path, *args, check=True) -> subprocess.CompletedProcess:
     """Run `djsupervisor ARGS...` as a separate process (the fourth host, so to speak)."""
-    import os
-
     from helpers import TESTS
 
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
@@ -44,7 +43,6 @@ def cli(db, tmp_path, *args, check=True) -> subprocess.CompletedProcess:
                             text=True, timeout=60)  # fmt: skip
     if check:
         assert result.returncode == 0, f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"
-    del os
     return result
 
 
@@ -93,17 +91,27 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
                            + live_rows(fleet(db, tmp_path, config_a), "host-b")) == 20,  # fmt: skip
                30, interval=0.3, message="jobs_done in the registry")  # fmt: skip
 
-    # Drain host-b from outside: its child finishes and leaves; host-a keeps working.
+    # Drain host-b from outside while its child is in a job: the job lands, the child leaves; host-a goes on.
     a_pids = sup_a.pids()
+    b_pid = sup_b.pids()["standard[0]"]
+    seed(pipe, range(100, 106), delay=1.5)
+
+    def b_reserved():
+        rows = (pipe.Square.jobs & "status = 'reserved'" & {"pid": b_pid}).to_dicts()
+        return rows[0]["source_id"] + 1 if rows else None  # (+1: key 0 would read as "not yet")
+
+    in_flight = wait_until(b_reserved, 60, interval=0.02, message="host-b's child in a job") - 1
     cli(db, tmp_path, "drain", "--host", "host-b", "-c", str(config_a))
     wait_until(lambda: not sup_b.pids(), 30, message="host-b's child gone")
+    assert len(pipe.Square & {"source_id": in_flight, "worker_pid": b_pid}) == 1  # its job landed
+    assert len(pipe.Square.jobs & "status = 'error'") == 0
     assert sup_a.pids() == a_pids
     assert sup_b.process.poll() is None  # drained, not halted
     status_b = json.loads(cli(db, tmp_path, "status", "--json", "-c", str(config_b)).stdout)
     assert status_b["drained"] == {"standard": "drain"}
     seed(pipe, range(20, 30))
-    wait_until(lambda: len(pipe.Square()) == 30, 60, message="host-a alone computes the new keys")
-    assert set((pipe.Square & "source_id >= 20").to_arrays("worker_pid")) <= set(a_pids.values())
+    wait_until(lambda: len(pipe.Square()) == 36, 60, message="host-a alone computes the new keys")
+    assert set((pipe.Square & "source_id >= 20 AND source_id < 30").to_arrays("worker_pid")) <= set(a_pids.values())
 
     # Resume: host-b's pool comes back.
     out = cli(db, tmp_path, "resume", "--host", "host-b", "-c", str(config_a)).stdout
@@ -119,12 +127,23 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     cli(db, tmp_path, "resume", "--all", "-c", str(config_a))
 
 
+def can_unshare_uts() -> bool:
+    try:
+        return subprocess.run(["unshare", "--uts", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 @pytest.mark.timeout(240)
+@pytest.mark.skipif(not can_unshare_uts(), reason="needs unshare --uts (root): a host name per supervisor")
 def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
     pipe = declare(db.schema_name("pipe"))
     configs = {host: fleet_config(tmp_path, f"sup-{host}", host, replicas=1, stale_hours=0.001)
                for host in ("host-a", "host-b", "host-c")}  # fmt: skip
-    sups = {host: supervise(["-c", str(config)]) for host, config in configs.items()}
+    # Each supervisor in a UTS namespace of its own: its reservations name its host, so the survivors cannot
+    # tell by pid that host-c's child is dead; only the stale rule (reservation older than the
+    # stale_timeout, 3.6 s here, and its connection gone) brings its job back.
+    sups = {host: supervise(["-c", str(config)], uts_host=host) for host, config in configs.items()}
     for sup in sups.values():
         sup.wait_children({"standard": 1})
     seed(pipe, range(40), delay=0.3)
@@ -145,10 +164,16 @@ def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
         wait_until(lambda p=process: process_gone(p.pid), 10, message=f"pid {process.pid} gone")
 
     # The other two hosts recover its reservation and finish everything, each key computed exactly once.
+    lost = (pipe.Square.jobs & "status = 'reserved'" & {"pid": child.pid}).to_dicts()
+    assert lost and all(job["host"] == "host-c" for job in lost)
     wait_until(lambda: len(pipe.Square()) == 40, 120, message="all 40 squares despite host-c's death")
     assert len(pipe.Square.jobs & "status = 'error'") == 0
     assert len(pipe.Square.jobs & "status = 'reserved'") == 0
     assert sorted(pipe.Square.to_arrays("source_id")) == list(range(40))
+    logs = db.connection.query(  # the survivors' WorkerLog says the stale rule re-pended it
+        f"SELECT SUM(recovered) FROM {db.connection.adapter.quote_identifier(db.prefix + '_workers')}.worker_log"
+    ).fetchone()[0]
+    assert logs and int(logs) >= len(lost)
 
     # Seen from a fourth process: host-c's row is overdue, the others are not.
     def overdue_c():
@@ -176,3 +201,35 @@ def test_drain_needs_a_selector_and_a_schema(db, tmp_path):
     result = cli(db, tmp_path, "resume", "--all", check=False)
     assert result.returncode == 2
     assert "give -c FILE" in result.stderr and "Traceback" not in result.stderr
+
+
+def agent_pid(sup) -> int | None:
+    """The pid of the supervisor's fleet agent, from its process title."""
+    for process in psutil.Process(sup.pid).children():
+        try:
+            if " ".join(process.cmdline()).strip().endswith("fleet agent"):
+                return process.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_fleet_agent_is_restarted_and_heartbeats_resume(db, tmp_path, supervise):
+    declare(db.schema_name("pipe"))
+    config = fleet_config(tmp_path, "sup-a", "host-a")
+    sup = supervise(["-c", str(config)])
+    child = sup.wait_children({"standard": 1})["standard[0]"]
+    first = wait_until(lambda: agent_pid(sup), 30, message="the fleet agent")
+    wait_until(lambda: any(r["pid"] == child and r["supervisor"] == "sup-a" for r in fleet(db, tmp_path, config)),
+               30, interval=0.3, message="the child's row")  # fmt: skip
+    os.kill(first, signal.SIGKILL)
+    second = wait_until(lambda: agent_pid(sup) not in (None, first) and agent_pid(sup), 30, message="a new agent")
+    assert second != first
+    assert sup.pids() == {"standard[0]": child}  # the children are not touched
+
+    def stamped_again():
+        row = next(r for r in fleet(db, tmp_path, config) if r["pid"] == child)
+        return row["age"] < 1.0 and not row["overdue"]
+
+    wait_until(stamped_again, 30, interval=0.3, message="fresh heartbeats from the new agent")

@@ -33,7 +33,8 @@ from .child import EXIT_OK, _run_then_exit, _short_table, isolate, worker_connec
 
 _RESTART_FIRST = 1.0  # seconds before restarting an agent that died, doubling up to _RESTART_MAX
 _RESTART_MAX = 60.0
-_STOP_WAIT = 3.0  # seconds the parent waits for the agent's last write at shutdown
+_STOP_WAIT = 3.0
+_PRUNE_INTERVAL = 600.0  # seconds between deletions of this supervisor's rows of processes that are gone  # seconds the parent waits for the agent's last write at shutdown
 
 
 def heartbeat_window(fleet_interval: float) -> float:
@@ -58,6 +59,7 @@ class FleetAgent:
         self._schemas: dict[str, Any] = {}
         self._starts: dict[int, Any] = {}  # pid -> process_start
         self._connected = False
+        self._last_prune: float | None = None
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
@@ -98,6 +100,13 @@ class FleetAgent:
         if pid not in self._starts:
             self._starts[pid] = process_start(pid)
         return self._starts[pid]
+
+    def maybe_prune(self) -> None:
+        """Prune at the start and then every `_PRUNE_INTERVAL` seconds (children come and go: max_jobs)."""
+        now = time.monotonic()
+        if self._last_prune is None or now - self._last_prune >= _PRUNE_INTERVAL:
+            self._last_prune = now
+            self._attempt("pruning RegisteredWorker", self.prune)
 
     def prune(self) -> None:
         """Delete this supervisor's rows on this host whose process is gone (earlier runs' children)."""
@@ -206,7 +215,7 @@ def run_agent(*, supervisor: str, host: str, worker_configs: list, fleet_interva
                 agent._attempt("connecting", agent.connect)
                 if not agent._connected:
                     continue
-                agent._attempt("pruning RegisteredWorker", agent.prune)
+            agent.maybe_prune()
             agent.heartbeat(children, gone)
             if not closed:
                 _write_line(report_fd, agent.read())

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from .fleet import ANY, Selector, clear_flags, fleet_rows, read_flags, set_flag
+from .status_format import format_table
 
 
 class FleetError(Exception):
@@ -133,18 +134,17 @@ def format_fleet(report: list[dict]) -> str:
     header = ("HOST", "SUPERVISOR", "WORKER", "SLOT", "PID", "STATE", "DOING", "DONE", "FAILED", "LAST SEEN")
     for entry in report:
         out.append(f"schema {entry['schema']}: {len(entry['workers'])} worker processes")
-        lines = [header]
+        rows = []
         for row in entry["workers"]:
             doing = row["current_table"] or ""
             if row.get("current_key"):
                 key = row["current_key"]
                 doing += " " + (json.dumps(key, default=str) if not isinstance(key, str) else key)
             seen = _ago(row["age"]) + ("  OVERDUE" if row["overdue"] else "")
-            lines.append((row["host"], row["supervisor"] or "-", row["worker_name"],
+            rows.append((row["host"], row["supervisor"] or "-", row["worker_name"],
                           str(row["slot"]) if row["slot"] >= 0 else "-", str(row["pid"]), row["state"],
                           doing[:60], str(row["jobs_done"]), str(row["jobs_failed"]), seen))  # fmt: skip
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        out.extend("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+        out.extend(format_table(header, rows))
         for flag in entry["flags"]:
             out.append(f"flag {flag['mode']}: host={flag['host']} supervisor={flag['supervisor']} "
                        f"worker={flag['worker_name']} (set by {flag['set_by']} at {flag['set_at']})")  # fmt: skip

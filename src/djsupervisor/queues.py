@@ -13,10 +13,7 @@ QUEUE_STATES = ("pending", "reserved", "success", "error", "ignore")
 
 def worker_tables(worker: Any) -> list[Any]:
     """The table instances a DataJointWorker populates, in the order it runs them."""
-    tables = getattr(worker, "tables", None)  # a public accessor, should the worker grow one
-    if tables is not None:
-        return list(tables)
-    return [step.table for step in getattr(worker, "_steps", ()) if hasattr(step, "table")]
+    return list(worker.tables)
 
 
 def queue_progress(workers: Iterable[tuple[str, Any]]) -> list[dict]:

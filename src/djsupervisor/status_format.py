@@ -46,10 +46,18 @@ def _summary(data: dict, workers: list[dict]) -> str:
             f"{counts}; {jobs} jobs done")  # fmt: skip
 
 
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, header first."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
 def format_status(data: dict) -> str:
     """Render a status response as a summary line and a table, one row per slot."""
     workers = data.get("workers") or []
     lines = [_summary(data, workers)]
+    for pool, mode in sorted((data.get("drained") or {}).items()):
+        lines.append(f"pool {pool}: {mode}ed by a fleet flag (djsupervisor resume clears it)")
     header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
     rows = [
         (
@@ -61,9 +69,7 @@ def format_status(data: dict) -> str:
         for w in workers
     ]
     if rows:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.extend(format_table(header, rows))
     lines.extend(_autoscale_lines(data.get("pools") or []))
     return "\n".join(lines)
 
@@ -91,5 +97,4 @@ def format_queues(queues: list[dict]) -> str:
             for q in queues]  # fmt: skip
     if not rows:
         return "(no tables)"
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+    return "\n".join(format_table(header, rows))

@@ -177,6 +177,11 @@ class DataJointWorker:
         return [step.name for step in self._steps]
 
     @property
+    def tables(self) -> list[Any]:
+        """The auto-populated tables registered, in the order they run (callables left out)."""
+        return [step.table for step in self._steps if isinstance(step, TableStep)]
+
+    @property
     def settings(self) -> dict:
         """The overridable settings (those `configure` accepts)."""
         return {name: getattr(self, name) for name in self.SETTINGS}
