@@ -203,7 +203,7 @@ def supervisor_with(tmp_path, text: str) -> Supervisor:
     path.write_text(text)
     sup = Supervisor(load_config(path, check_targets=False), path)
     for worker in sup.config.workers:
-        sup.pools[worker.name] = sup._new_pool(worker)
+        sup.pools[worker.name] = sup._new_pool(worker, sup.config)
     return sup
 
 
@@ -253,8 +253,10 @@ def test_reload_keeps_the_runtime_minimum_unless_replicas_changed_and_clamps_to_
         sup.request_reload()
         return sizes(sup)
 
-    assert reload(W + "replicas = 1\nmax_replicas = 4\nscale_cooldown = 5\n") == {"w": (4, 2, 4)}
+    budget = "[supervisor]\nmax_cpu_percent = 70\n"
+    assert reload(budget + W + "replicas = 1\nmax_replicas = 4\nscale_cooldown = 5\n") == {"w": (4, 2, 4)}
     assert sup.pools["w"].autoscaler is autoscaler and autoscaler.settings.scale_cooldown == 5  # state kept
+    assert autoscaler.budget == HostBudget(max_cpu_percent=70)  # the new file's budget
     assert reload(W + "replicas = 1\nmax_replicas = 3\n") == {"w": (3, 2, 3)}  # clamped to the new max
     assert reload(W + "replicas = 3\nmax_replicas = 3\n") == {"w": (3, 3, 3)}  # a changed replicas is the minimum
     assert reload(W + "replicas = 1\n") == {"w": (1, None, None)}  # autoscaling removed: the config's size

@@ -270,7 +270,7 @@ class Supervisor:
         try:
             self._setup()
             for worker in self.config.workers:
-                self.pools[worker.name] = self._new_pool(worker)
+                self.pools[worker.name] = self._new_pool(worker, self.config)
             self.log.info(
                 "supervisor {} (pid {}) starting {} pools: {}", self.config.name, self.pid, len(self.pools),
                 ", ".join(f"{w.name}×{w.replicas}" for w in self.config.workers),
@@ -727,12 +727,12 @@ class Supervisor:
             old = old_workers.get(worker.name)
             if pool is None:
                 self.log.info("reload: worker {} added ({}×{})", worker.name, worker.target, worker.replicas)
-                self.pools[worker.name] = self._new_pool(worker)
+                self.pools[worker.name] = self._new_pool(worker, new)
                 continue
             if pool.config is None:
                 old = None
             if worker.autoscale is not None or pool.autoscaler is not None:
-                self._resize_autoscaled(pool, old, worker)
+                self._resize_autoscaled(pool, old, worker, new)
             elif old is None:
                 pool.replicas = worker.replicas
             elif worker.replicas != old.replicas:
@@ -743,13 +743,15 @@ class Supervisor:
             pool.config = worker
         self.config = new
 
-    def _new_pool(self, worker: WorkerConfig) -> Pool:
+    def _new_pool(self, worker: WorkerConfig, config: SupervisorConfig) -> Pool:
+        """The pool of definition `worker` (of `config`, whose host budget an autoscaled pool grows within)."""
         pool = Pool(worker.name, worker, worker.replicas, minimum=worker.replicas)
         if worker.autoscale is not None:
-            pool.autoscaler = Autoscaler(worker.autoscale, self.config.budget)
+            pool.autoscaler = Autoscaler(worker.autoscale, config.budget)
         return pool
 
-    def _resize_autoscaled(self, pool: Pool, old: WorkerConfig | None, worker: WorkerConfig) -> None:
+    def _resize_autoscaled(self, pool: Pool, old: WorkerConfig | None, worker: WorkerConfig,
+                           new: SupervisorConfig) -> None:  # fmt: skip
         """Reload of a pool that autoscales (before, after or both): a changed `replicas` sets the minimum,
         otherwise the runtime one (from `scale`) stays; the size is brought inside the new bounds; a pool
         that no longer autoscales takes its `replicas`."""
@@ -763,8 +765,8 @@ class Supervisor:
             pool.minimum = worker.replicas
         pool.minimum = min(pool.minimum, settings.max_replicas)
         if pool.autoscaler is None:
-            pool.autoscaler = Autoscaler(settings, self.config.budget)
-        pool.autoscaler.settings, pool.autoscaler.budget = settings, self.config.budget
+            pool.autoscaler = Autoscaler(settings, new.budget)
+        pool.autoscaler.settings, pool.autoscaler.budget = settings, new.budget
         size = min(max(pool.replicas, pool.minimum), settings.max_replicas)
         self.log.info("reload: worker {} autoscales {}..{}, now {}", worker.name, pool.minimum,
                       settings.max_replicas, size)  # fmt: skip
