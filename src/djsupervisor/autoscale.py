@@ -154,7 +154,7 @@ class Autoscaler:
         if self.high_readings < HYSTERESIS_READINGS:
             return self._hold(obs, "hysteresis", f"{over} on {self.high_readings} of {HYSTERESIS_READINGS} readings")
         if cooling := self._cooling(obs):
-            return self._hold(obs, "cooldown", f"{over}, but scale_cooldown has {cooling:.0f} s left")
+            return self._hold(obs, "cooldown", f"{over}, but scale_cooldown has {cooling:.1f} s left")
         cpu_limit = budget.max_cpu_percent
         if cpu_limit is not None and obs.cpu_percent is not None and obs.cpu_percent >= cpu_limit:
             busy = f"host CPU {obs.cpu_percent:.0f}% >= max_cpu_percent {cpu_limit:g}"
@@ -177,5 +177,5 @@ class Autoscaler:
             wait = f"no pending jobs for {idle:.0f} s of scale_down_after {s.scale_down_after:g} s"
             return self._hold(obs, "idle-wait", wait)
         if cooling := self._cooling(obs):
-            return self._hold(obs, "cooldown", f"no pending jobs, but scale_cooldown has {cooling:.0f} s left")
+            return self._hold(obs, "cooldown", f"no pending jobs, but scale_cooldown has {cooling:.1f} s left")
         return Decision(obs.desired - 1, "shrink", "idle", f"no pending jobs for {idle:.0f} s")
