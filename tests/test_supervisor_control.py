@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 
 import pytest
 
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from helpers import run_cli as cli
+from helpers import supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
 
 pytest.importorskip("djsupervisor.cli")
@@ -19,12 +19,6 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 SLOT_KEYS = {"worker", "slot", "pid", "state", "uptime", "restarts", "rss_mb", "cpu_percent", "table", "key",
              "jobs_done", "jobs_failed", "last_heartbeat"}  # fmt: skip
-
-
-def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
 
 
 def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, tmp_path):
