@@ -90,6 +90,14 @@ def djsupervisor_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("djsupervisor") or "djsupervisor"]
 
 
+def run_cli(db, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `djsupervisor ARGS...` against the test's database and pipelines; its output captured as text."""
+    env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # as Supervised
+    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
 def write_config(path: Path, text: str) -> Path:
     """Write a TOML config (dedented) and return its path."""
     import textwrap

@@ -59,10 +59,15 @@ def test_check_validates_imports_and_connects(db, tmp_path):
         name = "standard"
         target = "pipelines.supervised:standard"
         replicas = 2
+        [[worker]]
+        name = "other"
+        target = "pipelines.supervised:other"
+        max_replicas = 4
     """)  # fmt: skip
     result = cli("check", "-c", str(config), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "valid; 1 worker: standard×2 (pipelines.supervised:standard)" in result.stdout
+    assert ("valid; 2 workers: standard×2 (pipelines.supervised:standard), other×1..4 (pipelines.supervised:other)"
+            in result.stdout)  # fmt: skip
     assert f"database: {db.backend} at" in result.stdout and ": ok" in result.stdout
 
     unreachable = dict(env, DJ_PORT="1")

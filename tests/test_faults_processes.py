@@ -148,6 +148,37 @@ def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypat
         proxy.close()
 
 
+@pytest.mark.timeout(300)
+def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise, tmp_path, monkeypatch):
+    monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
+    seed_chain(db)
+    proxy = TcpProxy(db.settings["host"], db.settings["port"])
+    monkeypatch.setenv("DJ_PORT", str(proxy.port))
+    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
+    try:
+        # backoff_initial 0.05 and fatal_after 3: a child that exited at once would be FATAL within a second
+        sup = supervise(["-c", config_for(tmp_path, "chain", 1, supervisor="fatal_after = 3")])
+        (first,) = sup.wait_children({"chain": 1}).values()
+        wait_until(lambda: chain_state(db)["__square"] >= 2, 60, message="work to begin")
+        proxy.cut()
+        psutil.Process(first).kill()
+        replacement = wait_until(lambda: (p := sup.pids("chain")) and first not in p.values() and p, 30,
+                                 message="a replacement child")["chain[0]"]  # fmt: skip
+        wait_until(lambda: sup.output.count("database unreachable at start") >= 3, 60,
+                   message="the replacement retrying to connect")  # fmt: skip
+        assert sup.pids("chain") == {"chain[0]": replacement}  # the same child, waiting: no restart loop
+        assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
+        proxy.restore()
+        wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
+        wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
+        assert_complete(db)
+        assert sup.pids("chain") == {"chain[0]": replacement}
+        sup.signal(signal.SIGTERM)
+        assert sup.wait_exit(60) == 0
+    finally:
+        proxy.close()
+
+
 def _base_env(db) -> dict:
     import os
 

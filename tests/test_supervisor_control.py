@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 
 import pytest
 
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from helpers import run_cli as cli
+from helpers import supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
 
 pytest.importorskip("djsupervisor.cli")
@@ -19,12 +19,6 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 SLOT_KEYS = {"worker", "slot", "pid", "state", "uptime", "restarts", "rss_mb", "cpu_percent", "table", "key",
              "jobs_done", "jobs_failed", "last_heartbeat"}  # fmt: skip
-
-
-def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
 
 
 def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, tmp_path):
@@ -64,3 +58,25 @@ def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, 
     assert cli(db, tmp_path, "stop", "-c", str(config)).returncode == 0
     assert sup.wait_exit(30) == 0
     assert not socket_path.exists()
+
+
+@pytest.mark.parametrize("backend", ["mysql"])  # the socket does not depend on the database
+def test_a_silent_control_client_is_dropped_without_any_other_connection(db, supervise, tmp_path):
+    import socket
+    import time
+
+    from djsupervisor.control import IDLE_TIMEOUT
+
+    declare(db.schema_name("pipe"))
+    socket_path = tmp_path / "lab.sock"
+    config = write_config(tmp_path / "lab.toml", f'[supervisor]\nname = "lab"\ncontrol_socket = "{socket_path}"\n'
+                          '[[worker]]\nname = "standard"\ntarget = "pipelines.supervised:standard"\n')  # fmt: skip
+    sup = supervise(["-c", str(config)])
+    sup.wait_children({"standard": 1})
+    wait_until(socket_path.exists, 10, message="the control socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(socket_path))
+        connected = time.monotonic()
+        silent.settimeout(IDLE_TIMEOUT + 15)
+        assert silent.recv(1) == b""  # closed by the supervisor's timer, not by a later client
+        assert IDLE_TIMEOUT <= time.monotonic() - connected < IDLE_TIMEOUT + 10

@@ -391,6 +391,12 @@ class FleetAgentLink:
         self.restart_at = time.monotonic() + self.delay
         self.delay = min(self.delay * 2, _RESTART_MAX)
 
+    def restart(self) -> None:
+        """Replace the agent now (after a reload: the pools changed)."""
+        self.stop(fast=True)
+        self.delay = _RESTART_FIRST
+        self.start()
+
     def stop(self, fast: bool = False) -> None:
         """At shutdown: a last tick, close the pipe (the agent writes and exits), wait briefly, then kill."""
         if self.pid is None:

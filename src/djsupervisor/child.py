@@ -52,6 +52,8 @@ EXIT_ERROR = 70  # the worker raised, or the child could not get going
 EXIT_ORPHANED = 71  # the parent was already gone
 
 PR_SET_PDEATHSIG = 1
+_CONNECT_RETRY_FIRST = 1.0  # seconds before retrying to connect at start, doubling up to _CONNECT_RETRY_MAX
+_CONNECT_RETRY_MAX = 30.0
 _THROTTLE = 0.1  # seconds between event-driven reports (heartbeats and key events are never throttled)
 _ALWAYS_REPORTED = {"cycle_start", "cycle_end", "sleep", "stopped"}
 
@@ -243,6 +245,31 @@ def record_timed_out_job(connection, job: dict, log) -> None:
         log.info("timed-out job {} {} was no longer reserved", job["table"], job["key"])
 
 
+def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
+    """Reconnect every connection after fork, retrying while the server is unreachable (1 s, doubling to
+    30 s), so that a child started during an outage waits it out instead of exiting over and over into
+    FATAL. Returns False if SIGTERM (blocked in the child, read here) came first."""
+    from .connection import is_connection_error, reconnect_after_fork
+
+    delay = _CONNECT_RETRY_FIRST
+    pending = list(connections)
+    while True:
+        try:
+            while pending:
+                reconnect_after_fork(pending[0])
+                pending.pop(0)
+            return True
+        except Exception as error:
+            if not is_connection_error(error):
+                raise
+            log.warning("database unreachable at start ({}: {}); retrying in {:.0f} s",
+                        error.__class__.__name__, str(error).splitlines()[0] if str(error) else "", delay)  # fmt: skip
+            reporter.send({"event": "connecting"})
+            if signal.sigtimedwait([signal.SIGTERM], delay) is not None:
+                return False
+            delay = min(delay * 2, _CONNECT_RETRY_MAX)
+
+
 def _run_then_exit(body) -> None:
     """Run a forked child's `body` and end the process with its exit status, whatever happens: an
     exception is printed and gives EXIT_ERROR; output is flushed; `os._exit` skips the parent's atexit
@@ -318,13 +345,12 @@ def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: in
         reporter.start()
         reporter.send({"event": "forked"})
 
-        from .connection import reconnect_after_fork
-
         worker = worker_config.build_worker()
         worker.place(supervisor=supervisor, slot=slot_index, host=host or None, heartbeat_window=fleet_window)
         connections = worker_connections(worker)
-        for connection in connections:
-            reconnect_after_fork(connection)
+        if not connect_until_stopped(connections, reporter, log):
+            log.info("child {} stopped before it could connect", label)
+            return EXIT_OK
         reporter.worker = worker
         reporter.send({"event": "connected", "connection_ids": [c.connection_id for c in connections]})
         if timed_out_job:

@@ -260,6 +260,11 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _pool_size(worker) -> str:
+    """``2``, or ``1..4`` for an autoscaled pool."""
+    return f"{worker.replicas}..{worker.max_replicas}" if worker.max_replicas is not None else str(worker.replicas)
+
+
 def _check(args) -> int:
     import datajoint as dj
 
@@ -273,7 +278,7 @@ def _check(args) -> int:
         except (TypeError, ValueError) as error:
             raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
     print(f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
-          + ", ".join(f"{w.name}×{w.replicas} ({w.target})" for w in config.workers))  # fmt: skip
+          + ", ".join(f"{w.name}×{_pool_size(w)} ({w.target})" for w in config.workers))  # fmt: skip
     try:
         connection = dj.conn()
         alive = session_alive(connection)

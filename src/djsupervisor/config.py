@@ -30,6 +30,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from .autoscale import AutoscaleSettings, HostBudget
+
 #: Keys of a worker's own settings that a [[worker]] entry may override (DataJointWorker.configure).
 WORKER_OVERRIDES = ("run_duration", "sleep_duration", "max_idled_cycle", "max_sleep_duration", "stale_timeout_hours")
 RESTART_POLICIES = ("always", "on-failure", "never")
@@ -80,11 +82,24 @@ class WorkerConfig:
     max_jobs: int | None = None
     job_timeout: float | None = None
     overrides: tuple[tuple[str, Any], ...] = ()
+    max_replicas: int | None = None  # set: the pool autoscales between `replicas` and this
+    scale_up_pending: float = 2.0  # pending jobs per live child above which an autoscaled pool grows
+    scale_down_after: float = 60.0  # seconds of zero pending before it shrinks by one
+    scale_cooldown: float = 30.0  # seconds between two changes of its size
+    scale_step: int = 1  # children added per growth
 
     @property
     def definition(self) -> tuple:
         """Everything but the pool size: when this changes on reload, the pool's children are rolled."""
         return (self.target, self.restart, self.max_memory_mb, self.max_jobs, self.job_timeout, self.overrides)
+
+    @property
+    def autoscale(self) -> AutoscaleSettings | None:
+        """The pool's autoscaling settings (None: fixed size)."""
+        if self.max_replicas is None:
+            return None
+        return AutoscaleSettings(self.max_replicas, self.scale_up_pending, self.scale_down_after,
+                                 self.scale_cooldown, self.scale_step)  # fmt: skip
 
     def resolve(self):
         """The DataJointWorker instance the target names (imported, so already loaded after validation)."""
@@ -116,10 +131,17 @@ class SupervisorConfig:
     sample_interval: float = 5.0  # psutil sampling period
     host: str = ""  # the host name in the fleet registry ("" = the machine's host name)
     fleet_interval: float = 5.0  # seconds between fleet heartbeats and readings (queue depths, drain flags)
+    max_cpu_percent: float | None = None  # host CPU use at or above which no pool grows
+    min_available_memory_mb: float | None = None  # host available memory below which no pool grows
     log_level: str = "INFO"
     log_format: str = "text"
     http: str | None = None  # "host:port" of the metrics and status page endpoint; None: off
     database: DatabaseConfig = DatabaseConfig()
+
+    @property
+    def budget(self) -> HostBudget:
+        """The host budget autoscaled pools grow within."""
+        return HostBudget(self.max_cpu_percent, self.min_available_memory_mb)
 
     def worker_named(self, name: str) -> WorkerConfig:
         """The worker definition called `name` (ConfigError if there is none)."""
@@ -187,7 +209,9 @@ _SUPERVISOR_KEYS = tuple(
     f.name for f in dataclasses.fields(SupervisorConfig) if f.name not in ("workers", "source", "database")
 )
 _DATABASE_KEYS = tuple(f.name for f in dataclasses.fields(DatabaseConfig))
-_WORKER_KEYS = ("name", "target", "replicas", "restart", "max_memory_mb", "max_jobs", "job_timeout", *WORKER_OVERRIDES)
+_AUTOSCALE_KEYS = ("max_replicas", "scale_up_pending", "scale_down_after", "scale_cooldown", "scale_step")
+_WORKER_KEYS = ("name", "target", "replicas", "restart", "max_memory_mb", "max_jobs", "job_timeout", *_AUTOSCALE_KEYS,
+                *WORKER_OVERRIDES)  # fmt: skip
 
 
 def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
@@ -212,6 +236,8 @@ def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
         sample_interval=float(c.number("sample_interval", 5.0, exclusive=True)),
         host=c.string("host", ""),
         fleet_interval=float(c.number("fleet_interval", 5.0, exclusive=True)),
+        max_cpu_percent=_cpu_percent(c),
+        min_available_memory_mb=c.number("min_available_memory_mb"),
         log_level=c.string("log_level", "INFO", choices=LOG_LEVELS),
         log_format=c.string("log_format", "text", choices=LOG_FORMATS),
         http=_http_address(c),
@@ -245,6 +271,32 @@ def _http_address(c: _Checker) -> str | None:
         except ValueError as error:
             c.fail("http", str(error))
     return text
+
+
+def _cpu_percent(c: _Checker) -> float | None:
+    value = c.number("max_cpu_percent", exclusive=True)
+    if value is not None and value > 100:
+        c.fail("max_cpu_percent", f"must be <= 100 (host-wide CPU use), got {value!r}")
+    return value
+
+
+def _autoscale_settings(c: _Checker, table: Mapping[str, Any], replicas: int) -> dict:
+    """The autoscaling keys of one [[worker]] entry (only with max_replicas)."""
+    max_replicas = c.number("max_replicas", integer=True, minimum=1)
+    if max_replicas is None:
+        for key in _AUTOSCALE_KEYS[1:]:
+            if key in table:
+                c.fail(key, "only applies to an autoscaled pool: set max_replicas too")
+        return {}
+    if max_replicas < replicas:
+        c.fail("max_replicas", f"must be >= replicas ({replicas}), got {max_replicas!r}")
+    return dict(
+        max_replicas=max_replicas,
+        scale_up_pending=c.number("scale_up_pending", 2.0),
+        scale_down_after=c.number("scale_down_after", 60.0),
+        scale_cooldown=c.number("scale_cooldown", 30.0),
+        scale_step=c.number("scale_step", 1, integer=True, minimum=1),
+    )
 
 
 def _parse_database(source: str, table: Any) -> DatabaseConfig:
@@ -281,15 +333,17 @@ def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
         # run_duration and max_idled_cycle accept -1 (no limit), as DataJointWorker does
         minimum = -1 if key in ("run_duration", "max_idled_cycle") else 0
         overrides.append((key, c.number(key, integer=integer, minimum=minimum)))
+    replicas = c.number("replicas", 1, integer=True)
     return WorkerConfig(
         name=name,
         target=target,
-        replicas=c.number("replicas", 1, integer=True),
+        replicas=replicas,
         restart=c.string("restart", "always", choices=RESTART_POLICIES),
         max_memory_mb=c.number("max_memory_mb", exclusive=True),
         max_jobs=c.number("max_jobs", integer=True, minimum=1),
         job_timeout=c.number("job_timeout", exclusive=True),
         overrides=tuple(overrides),
+        **_autoscale_settings(c, table, replicas),
     )
 
 

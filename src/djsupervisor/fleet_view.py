@@ -51,10 +51,13 @@ class FleetView:
     updated: float | None = None
 
     def pending(self, pool: str) -> int | None:
-        """Pending jobs over every table pool `pool` populates; None if they have not been read yet."""
+        """Pending jobs over every table pool `pool` populates; None if they have not been read yet, or if
+        the latest reading missed one of them (the agent could not read it: unknown, not zero)."""
         if self.updated is None or pool not in self.tables:
             return None
-        return sum(self.depths[t].pending for t in self.tables[pool] if t in self.depths)
+        if any(t not in self.depths for t in self.tables[pool]):
+            return None
+        return sum(self.depths[t].pending for t in self.tables[pool])
 
     def age(self, now: float | None = None) -> float | None:
         """Seconds since the last reading (None before the first)."""

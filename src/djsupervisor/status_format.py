@@ -71,7 +71,24 @@ def format_status(data: dict) -> str:
     ]
     if rows:
         lines.extend(format_table(header, rows))
+    lines.extend(_autoscale_lines(data.get("pools") or []))
     return "\n".join(lines)
+
+
+def _autoscale_lines(pools: list[dict]) -> list[str]:
+    """One line per autoscaled pool: its size within its bounds, pending jobs, the last decision."""
+    lines = []
+    for pool in pools:
+        auto = pool.get("autoscale")
+        if not auto:
+            continue
+        pending = "-" if auto.get("pending") is None else auto["pending"]
+        bounds = f"{auto.get('min')}..{auto.get('max')}"
+        line = f"autoscale {pool.get('worker')}: {pool.get('replicas')} of {bounds} children, {pending} pending"
+        if auto.get("decision"):
+            line += f"; {auto['decision']}: {auto.get('reason')}"
+        lines.append(line)
+    return lines
 
 
 def format_queues(queues: list[dict]) -> str:

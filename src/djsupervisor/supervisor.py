@@ -24,14 +24,17 @@ import os
 import platform
 import selectors
 import signal
+import statistics
 import sys
 import time
 from functools import partial
 from typing import Any, Callable
 
+import psutil
 from loguru import logger
 
 from .agent import FleetAgentLink, heartbeat_window
+from .autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
 from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
 from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
 from .fleet_view import FleetView
@@ -44,7 +47,8 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
 _STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
-_RECOVERY_TIMEOUT = 30.0  # seconds a recovery child may take
+_RECOVERY_TIMEOUT = 30.0
+_CONTROL_EXPIRY_INTERVAL = 5.0  # seconds between sweeps of idle control-socket clients  # seconds a recovery child may take
 _AFTER_STOP_RANK = {"respawn": 0, "retire": 1, "stay": 2}  # a stronger reason to stay down wins
 
 
@@ -72,7 +76,11 @@ class Timers:
 
 @dataclasses.dataclass
 class Pool:
-    """The slots of one worker definition; `config` is None once the definition was removed."""
+    """The slots of one worker definition; `config` is None once the definition was removed.
+
+    `replicas` is the desired size; an autoscaled pool (`autoscaler` set) keeps it between `minimum`
+    (the config's `replicas`, or what `scale` set) and the config's `max_replicas`.
+    """
 
     name: str
     config: WorkerConfig | None
@@ -80,6 +88,9 @@ class Pool:
     slots: dict[int, Slot] = dataclasses.field(default_factory=dict)
     jobs_done_retired: int = 0  # by slots removed from the pool (the metrics' counters never go down)
     jobs_failed_retired: int = 0
+    minimum: int = 0
+    autoscaler: Autoscaler | None = None
+    hold_logged: str | None = None  # the kind of the autoscaler's last hold, logged once
 
     def active(self) -> list[Slot]:
         """Slots meant to stay (not being retired), by index."""
@@ -129,6 +140,7 @@ class Supervisor:
         self.timers = Timers()
         self.sampler = ResourceSampler()
         self.fleet = FleetView()  # queue depths and drain flags, as the fleet agent last read them
+        self._host_cpu: float | None = None  # host-wide CPU % over the last sample_interval
         self.selector: selectors.BaseSelector | None = None
         self.control = None
         self.http = None  # the metrics and status page endpoint (http_status.StatusServer), if configured
@@ -168,7 +180,22 @@ class Supervisor:
                 for name in sorted(self.pools)
                 for slot in sorted(self.pools[name].slots.values(), key=lambda s: s.index)
             ],
+            "pools": [self._pool_status(self.pools[name]) for name in sorted(self.pools)],
         }
+
+    def _pool_status(self, pool: Pool) -> dict:
+        """A pool's size; for an autoscaled one also its bounds, pending jobs and last decision."""
+        entry: dict[str, Any] = {"worker": pool.name, "replicas": pool.replicas, "autoscale": None}
+        if pool.autoscaler is not None:
+            last = pool.autoscaler.last_decision
+            entry["autoscale"] = {
+                "min": pool.minimum,
+                "max": pool.autoscaler.settings.max_replicas,
+                "pending": self.fleet.pending(pool.name),
+                "decision": last.action if last else None,
+                "reason": last.reason if last else None,
+            }
+        return entry
 
     def request_stop(self, fast: bool = False) -> None:
         """Stop every child (gracefully unless `fast`) and make `run()` return 0 once they are gone."""
@@ -182,31 +209,49 @@ class Supervisor:
             for slot in list(pool.slots.values()):
                 self._stop_slot(slot, "supervisor stopping", "stay", fast=fast)
 
-    def request_reload(self) -> None:
-        """Re-read the config file: new definitions start, removed ones stop, changed ones roll."""
+    def request_reload(self) -> str | None:
+        """Re-read the config file: new definitions start, removed ones stop, changed ones roll.
+
+        Returns None once applied, else why nothing changed (the running configuration stays)."""
         if self._stop_mode:
-            return
+            return "the supervisor is stopping"
         if self.config_path is None:
             self.log.warning("reload: started without a config file, nothing to reload")
-            return
+            return "started without a config file: nothing to reload"
         self.notifier.reloading()
         self.state = "reloading"
+        problem = None
         try:
             new = load_config(self.config_path)
         except ConfigError as error:
             self.log.error("reload failed, keeping the running configuration: {}", error)
+            problem = f"reload failed, the running configuration stays: {error}"
         else:
             self._apply_config(new)
+            if self.agent is not None:  # it reads the pools' tables and flags: give it the new pools
+                self.agent.restart()
         self.state = "running"
         self.notifier.ready()
+        return problem
 
     def scale(self, worker: str, n: int) -> dict:
-        """Set the size of pool `worker` to `n` children."""
+        """Set the size of pool `worker` to `n` children; of an autoscaled pool, its minimum (the pool grows
+        to `n` at once if smaller, and the autoscaler may shrink it down to `n` when idle)."""
         pool = self.pools.get(worker)
         if pool is None or pool.config is None:
             raise KeyError(f"no worker named {worker!r}")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"replicas must be an integer >= 0, got {n!r}")
+        if pool.autoscaler is not None:
+            maximum = pool.autoscaler.settings.max_replicas
+            if n > maximum:
+                raise ValueError(f"pool {worker} autoscales up to max_replicas {maximum}: scale sets its minimum, "
+                                 f"got {n} (raise max_replicas in the config and reload)")  # fmt: skip
+            self.log.info("pool {} minimum set to {} (autoscaling {}..{}, now {})", worker, n, n, maximum,
+                          max(n, pool.replicas))  # fmt: skip
+            pool.minimum = n
+            pool.replicas = max(n, pool.replicas)
+            return {"worker": worker, "replicas": pool.replicas, "min": n, "max": maximum}
         if n != pool.replicas:
             self.log.info("pool {} scaled from {} to {}", worker, pool.replicas, n)
         pool.replicas = n
@@ -222,8 +267,8 @@ class Supervisor:
                 self.request_stop(fast=bool(request.get("fast")))
                 return {"ok": True}
             if cmd == "reload":
-                self.request_reload()
-                return {"ok": True}
+                problem = self.request_reload()
+                return {"ok": True} if problem is None else {"ok": False, "error": problem}
             if cmd == "scale":
                 return {"ok": True, **self.scale(request.get("worker"), request.get("replicas"))}
         except (KeyError, ValueError) as error:
@@ -237,7 +282,7 @@ class Supervisor:
         try:
             self._setup()
             for worker in self.config.workers:
-                self.pools[worker.name] = Pool(worker.name, worker, worker.replicas)
+                self.pools[worker.name] = self._new_pool(worker, self.config)
             self.log.info(
                 "supervisor {} (pid {}) starting {} pools: {}", self.config.name, self.pid, len(self.pools),
                 ", ".join(f"{w.name}×{w.replicas}" for w in self.config.workers),
@@ -248,10 +293,14 @@ class Supervisor:
             self.agent.start()
             self._every(self.config.fleet_interval, self.agent.tick)
             self._every(_CHECK_INTERVAL, self._check_children)
+            psutil.cpu_percent(None)  # the first call starts the measurement and returns nothing useful
             self._every(self.config.sample_interval, self._sample)
+            self._autoscale_tick()
             self._every(_STATUS_INTERVAL, self._send_status)
             if self.http is not None:
                 self._every(1.0, self.http.expire_idle)
+            if self.control is not None:  # a client that connects and never asks loses its descriptor
+                self._every(_CONTROL_EXPIRY_INTERVAL, self.control.expire_idle)
             watchdog = self.notifier.watchdog_interval()
             if watchdog:
                 self._every(watchdog / 2, self.notifier.watchdog)
@@ -358,8 +407,11 @@ class Supervisor:
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             step = 1 if signum == signal.SIGTTIN else -1
             for pool in self.pools.values():
-                if pool.config is not None and pool.replicas + step >= 0:
-                    self.scale(pool.name, pool.replicas + step)
+                if pool.config is None:
+                    continue
+                size = (pool.minimum if pool.autoscaler else pool.replicas) + step  # autoscaled: the minimum
+                if size >= 0 and (pool.autoscaler is None or size <= pool.autoscaler.settings.max_replicas):
+                    self.scale(pool.name, size)
 
     # ----- children
 
@@ -704,9 +756,13 @@ class Supervisor:
             old = old_workers.get(worker.name)
             if pool is None:
                 self.log.info("reload: worker {} added ({}×{})", worker.name, worker.target, worker.replicas)
-                self.pools[worker.name] = Pool(worker.name, worker, worker.replicas)
+                self.pools[worker.name] = self._new_pool(worker, new)
                 continue
-            if pool.config is None or old is None:
+            if pool.config is None:
+                old = None
+            if worker.autoscale is not None or pool.autoscaler is not None:
+                self._resize_autoscaled(pool, old, worker, new)
+            elif old is None:
                 pool.replicas = worker.replicas
             elif worker.replicas != old.replicas:
                 self.log.info("reload: worker {} resized to {}", worker.name, worker.replicas)
@@ -715,6 +771,75 @@ class Supervisor:
                 self.log.info("reload: worker {} changed; rolling its children one at a time", worker.name)
             pool.config = worker
         self.config = new
+
+    def _new_pool(self, worker: WorkerConfig, config: SupervisorConfig) -> Pool:
+        """The pool of definition `worker` (of `config`, whose host budget an autoscaled pool grows within)."""
+        pool = Pool(worker.name, worker, worker.replicas, minimum=worker.replicas)
+        if worker.autoscale is not None:
+            pool.autoscaler = Autoscaler(worker.autoscale, config.budget)
+        return pool
+
+    def _resize_autoscaled(self, pool: Pool, old: WorkerConfig | None, worker: WorkerConfig,
+                           new: SupervisorConfig) -> None:  # fmt: skip
+        """Reload of a pool that autoscales (before, after or both): a changed `replicas` sets the minimum,
+        otherwise the runtime one (from `scale`) stays; the size is brought inside the new bounds; a pool
+        that no longer autoscales takes its `replicas`."""
+        settings = worker.autoscale
+        if settings is None:
+            self.log.info("reload: worker {} no longer autoscales: {} children", worker.name, worker.replicas)
+            pool.autoscaler = None
+            pool.replicas = pool.minimum = worker.replicas
+            return
+        if old is None or old.replicas != worker.replicas or pool.autoscaler is None:
+            pool.minimum = worker.replicas
+        pool.minimum = min(pool.minimum, settings.max_replicas)
+        if pool.autoscaler is None:
+            pool.autoscaler = Autoscaler(settings, new.budget)
+        pool.autoscaler.settings, pool.autoscaler.budget = settings, new.budget
+        size = min(max(pool.replicas, pool.minimum), settings.max_replicas)
+        self.log.info("reload: worker {} autoscales {}..{}, now {}", worker.name, pool.minimum,
+                      settings.max_replicas, size)  # fmt: skip
+        pool.replicas = size
+
+    # ----- autoscaling
+
+    def _autoscale_tick(self) -> None:
+        """Decide for every autoscaled pool, then run again in half a fleet interval (0.1 s to 5 s)."""
+        try:
+            self._autoscale()
+        finally:
+            interval = min(max(self.config.fleet_interval / 2, 0.1), 5.0)
+            self.timers.call_at(time.monotonic() + interval, self._autoscale_tick)
+
+    def _autoscale(self) -> None:
+        if self._stop_mode or not any(p.autoscaler and p.config for p in self.pools.values()):
+            return
+        now = time.monotonic()
+        available_mb = psutil.virtual_memory().available / 2**20
+        for pool in self.pools.values():
+            if pool.autoscaler is None or pool.config is None:
+                continue
+            active = pool.active()
+            live = sum(1 for s in active if s.pid is not None and s.state in (SlotState.STARTING, SlotState.RUNNING))
+            rss = [s.rss_mb for s in active if s.pid is not None and s.rss_mb is not None]
+            decision = pool.autoscaler.decide(Observation(
+                now=now, reading_time=self.fleet.updated, pending=self.fleet.pending(pool.name),
+                desired=pool.replicas, minimum=pool.minimum, live=live, drained=self.fleet.drained.get(pool.name),
+                stale_after=STALE_INTERVALS * self.config.fleet_interval, cpu_percent=self._host_cpu,
+                available_mb=available_mb, child_rss_mb=statistics.median(rss) if rss else None,
+            ))  # fmt: skip
+            self._apply_decision(pool, decision)
+
+    def _apply_decision(self, pool: Pool, decision: Decision) -> None:
+        if decision.action == "hold":
+            if decision.kind != pool.hold_logged:  # each new kind of hold once, not every tick
+                self.log.info("autoscale {}: hold at {}: {}", pool.name, pool.replicas, decision.reason)
+            pool.hold_logged = decision.kind
+            return
+        self.log.info("autoscale {}: {} from {} to {}: {}", pool.name, decision.action, pool.replicas,
+                      decision.replicas, decision.reason)  # fmt: skip
+        pool.hold_logged = None
+        pool.replicas = decision.replicas
 
     # ----- watching
 
@@ -736,6 +861,7 @@ class Supervisor:
                 self._stop_slot(slot, verdict.reason, "respawn")
 
     def _sample(self) -> None:
+        self._host_cpu = psutil.cpu_percent(None)
         for pid, slot in list(self._by_pid.items()):
             sample = self.sampler.sample(pid)
             if sample is not None:

@@ -338,16 +338,19 @@ class DataJointWorker:
 
     def _heartbeat(self, window: float | None = None) -> None:
         """Update RegisteredWorker. `window`: seconds by which the next heartbeat is due. Unknown (None)
-        means 0 ("cannot tell": a job may run for hours) for a worker run by hand; a supervised one leaves
-        the window to its supervisor's fleet agent, which heartbeats for it on a fixed period."""
+        means 0 ("cannot tell": a job may run for hours) for a worker run by hand. A supervised worker
+        (placed) only registers and reports its stop: its supervisor's fleet agent stamps its row, with
+        the window, on a fixed period, from what the child reports to the parent."""
         self._last_db_heartbeat = time.monotonic()
         if self._registered_pid != os.getpid():
             self._register()
+        activity = self._activity
         if self._placement:
+            if activity.state != "stopped":
+                return  # the fleet agent stamps the row every fleet_interval: no statements of our own
             window = None
         elif window is None:
             window = 0.0
-        activity = self._activity
         self._bookkeeping(
             "heartbeat",
             lambda: self.schema.heartbeat(
