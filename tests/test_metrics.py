@@ -80,6 +80,9 @@ def test_children_replicas_counters_and_resources():
     assert ("djsupervisor_child_rss_bytes", (("slot", "1"), ("worker", "standard"))) not in found  # no child
     assert value(found, "djsupervisor_parent_rss_bytes") == 123456789
     assert not [k for k in found if k[0] in ("djsupervisor_queue_jobs", "djsupervisor_fleet_reading_age_seconds")]
+    text = render_metrics(status, pools, FleetView(), version="9.9")
+    assert "# TYPE djsupervisor_restarts_total counter\n" in text  # 0.0.4: the TYPE line names the samples
+    assert "# TYPE djsupervisor_children gauge\n" in text
 
 
 def test_queue_depths_from_the_fleet_view_and_escaped_labels():

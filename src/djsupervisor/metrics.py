@@ -50,12 +50,12 @@ class _Family:
         self.samples.append((labels, value))
 
     def lines(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {_escape_help(self.help)}"
-        yield f"# TYPE {self.name} {self.kind}"
-        suffix = "_total" if self.kind == "counter" else ""
+        name = f"{self.name}_total" if self.kind == "counter" else self.name  # as client_python writes 0.0.4
+        yield f"# HELP {name} {_escape_help(self.help)}"
+        yield f"# TYPE {name} {self.kind}"
         for labels, value in self.samples:
             text = ",".join(f'{key}="{_escape_label(v)}"' for key, v in labels.items())
-            yield f"{self.name}{suffix}{{{text}}} {_number(value)}" if text else f"{self.name}{suffix} {_number(value)}"
+            yield f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}"
 
 
 def render_metrics(
