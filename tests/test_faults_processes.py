@@ -119,64 +119,62 @@ def test_killed_pool_grandchild(db, supervise, tmp_path, monkeypatch):
     assert sup.wait_exit(60) == 0
 
 
+@pytest.fixture
+def proxy(db, monkeypatch):
+    """A TCP proxy in front of the test's database server, which the supervisors started by the test use."""
+    proxy = TcpProxy(db.settings["host"], db.settings["port"])
+    monkeypatch.setenv("DJ_PORT", str(proxy.port))
+    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
+    yield proxy
+    proxy.close()
+
+
 @pytest.mark.timeout(300)
-def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypatch):
+def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypatch, proxy):
     monkeypatch.setenv("DJS_TEST_DELAY", "0.1")
     seed_chain(db)
-    proxy = TcpProxy(db.settings["host"], db.settings["port"])
-    monkeypatch.setenv("DJ_PORT", str(proxy.port))
-    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
-    try:
-        sup = supervise(["-c", config_for(tmp_path, "chain", 2)])
-        pids_before = sup.wait_children({"chain": 2})
-        wait_until(lambda: chain_state(db)["__square"] >= 3, 60, message="work to begin")
-        proxy.cut()
-        cut_at = time.monotonic()
-        time.sleep(20)  # the outage
-        restarts_during = sum(1 for pid in pids_before.values() if not psutil.pid_exists(pid))
-        proxy.restore()
-        wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
-        wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
-        recovered_in = time.monotonic() - cut_at - 20
-        assert_complete(db)
-        assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
-        assert restarts_during <= 2  # neither crash-looping nor spinning: the children waited it out
-        sup.signal(signal.SIGTERM)
-        assert sup.wait_exit(60) == 0
-        print(f"outage: 20 s cut, pipeline finished {recovered_in:.1f} s after the restore")
-    finally:
-        proxy.close()
+    sup = supervise(["-c", config_for(tmp_path, "chain", 2)])
+    pids_before = sup.wait_children({"chain": 2})
+    wait_until(lambda: chain_state(db)["__square"] >= 3, 60, message="work to begin")
+    proxy.cut()
+    cut_at = time.monotonic()
+    time.sleep(20)  # the outage
+    restarts_during = sum(1 for pid in pids_before.values() if not psutil.pid_exists(pid))
+    proxy.restore()
+    wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
+    wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
+    recovered_in = time.monotonic() - cut_at - 20
+    assert_complete(db)
+    assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
+    assert restarts_during <= 2  # neither crash-looping nor spinning: the children waited it out
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(60) == 0
+    print(f"outage: 20 s cut, pipeline finished {recovered_in:.1f} s after the restore")
 
 
 @pytest.mark.timeout(300)
-def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise, tmp_path, monkeypatch):
+def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise, tmp_path, monkeypatch, proxy):
     monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
     seed_chain(db)
-    proxy = TcpProxy(db.settings["host"], db.settings["port"])
-    monkeypatch.setenv("DJ_PORT", str(proxy.port))
-    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
-    try:
-        # backoff_initial 0.05 and fatal_after 3: a child that exited at once would be FATAL within a second
-        sup = supervise(["-c", config_for(tmp_path, "chain", 1, supervisor="fatal_after = 3")])
-        (first,) = sup.wait_children({"chain": 1}).values()
-        wait_until(lambda: chain_state(db)["__square"] >= 2, 60, message="work to begin")
-        proxy.cut()
-        psutil.Process(first).kill()
-        replacement = wait_until(lambda: (p := sup.pids("chain")) and first not in p.values() and p, 30,
-                                 message="a replacement child")["chain[0]"]  # fmt: skip
-        wait_until(lambda: sup.output.count("database unreachable at start") >= 3, 60,
-                   message="the replacement retrying to connect")  # fmt: skip
-        assert sup.pids("chain") == {"chain[0]": replacement}  # the same child, waiting: no restart loop
-        assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
-        proxy.restore()
-        wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
-        wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
-        assert_complete(db)
-        assert sup.pids("chain") == {"chain[0]": replacement}
-        sup.signal(signal.SIGTERM)
-        assert sup.wait_exit(60) == 0
-    finally:
-        proxy.close()
+    # backoff_initial 0.05 and fatal_after 3: a child that exited at once would be FATAL within a second
+    sup = supervise(["-c", config_for(tmp_path, "chain", 1, supervisor="fatal_after = 3")])
+    (first,) = sup.wait_children({"chain": 1}).values()
+    wait_until(lambda: chain_state(db)["__square"] >= 2, 60, message="work to begin")
+    proxy.cut()
+    psutil.Process(first).kill()
+    replacement = wait_until(lambda: (p := sup.pids("chain")) and first not in p.values() and p, 30,
+                             message="a replacement child")["chain[0]"]  # fmt: skip
+    wait_until(lambda: sup.output.count("database unreachable at start") >= 3, 60,
+               message="the replacement retrying to connect")  # fmt: skip
+    assert sup.pids("chain") == {"chain[0]": replacement}  # the same child, waiting: no restart loop
+    assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
+    proxy.restore()
+    wait_until(lambda: chain_state(db)["__cube"] == KEYS, 180, message="work to finish after the outage")
+    wait_until(lambda: not any(k.startswith("~~") for k in chain_state(db)), 60, message="empty job tables")
+    assert_complete(db)
+    assert sup.pids("chain") == {"chain[0]": replacement}
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(60) == 0
 
 
 def _base_env(db) -> dict:
