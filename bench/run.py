@@ -24,6 +24,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
 PY = sys.executable
 DJS = str(Path(PY).with_name("djsupervisor"))
 SUPERVISORD_VENV = Path("/tmp/djsbench-supervisord")
@@ -326,7 +327,7 @@ def fmt(values: list[float], digits=1) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) -> None:
+def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], growth: dict) -> None:
     db = DB(backend)
     base = f"djsbench_{uuid.uuid4().hex[:8]}"
     counter = iter(range(10**6))
@@ -418,6 +419,16 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str]) ->
                     f"{statistics.median(res5['adaptive']) / statistics.median(res5['fixed']):.2f} | – |")
     finally:
         db.drop_prefix(base)
+    # 6. cost growth (in this process: every step of a real worker's cycle timed)
+    import cost_growth
+
+    from loguru import logger
+
+    logger.remove()
+    sizes = [1000, 10000] if small else [1000, 10000, 100000]
+    growth_rows, growth_notes = cost_growth.run_backend(backend, sizes, rounds=2 if small else 3)
+    growth.setdefault(tuple(sizes), []).extend(growth_rows)
+    notes.extend(growth_notes)
 
 
 def machine() -> list[str]:
@@ -442,20 +453,28 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[str] = []
     notes: list[str] = []
+    growth: dict = {}
     started = time.time()
     for backend in (["mysql", "postgresql"] if args.backend == "both" else [args.backend]):
-        run_backend(backend, args.small, rows, notes)
-        write(args, rows, notes, started)
+        run_backend(backend, args.small, rows, notes, growth)
+        write(args, rows, notes, growth, started)
 
 
-def write(args, rows, notes, started) -> None:
+def write(args, rows, notes, growth, started) -> None:
+    import cost_growth
+
+    tables = []
+    for sizes, growth_rows in growth.items():
+        tables += ["", f"6. Cost growth: one worker cycle ({cost_growth.JOBS_PER_CYCLE} jobs) as pending jobs grow; "
+                   "median (min–max) ms and statements per step:", "", *cost_growth.header(list(sizes)),
+                   *growth_rows]  # fmt: skip
     text = "\n".join([
         "# djsupervisor benchmark results", "",
         f"Command: `.venv/bin/python bench/run.py{' --small' if args.small else ''} --backend {args.backend}` "
         f"({time.time() - started:.0f} s)", "", *machine(), "",
         "Each cell: median (min–max) over the runs; A and B alternate within one invocation.", "",
         "| backend | figure | djsupervisor | baseline | ratio | goal |",
-        "|---|---|---|---|---|---|", *rows, "", *notes, ""])
+        "|---|---|---|---|---|---|", *rows, *tables, "", *notes, ""])
     Path(args.out).write_text(text)
     print(text)
 

@@ -64,6 +64,13 @@ class TableStep:
         """A JSON-ready description for the worker's registration."""
         return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
 
+    @property
+    def job_table_id(self) -> tuple[str, str] | None:
+        """(schema, name) of the table's job queue once this step has declared or found it, else None."""
+        if not self._job_table_ready:
+            return None
+        return self.table.database, self.table.jobs.table_name
+
     def run(self, worker: DataJointWorker) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
         try:
