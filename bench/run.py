@@ -126,7 +126,7 @@ class Supervisor:
             + (f"max_sleep_duration = {env['DJS_BENCH_MAX_SLEEP']}\n" if env.get("DJS_BENCH_MAX_SLEEP") else ""))
         env = dict(env, DJSUPERVISOR_RUNTIME_DIR=str(tmp))
         self.log = open(tmp / "supervisor.log", "w")
-        self.proc = subprocess.Popen([DJS, "start", "-c", str(self.config), "--log-level", "WARNING"], env=env,
+        self.proc = subprocess.Popen([DJS, "start", "-c", str(self.config), "--log-level", os.environ.get("DJS_BENCH_LOG_LEVEL", "WARNING")], env=env,
                                      cwd=BENCH, stdout=self.log, stderr=subprocess.STDOUT)
         self.replicas = replicas
 
@@ -268,29 +268,28 @@ def stop_latency(db: DB, prefix: str, ms: float, replicas: int) -> float:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def footprint(db: DB, prefix: str, children: int, sample: float) -> tuple[float, float, float]:
-    """(seconds from start to all children running, parent CPU % while idle, parent RSS MiB)."""
+def footprint(db: DB, prefix: str, children: int, sample: float, sleep: float = 1) -> tuple[float, float, float]:
+    """(seconds from launch to the supervisor's READY=1, parent CPU % while idle, parent RSS MiB).
+
+    READY=1 is what systemd waits for (sd_notify on NOTIFY_SOCKET, here a socket of the benchmark's own):
+    the supervisor sends it once every child has forked, reconnected and reported its session.
+    """
+    import socket
+
     db.seed(prefix, 0)
-    env = env_for(db.backend, prefix, 0, sleep=1)
+    env = env_for(db.backend, prefix, 0, sleep=sleep)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify.sock"))
+    notify.settimeout(120)
+    env["NOTIFY_SOCKET"] = str(tmp / "notify.sock")
     started = time.time()
     runner = Supervisor(env, children, tmp)
     try:
-        runner.wait_children(120)
-        # running = every child has its process title (it has left the fork point and set up)
-        end = time.time() + 120
-        while time.time() < end:
-            titles = []
-            for c in runner.children():
-                try:
-                    titles.append(" ".join(c.cmdline()))
-                except psutil.Error:
-                    pass
-            if len(titles) >= children and all(t.startswith("djsupervisor:") and "[" in t for t in titles):
-                break
-            time.sleep(0.01)
+        while b"READY=1" not in notify.recv(4096):
+            pass
         ready = time.time() - started
-        time.sleep(1)
+        time.sleep(3)  # the children's first cycles (declarations) are start-up, not idling
         p = psutil.Process(runner.proc.pid)
         p.cpu_percent(None)
         time.sleep(sample)
@@ -299,6 +298,7 @@ def footprint(db: DB, prefix: str, children: int, sample: float) -> tuple[float,
         return ready, cpu, rss
     finally:
         runner.stop()
+        notify.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
