@@ -7,6 +7,10 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
+# DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
+# every forked child has them already and a replacement's first job starts that much sooner.
+import deepdiff  # noqa: F401
+import tqdm  # noqa: F401
 from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
@@ -15,6 +19,9 @@ from .tables import declare_with_retry
 
 if TYPE_CHECKING:
     from .worker import DataJointWorker
+
+#: Jobs per populate() call of a table step (see `TableStep._populate_batches`).
+POPULATE_BATCH = 250
 
 
 def callable_name(func: Callable) -> str:
@@ -129,12 +136,30 @@ class TableStep:
 
         jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
         try:
-            return self.table.populate(
-                *self.restrictions, reserve_jobs=True, suppress_errors=True, **self.populate_kwargs
-            )
+            return self._populate_batches(worker)
         finally:
             for name in original:
                 delattr(jobs, name)
+
+
+    def _populate_batches(self, worker: DataJointWorker) -> dict:
+        """populate() in batches of `POPULATE_BATCH` jobs until one does nothing; the queue is refreshed by
+        the first call only. One call fetches every pending key before its first job (100k keys: a third
+        of a second, and memory), a batch fetches its keys from the job table's status index. With
+        `max_calls` or `processes` given, one call as asked."""
+        kwargs = dict(self.populate_kwargs)
+        if "max_calls" in kwargs or (kwargs.get("processes") or 1) > 1:
+            return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
+        total: dict = {"success_count": 0, "error_list": []}
+        while True:
+            result = self.table.populate(
+                *self.restrictions, reserve_jobs=True, suppress_errors=True, max_calls=POPULATE_BATCH, **kwargs
+            )
+            kwargs["refresh"] = False
+            total["success_count"] += result["success_count"]
+            total["error_list"] += result["error_list"]
+            if not (result["success_count"] or result["error_list"]) or worker.stop_requested:
+                return total
 
 
 class CallableStep:
