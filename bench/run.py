@@ -354,7 +354,8 @@ def fmt(values: list[float], digits=1) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], growth: dict) -> None:
+def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], growth: dict,
+                only: set[int] = frozenset(range(1, 7))) -> None:  # fmt: skip
     db = DB(backend)
     base = f"djsbench_{uuid.uuid4().hex[:8]}"
     counter = iter(range(10**6))
@@ -365,94 +366,101 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
     rounds = 1 if small else 3
     window = 1.0 if small else 4.0
     try:
-        # 1. throughput
-        replica_list = [1] if small else [1, 2, 4]
-        for ms in (5,) if small else (5, 50):
-            for n in replica_list:
-                keys = int(window * n * 1000 / ms * 1.5) + 200
-                res = {"plain": [], "djsupervisor": []}
-                for _ in range(rounds):
-                    for kind in ("plain", "djsupervisor"):
-                        p = prefix()
-                        try:
-                            res[kind].append(throughput(db, kind, n, ms, window, keys, p))
-                        finally:
-                            db.drop_prefix(p)
-                ratio = statistics.median(res["djsupervisor"]) / statistics.median(res["plain"])
-                rows.append(f"| {backend} | 1. throughput, {n} replica(s), {ms} ms make (jobs/s) | "
-                            f"{fmt(res['djsupervisor'])} | {fmt(res['plain'])} (plain populate loops) | "
-                            f"{ratio:.3f} | ≥ 0.97: {'met' if ratio >= 0.97 else 'MISSED'} |")
-        # 2. restart latency
-        sd_ok = (SUPERVISORD_VENV / "bin" / "supervisord").exists()
-        res = {"djsupervisor": [], "supervisord": []}
-        for _ in range(rounds if small else 4):
-            for kind in ("supervisord", "djsupervisor"):
-                if kind == "supervisord" and not sd_ok:
-                    continue
+        if 1 in only:
+            # 1. throughput
+            replica_list = [1] if small else [1, 2, 4]
+            for ms in (5,) if small else (5, 50):
+                for n in replica_list:
+                    keys = int(window * n * 1000 / ms * 1.5) + 200
+                    res = {"plain": [], "djsupervisor": []}
+                    for _ in range(rounds):
+                        for kind in ("plain", "djsupervisor"):
+                            p = prefix()
+                            try:
+                                res[kind].append(throughput(db, kind, n, ms, window, keys, p))
+                            finally:
+                                db.drop_prefix(p)
+                    ratio = statistics.median(res["djsupervisor"]) / statistics.median(res["plain"])
+                    rows.append(f"| {backend} | 1. throughput, {n} replica(s), {ms} ms make (jobs/s) | "
+                                f"{fmt(res['djsupervisor'])} | {fmt(res['plain'])} (plain populate loops) | "
+                                f"{ratio:.3f} | ≥ 0.97: {'met' if ratio >= 0.97 else 'MISSED'} |")
+        if 2 in only:
+            # 2. restart latency
+            sd_ok = (SUPERVISORD_VENV / "bin" / "supervisord").exists()
+            res = {"djsupervisor": [], "supervisord": []}
+            for _ in range(rounds if small else 4):
+                for kind in ("supervisord", "djsupervisor"):
+                    if kind == "supervisord" and not sd_ok:
+                        continue
+                    p = prefix()
+                    try:
+                        res[kind].append(restart_latency(db, kind, p, 5, sd_ok))
+                    finally:
+                        db.drop_prefix(p)
+            d = [v * 1000 for v in res["djsupervisor"]]
+            if res["supervisord"]:
+                s = [v * 1000 for v in res["supervisord"]]
+                speedup = statistics.median(s) / statistics.median(d)
+                rows.append(f"| {backend} | 2. restart: SIGKILL → first job by replacement (ms) | {fmt(d)} | "
+                            f"{fmt(s)} (supervisord 4.3.0) | {speedup:.1f}× faster | ≥ 10×: "
+                            f"{'met' if speedup >= 10 else 'MISSED'} |")
+            else:
+                rows.append(f"| {backend} | 2. restart (ms) | {fmt(d)} | supervisord not installed | – | – |")
+        if 3 in only:
+            # 3. graceful stop
+            res3 = []
+            for _ in range(rounds if small else 3):
                 p = prefix()
                 try:
-                    res[kind].append(restart_latency(db, kind, p, 5, sd_ok))
+                    res3.append(stop_latency(db, p, 1000, 2) * 1000)
                 finally:
                     db.drop_prefix(p)
-        d = [v * 1000 for v in res["djsupervisor"]]
-        if res["supervisord"]:
-            s = [v * 1000 for v in res["supervisord"]]
-            speedup = statistics.median(s) / statistics.median(d)
-            rows.append(f"| {backend} | 2. restart: SIGKILL → first job by replacement (ms) | {fmt(d)} | "
-                        f"{fmt(s)} (supervisord 4.3.0) | {speedup:.1f}× faster | ≥ 10×: "
-                        f"{'met' if speedup >= 10 else 'MISSED'} |")
-        else:
-            rows.append(f"| {backend} | 2. restart (ms) | {fmt(d)} | supervisord not installed | – | – |")
-        # 3. graceful stop
-        res3 = []
-        for _ in range(rounds if small else 3):
-            p = prefix()
-            try:
-                res3.append(stop_latency(db, p, 1000, 2) * 1000)
-            finally:
-                db.drop_prefix(p)
-        med = statistics.median(res3)
-        rows.append(f"| {backend} | 3. graceful stop: SIGTERM → exit minus in-flight jobs' remaining time, "
-                    f"2 children (ms) | {fmt(res3)} | – | – | < 500 ms: {'met' if med < 500 else 'MISSED'} |")
-        # 4. footprint
-        for n in ([4] if small else [8, 32, 64]):
-            ready, cpu, rss = [], [], []
-            for _ in range(1 if small or n < 64 else 2):
+            med = statistics.median(res3)
+            rows.append(f"| {backend} | 3. graceful stop: SIGTERM → exit minus in-flight jobs' remaining time, "
+                        f"2 children (ms) | {fmt(res3)} | – | – | < 500 ms: {'met' if med < 500 else 'MISSED'} |")
+        if 4 in only:
+            # 4. footprint
+            for n in ([4] if small else [8, 32, 64]):
+                ready, cpu, rss = [], [], []
+                for _ in range(1 if small or n < 64 else 2):
+                    p = prefix()
+                    try:
+                        r, c, m = footprint(db, p, n, 2 if small else 10, settle=1 if small else 3)
+                    finally:
+                        db.drop_prefix(p)
+                    ready.append(r * 1000), cpu.append(c), rss.append(m)
+                goal = "–"
+                if n == 64:
+                    goal = f"< 5 s: {'met' if statistics.median(ready) < 5000 else 'MISSED'}"
+                rows.append(f"| {backend} | 4. footprint, {n} idle children: launch → READY=1 (ms) | {fmt(ready, 0)} "
+                            f"| – | – | {goal} |")
+                rows.append(f"| {backend} | 4. footprint, {n} idle children: parent CPU % of a core / RSS MiB | "
+                            f"{fmt(cpu, 2)} / {fmt(rss, 1)} | – | – | CPU < 0.5 %: "
+                            f"{'met' if statistics.median(cpu) < 0.5 else 'MISSED'} |")
+        if 5 in only:
+            # 5. idle load
+            n = 2 if small else 4
+            res5 = {"fixed": [], "adaptive": []}
+            server = {}
+            for kind, mx in (("fixed", None), ("adaptive", 8.0)):
                 p = prefix()
                 try:
-                    r, c, m = footprint(db, p, n, 2 if small else 10, settle=1 if small else 3)
+                    counted, server[kind] = idle_queries(db, p, n, 3 if small else 30, mx, settle=1.5 if small else 3)
+                    res5[kind].append(counted)
                 finally:
                     db.drop_prefix(p)
-                ready.append(r * 1000), cpu.append(c), rss.append(m)
-            goal = "–"
-            if n == 64:
-                goal = f"< 5 s: {'met' if statistics.median(ready) < 5000 else 'MISSED'}"
-            rows.append(f"| {backend} | 4. footprint, {n} idle children: launch → READY=1 (ms) | {fmt(ready, 0)} "
-                        f"| – | – | {goal} |")
-            rows.append(f"| {backend} | 4. footprint, {n} idle children: parent CPU % of a core / RSS MiB | "
-                        f"{fmt(cpu, 2)} / {fmt(rss, 1)} | – | – | CPU < 0.5 %: "
-                        f"{'met' if statistics.median(cpu) < 0.5 else 'MISSED'} |")
-        # 5. idle load
-        n = 2 if small else 4
-        res5 = {"fixed": [], "adaptive": []}
-        server = {}
-        for kind, mx in (("fixed", None), ("adaptive", 8.0)):
-            p = prefix()
-            try:
-                counted, server[kind] = idle_queries(db, p, n, 3 if small else 30, mx, settle=1.5 if small else 3)
-                res5[kind].append(counted)
-            finally:
-                db.drop_prefix(p)
-        counter_name = "Questions" if backend == "mysql" else "pg_stat_database xact_commit+rollback"
-        rows.append(f"| {backend} | 5. idle load, {n} workers, sleep_duration 1 s (statements/worker/min, counted "
-                    f"by the workers) | {fmt(res5['adaptive'])} with max_sleep_duration 8 | "
-                    f"{fmt(res5['fixed'])} without | "
-                    f"{statistics.median(res5['adaptive']) / statistics.median(res5['fixed']):.2f} | – |")
-        notes.append(f"- {backend} idle load by the server's own counter ({counter_name}, server-wide, other "
-                     f"clients included): {server['fixed']:.0f} without, {server['adaptive']:.0f} with adaptive "
-                     "sleep (per worker per minute).")
+            counter_name = "Questions" if backend == "mysql" else "pg_stat_database xact_commit+rollback"
+            rows.append(f"| {backend} | 5. idle load, {n} workers, sleep_duration 1 s (statements/worker/min, counted "
+                        f"by the workers) | {fmt(res5['adaptive'])} with max_sleep_duration 8 | "
+                        f"{fmt(res5['fixed'])} without | "
+                        f"{statistics.median(res5['adaptive']) / statistics.median(res5['fixed']):.2f} | – |")
+            notes.append(f"- {backend} idle load by the server's own counter ({counter_name}, server-wide, other "
+                         f"clients included): {server['fixed']:.0f} without, {server['adaptive']:.0f} with adaptive "
+                         "sleep (per worker per minute).")
     finally:
         db.drop_prefix(base)
+    if 6 not in only:
+        return
     # 6. cost growth (in this process: every step of a real worker's cycle timed)
     import cost_growth
 
@@ -484,13 +492,14 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="tiny version of each benchmark (CI smoke run)")
     parser.add_argument("--backend", default="both", choices=["mysql", "postgresql", "both"])
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="figures to run, e.g. 3,4 (default: all)")
     args = parser.parse_args()
     rows: list[str] = []
     notes: list[str] = []
     growth: dict = {}
     started = time.time()
     for backend in (["mysql", "postgresql"] if args.backend == "both" else [args.backend]):
-        run_backend(backend, args.small, rows, notes, growth)
+        run_backend(backend, args.small, rows, notes, growth, {int(f) for f in args.only.split(",")})
         write(args, rows, notes, growth, started)
 
 
