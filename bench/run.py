@@ -498,6 +498,7 @@ def main() -> None:
     notes: list[str] = []
     growth: dict = {}
     started = time.time()
+    args.load_at_start = os.getloadavg()
     for backend in (["mysql", "postgresql"] if args.backend == "both" else [args.backend]):
         run_backend(backend, args.small, rows, notes, growth, {int(f) for f in args.only.split(",")})
         write(args, rows, notes, growth, started)
@@ -514,7 +515,10 @@ def write(args, rows, notes, growth, started) -> None:
     text = "\n".join([
         "# djsupervisor benchmark results", "",
         f"Command: `.venv/bin/python bench/run.py{' --small' if args.small else ''} --backend {args.backend}` "
-        f"({time.time() - started:.0f} s)", "", *machine(), "",
+        f"({time.time() - started:.0f} s)", "", *machine(),
+        "- load average (1/5/15 min) at the start: {:.2f} / {:.2f} / {:.2f}; when written: {:.2f} / {:.2f} / {:.2f} "
+        "(other engineers' tests share the machine and the servers)".format(*args.load_at_start, *os.getloadavg()),
+        "",
         "Each cell: median (min–max) over the runs; A and B alternate within one invocation.", "",
         "| backend | figure | djsupervisor | baseline | ratio | goal |",
         "|---|---|---|---|---|---|", *rows, *tables, "", *notes, ""])
