@@ -8,12 +8,12 @@ step's figure does not include the steps it calls) and its database statements a
 
 * recovery: job-table listing, candidate scan, liveness check, re-pending, ErrorLog copies;
 * refresh: DataJoint's `jobs.refresh()` that populate runs first (key_source − target − jobs);
-* populate: the rest of `populate()`: the pending-key fetch (the worker populates in batches of
-  `steps.POPULATE_BATCH` keys), transactions, the per-job key checks;
+* populate: the rest of `populate()`: the pending-key fetch (a worker's first call in a cycle fetches at
+  most `steps.POPULATE_BATCH` keys), transactions, the per-job key checks;
 * reserve, make, complete (per job); heartbeat and WorkerLog (bookkeeping).
 
-Plus DataJoint's fetch of every pending key (what one `populate()` call does before its first job, and
-what the worker did before it populated in batches), and an
+Plus DataJoint's fetch of every pending key (what one `populate()` call does before its first job; a
+worker's second call of a cycle does it, once per cycle), and an
 EXPLAIN of each recovery statement at the largest size. Usage (also called by bench/run.py):
 
     .venv/bin/python bench/cost_growth.py [--backend mysql|postgresql|both] [--sizes 1000,10000,100000]

@@ -197,7 +197,7 @@ def test_populate_kwargs_are_forwarded(db, pipe):
     assert {k["source_id"] for k in pipe.Square.keys()} <= {3, 4, 5, 6}
 
 
-def test_a_cycle_works_the_queue_in_batches_refreshing_once(db, pipe, monkeypatch):
+def test_a_cycle_starts_with_a_small_batch_and_refreshes_once(db, pipe, monkeypatch):
     from datajoint.jobs import Job
 
     from djsupervisor import steps
@@ -216,7 +216,7 @@ def test_a_cycle_works_the_queue_in_batches_refreshing_once(db, pipe, monkeypatc
         monkeypatch.setattr(owner, name, counted)
     summary = worker.run_once()
     assert (summary.jobs_done, summary.jobs_failed) == (7, 1)
-    assert calls == {"populate": 4, "refresh": 1}  # 3 + 3 + 2 jobs, then one that finds none
+    assert calls == {"populate": 3, "refresh": 1}  # 3 jobs, then the other 5, then a call that finds none
 
 
 def test_configure_copies_processes_and_overrides_settings(db, pipe):

@@ -20,7 +20,7 @@ from .tables import declare_with_retry
 if TYPE_CHECKING:
     from .worker import DataJointWorker
 
-#: Jobs per populate() call of a table step (see `TableStep._populate_batches`).
+#: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
 
 
@@ -143,19 +143,20 @@ class TableStep:
 
 
     def _populate_batches(self, worker: DataJointWorker) -> dict:
-        """populate() in batches of `POPULATE_BATCH` jobs until one does nothing; the queue is refreshed by
-        the first call only. One call fetches every pending key before its first job (100k keys: a third
-        of a second, and memory), a batch fetches its keys from the job table's status index. With
-        `max_calls` or `processes` given, one call as asked."""
+        """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
+        only the first call refreshes the queue. One plain call fetches every pending key before its first
+        job (100k keys: a third of a second), which a replacement child's first job would wait for.
+        (Batches all the way cost throughput with several workers on PostgreSQL: 0.83 against 0.96 of
+        plain loops in one A/B, cause not established.) With `max_calls` or `processes` given, one call."""
         kwargs = dict(self.populate_kwargs)
         if "max_calls" in kwargs or (kwargs.get("processes") or 1) > 1:
             return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
         total: dict = {"success_count": 0, "error_list": []}
+        batch = {"max_calls": POPULATE_BATCH}
         while True:
-            result = self.table.populate(
-                *self.restrictions, reserve_jobs=True, suppress_errors=True, max_calls=POPULATE_BATCH, **kwargs
-            )
+            result = self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **batch, **kwargs)
             kwargs["refresh"] = False
+            batch = {}
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
             if not (result["success_count"] or result["error_list"]) or worker.stop_requested:
