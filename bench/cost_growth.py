@@ -27,15 +27,16 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import datajoint as dj
 
-BACKENDS = {
-    "mysql": dict(host="127.0.0.1", port=3306, user="root", password=""),
-    "postgresql": dict(host="127.0.0.1", port=5432, user="postgres", password=""),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import BACKENDS, drop_schemas  # noqa: E402  (the tests' servers and clean-up)
+from conftest import configure_datajoint as connect  # noqa: E402
 JOBS_PER_CYCLE = 20
 PLANTED = 50  # orphans, stale reservations and transient errors, each, before every measured cycle
 STEPS = ("recovery", "refresh", "populate", "reserve", "make", "complete", "heartbeat", "WorkerLog", "other")
@@ -94,31 +95,6 @@ class Probe:
 
     def reset(self) -> None:
         self.seconds.clear(), self.statements.clear(), self.calls.clear()
-
-
-def connect(backend: str) -> dj.Connection:
-    s = BACKENDS[backend]
-    dj.config["database.backend"] = backend
-    dj.config["database.host"] = s["host"]
-    dj.config["database.port"] = s["port"]
-    dj.config["database.user"] = s["user"]
-    dj.config["database.password"] = s["password"]
-    dj.config["database.use_tls"] = False
-    dj.config["safemode"] = False
-    return dj.conn(reset=True)
-
-
-def drop(connection: dj.Connection, prefix: str) -> None:
-    q = connection.adapter.quote_identifier
-    if connection.adapter.backend == "postgresql":
-        names = [r[0] for r in connection.query("SELECT nspname FROM pg_namespace").fetchall()]
-        for n in names:
-            if n.startswith(prefix):
-                connection.query(f"DROP SCHEMA IF EXISTS {q(n)} CASCADE")
-    else:
-        for (n,) in connection.query("SHOW DATABASES").fetchall():
-            if n.startswith(prefix):
-                connection.query(f"DROP DATABASE IF EXISTS {q(n)}")
 
 
 def dead_connection_id(backend: str) -> int:
@@ -297,7 +273,7 @@ class Setup:
         return lines
 
     def close(self) -> None:
-        drop(self.connection, self.prefix)
+        drop_schemas(self.connection, self.prefix)
 
 
 def verdict(ratio: float, growth: float) -> str:
