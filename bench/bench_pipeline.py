@@ -56,6 +56,24 @@ if MAX_SLEEP:
 worker = DataJointWorker("bench", f"{PREFIX}_workers", **_kwargs)
 worker(Work)
 
+COUNT_DIR = os.environ.get("DJS_BENCH_COUNT_DIR")
+if COUNT_DIR:  # idle load: every statement this process sends, logged as "time count" at each sleep
+    _sent = [0]
+    _connection = worker.connection
+    _query = _connection.query
+
+    def _counted(*args, **kwargs):
+        _sent[0] += 1
+        return _query(*args, **kwargs)
+
+    def _log_count(event) -> None:
+        if event.kind == "sleep":
+            with open(os.path.join(COUNT_DIR, str(os.getpid())), "a") as file:
+                file.write(f"{time.time()} {_sent[0]}\n")
+
+    _connection.query = _counted
+    worker.add_listener(_log_count)
+
 
 def plain_loop() -> None:
     """The baseline: what labs run under tmux or supervisord, a populate loop with a sleep when idle."""

@@ -10,7 +10,7 @@ import pytest
 from loguru import logger
 
 from djsupervisor import DataJointWorker
-from djsupervisor.jobs import TRANSIENT_ERROR_PATTERNS, record_job_error, recover_jobs
+from djsupervisor.jobs import TRANSIENT_ERROR_PATTERNS, JobRecovery, record_job_error, recover_jobs
 from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
 from pipeline import make_pipeline, seed
 
@@ -154,6 +154,30 @@ def test_user_without_process_privilege_leaves_foreign_reservations(db, pipe):
     finally:
         for host in ("%", "localhost", "127.0.0.1"):
             root.query(f"DROP USER IF EXISTS '{user}'@'{host}'".replace("%", "%%"))
+
+
+def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
+    recovery = JobRecovery(db.connection, db_prefix=[db.prefix], relist_seconds=3600)
+    pipe.Square.jobs.refresh()
+    assert recovery.run().orphaned == 0  # lists ~~square only: ~~cube is not declared yet
+    pipe.Square.populate()
+    cube = pipe.Cube()
+    set_reservation(cube, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
+                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    assert recovery.run().orphaned == 0  # the kept list does not have ~~cube...
+    assert job_status(cube, dict(source_id=1)) == "reserved"
+    assert recovery.run(known_tables=[(db.schema_name("pipe"), "~~cube")]).orphaned == 1  # ...until named
+    assert job_status(cube, dict(source_id=1)) == "pending"
+    # two job tables: one counting statement finds the one holding a reservation
+    set_reservation(pipe.Square, dict(source_id=2), host=THIS_HOST, pid=dead_pid(),
+                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    assert recovery.run().orphaned == 1
+    # a table dropped since the listing fails one pass, and the next pass lists again
+    cube.jobs.drop()
+    with pytest.raises(Exception):
+        recovery.run()
+    assert recovery.run().orphaned == 0
+    assert [t.name for t in recovery.job_tables()] == ["~~square"]
 
 
 def test_record_job_error_marks_a_reservation_as_timed_out(db, pipe):

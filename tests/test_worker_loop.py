@@ -197,6 +197,28 @@ def test_populate_kwargs_are_forwarded(db, pipe):
     assert {k["source_id"] for k in pipe.Square.keys()} <= {3, 4, 5, 6}
 
 
+def test_a_cycle_starts_with_a_small_batch_and_refreshes_once(db, pipe, monkeypatch):
+    from datajoint.jobs import Job
+
+    from djsupervisor import steps
+
+    seed(pipe, 8)
+    pipe.Square.fail_ids = {5}
+    monkeypatch.setattr(steps, "POPULATE_BATCH", 3)
+    worker = new_worker(db)
+    worker(pipe.Square)
+    calls = {"populate": 0, "refresh": 0}
+    for owner, name in ((worker._steps[0].table, "populate"), (Job, "refresh")):
+        def counted(*args, _original=getattr(owner, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    summary = worker.run_once()
+    assert (summary.jobs_done, summary.jobs_failed) == (7, 1)
+    assert calls == {"populate": 3, "refresh": 1}  # 3 jobs, then the other 5, then a call that finds none
+
+
 def test_configure_copies_processes_and_overrides_settings(db, pipe):
     worker = new_worker(db, sleep_duration=5)
     worker(pipe.Square)

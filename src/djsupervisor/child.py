@@ -55,7 +55,11 @@ PR_SET_PDEATHSIG = 1
 _CONNECT_RETRY_FIRST = 1.0  # seconds before retrying to connect at start, doubling up to _CONNECT_RETRY_MAX
 _CONNECT_RETRY_MAX = 30.0
 _THROTTLE = 0.1  # seconds between event-driven reports (heartbeats and key events are never throttled)
-_ALWAYS_REPORTED = {"cycle_start", "cycle_end", "sleep", "stopped"}
+_ALWAYS_REPORTED = {"sleep", "stopped"}
+# Not reported by themselves: the next report (a job event, a long sleep, the heartbeat) carries them, so
+# a fleet of idle children polling every second does not wake the parent three times a second each. A
+# sleep shorter than the heartbeat interval is carried the same way.
+_CARRIED = {"cycle_start", "cycle_end"}
 
 #: Signals whose handlers the parent installs; the child puts them back to their defaults.
 RESET_SIGNALS = tuple(
@@ -210,7 +214,9 @@ class Reporter:
             self.state, self.table, self.key, self.job_started = "stopped", None, None, None
         self.set_title(_short_table(self.table) if self.state == "populating" else
                        ("sleeping" if self.state == "sleeping" else "idle"))  # fmt: skip
-        if kind in _ALWAYS_REPORTED or now - self.last_sent >= _THROTTLE:
+        if kind == "sleep" and self.sleep_seconds < self.interval:
+            return
+        if kind in _ALWAYS_REPORTED or (kind not in _CARRIED and now - self.last_sent >= _THROTTLE):
             self.send({"event": kind})
 
     def beat(self) -> None:

@@ -125,7 +125,7 @@ class SupervisorConfig:
     backoff_max: float = 60.0  # cap of the doubling restart delay
     stable_after: float = 60.0  # up this long and the restart delay starts over
     fatal_after: int = 5  # consecutive exits before completing a cycle that make a slot FATAL
-    heartbeat_interval: float = 2.0  # how often a child reports while nothing else happens
+    heartbeat_interval: float = 5.0  # how often a child reports while nothing else happens
     heartbeat_timeout: float = 30.0  # silence after which a child counts as hung (SIGSTOP, deadlock)
     hang_timeout: float = 600.0  # no progress outside a job for this long counts as hung
     sample_interval: float = 5.0  # psutil sampling period
@@ -230,7 +230,7 @@ def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
         backoff_max=float(c.number("backoff_max", 60.0)),
         stable_after=float(c.number("stable_after", 60.0)),
         fatal_after=c.number("fatal_after", 5, minimum=1, integer=True),
-        heartbeat_interval=float(c.number("heartbeat_interval", 2.0, exclusive=True)),
+        heartbeat_interval=float(c.number("heartbeat_interval", 5.0, exclusive=True)),
         heartbeat_timeout=float(c.number("heartbeat_timeout", 30.0, exclusive=True)),
         hang_timeout=float(c.number("hang_timeout", 600.0, exclusive=True)),
         sample_interval=float(c.number("sample_interval", 5.0, exclusive=True)),

@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import time
 from collections import defaultdict
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +31,7 @@ import psutil
 from datajoint.blob import unpack
 from loguru import logger
 
-from .connection import live_connection_ids, sees_all_connections, user_name
+from .connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
 #: nothing wrong, the database or the process around it did.
@@ -55,6 +56,13 @@ JOB_COLUMNS = frozenset(
 )  # fmt: skip
 
 _SYSTEM_SCHEMAS = ("information_schema", "performance_schema", "mysql", "sys", "pg_catalog", "pg_toast")
+
+#: Seconds a `JobRecovery` trusts its list of job tables before reading the catalog again. Listing reads
+#: information_schema.columns, the dearest query of an idle cycle on a server with many tables; a table
+#: that appears in scope is seen within this time (at once if the caller names it, see `JobRecovery.run`).
+RELIST_SECONDS = 60.0
+_PROBE_BATCH = 50  # job tables per candidate-count statement
+_CLEAR_BATCH = 200  # error jobs re-pended per UPDATE
 
 
 @dataclasses.dataclass
@@ -86,12 +94,21 @@ class JobTable:
 ClearedErrorSink = Callable[[str, dict, str, str, "datetime.datetime | None"], None]
 
 
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching names that start with `prefix` (its wildcards escaped)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
 def list_job_tables(connection: dj.Connection, db_prefix: Sequence[str] | None = None) -> list[JobTable]:
     """Every job table in schemas whose names start with one of `db_prefix` (all schemas when None)."""
+    where, args = "table_name LIKE %s", ["~~%"]
+    if db_prefix:  # lets the server skip other schemas instead of sending their columns
+        where += " AND (" + " OR ".join("table_schema LIKE %s" for _ in db_prefix) + ")"
+        args += [_like_prefix(p) for p in db_prefix]
     rows = connection.query(
         "SELECT table_schema, table_name, column_name FROM information_schema.columns "
-        "WHERE table_name LIKE %s ORDER BY table_schema, table_name, ordinal_position",
-        args=("~~%",),
+        f"WHERE {where} ORDER BY table_schema, table_name, ordinal_position",
+        args=tuple(args),
     ).fetchall()
     columns: dict[tuple[str, str], list[str]] = defaultdict(list)
     for schema, table, column in rows:
@@ -142,6 +159,7 @@ class JobRecovery:
         stale_timeout_hours: float = 24,
         autoclear_error_patterns: Iterable[str] = (),
         on_cleared_error: ClearedErrorSink | None = None,
+        relist_seconds: float = RELIST_SECONDS,
     ) -> None:
         self.connection = connection
         self.db_prefix = tuple(db_prefix) if db_prefix else None
@@ -149,9 +167,13 @@ class JobRecovery:
         self.error_patterns = tuple(dict.fromkeys([*autoclear_error_patterns, *TRANSIENT_ERROR_PATTERNS]))
         self.on_cleared_error = on_cleared_error
         self.host = platform.node()
+        self.relist_seconds = relist_seconds
         self._sees_all: bool | None = None
         self._user: str | None = None
         self._warned_unprivileged = False
+        self._tables: list[JobTable] | None = None
+        self._listed_at = 0.0
+        self._missing: set[tuple[str, str]] = set()  # named by the caller, absent from the last listing
 
     def _q(self, name: str) -> str:
         return self.connection.adapter.quote_identifier(name)
@@ -167,20 +189,48 @@ class JobRecovery:
             f"{q('connection_id')}=0, {q('user')}=''"
         )
 
-    def run(self) -> RecoveryCounts:
-        """One pass over every job table in scope; returns how many jobs went back to pending."""
+    def _in_scope(self, schema: str) -> bool:
+        return schema not in _SYSTEM_SCHEMAS and (not self.db_prefix or any(map(schema.startswith, self.db_prefix)))
+
+    def job_tables(self, known: Iterable[tuple[str, str]] = ()) -> list[JobTable]:
+        """The job tables in scope: listed again when the list is `relist_seconds` old, or when `known`
+        names a (schema, job table) in scope that the list lacks (a table declared since)."""
+        listed = {(t.schema, t.name) for t in self._tables or ()}
+        new = {k for k in known if self._in_scope(k[0])} - listed - self._missing
+        if self._tables is None or new or time.monotonic() - self._listed_at >= self.relist_seconds:
+            self._tables = list_job_tables(self.connection, self.db_prefix)
+            self._listed_at = time.monotonic()
+            listed = {(t.schema, t.name) for t in self._tables}
+            self._missing = {k for k in known if self._in_scope(k[0])} - listed
+        return self._tables
+
+    def forget_tables(self) -> None:
+        """Drop the list of job tables: the next pass reads the catalog again."""
+        self._tables = None
+
+    def run(self, known_tables: Iterable[tuple[str, str]] = ()) -> RecoveryCounts:
+        """One pass over every job table in scope; returns how many jobs went back to pending.
+
+        `known_tables` are (schema, job table name) pairs the caller knows exist (its own queues): the
+        cached list of job tables is read again at once if it lacks one of them.
+        """
         counts = RecoveryCounts()
         live: set[int] | None = None
-        for table in list_job_tables(self.connection, self.db_prefix):
-            reserved, errors = self._candidates(table)
-            if reserved:
-                if live is None:
-                    live = live_connection_ids(self.connection)
-                stale, orphaned = self._recover_reservations(table, reserved, live)
-                counts.stale += stale
-                counts.orphaned += orphaned
-            if errors:
-                counts.cleared += self._clear_errors(table, errors)
+        try:
+            for table in self._tables_with_candidates(self.job_tables(known_tables)):
+                reserved, errors = self._candidates(table)
+                if reserved:
+                    if live is None:
+                        live = live_connection_ids(self.connection)
+                    stale, orphaned = self._recover_reservations(table, reserved, live)
+                    counts.stale += stale
+                    counts.orphaned += orphaned
+                if errors:
+                    counts.cleared += self._clear_errors(table, errors)
+        except Exception as error:
+            if not is_connection_error(error):
+                self.forget_tables()  # a table dropped since the listing, most likely
+            raise
         if counts.stale or counts.orphaned or counts.cleared:
             logger.info(
                 "job recovery: {} stale and {} orphaned reservations re-pended, {} transient errors cleared",
@@ -188,23 +238,44 @@ class JobRecovery:
             )  # fmt: skip
         return counts
 
+    def _candidate_condition(self) -> str:
+        q = self._q
+        like = " OR ".join(f"LOWER({q('error_message')}) LIKE LOWER(%s)" for _ in self.error_patterns)
+        return f"{q('status')}='reserved' OR ({q('status')}='error' AND ({like}))"
+
+    def _tables_with_candidates(self, tables: list[JobTable]) -> list[JobTable]:
+        """The tables holding a reservation or a clearable error: one counting statement per
+        `_PROBE_BATCH` tables (an idle cycle over many job tables costs one statement, not one each)."""
+        if len(tables) <= 1:
+            return tables
+        found = []
+        for start in range(0, len(tables), _PROBE_BATCH):
+            batch = tables[start : start + _PROBE_BATCH]
+            sql = " UNION ALL ".join(
+                f"SELECT {i} AS t, COUNT(*) AS n FROM {self._full_name(table)} WHERE {self._candidate_condition()}"
+                for i, table in enumerate(batch)
+            )
+            rows = self.connection.query(sql, args=self.error_patterns * len(batch)).fetchall()
+            found += [batch[int(i)] for i, n in rows if n]
+        return found
+
     def _candidates(self, table: JobTable) -> tuple[list[dict], list[dict]]:
         """Reserved jobs (holder and age) and error jobs whose message matches a clearing pattern."""
         q = self._q
         interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
-        like = " OR ".join(f"LOWER({q('error_message')}) LIKE LOWER(%s)" for _ in self.error_patterns)
         keys = "".join(f", {q(c)}" for c in table.key_columns)
+        stack = q("error_stack") if self.on_cleared_error is not None else "NULL"
         rows = self.connection.query(
             f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('user')}, "
             f"CASE WHEN {q('reserved_time')} < CURRENT_TIMESTAMP(3) - {interval} THEN 1 ELSE 0 END, "
-            f"{q('error_message')}, {q('completed_time')}{keys} FROM {self._full_name(table)} "
-            f"WHERE {q('status')}='reserved' OR ({q('status')}='error' AND ({like}))",
+            f"{q('error_message')}, {q('completed_time')}, {stack}{keys} FROM {self._full_name(table)} "
+            f"WHERE {self._candidate_condition()}",
             args=self.error_patterns,
         ).fetchall()
         reserved, errors = [], []
-        for status, host, pid, conn_id, user, old, message, completed, *key_values in rows:
+        for status, host, pid, conn_id, user, old, message, completed, stack, *key_values in rows:
             row = dict(host=host, pid=pid, connection_id=conn_id, user=user, old=bool(old), message=message,
-                       completed=completed, key=dict(zip(table.key_columns, key_values)))  # fmt: skip
+                       completed=completed, stack=stack, key=dict(zip(table.key_columns, key_values)))  # fmt: skip
             (reserved if status == "reserved" else errors).append(row)
         return reserved, errors
 
@@ -262,22 +333,20 @@ class JobRecovery:
         return f"{self._q(table.schema)}.{self._q(name)}"
 
     def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
+        """Copy each error to the sink, then re-pend them, `_CLEAR_BATCH` keys per statement."""
         q = self._q
-        key_match = " AND ".join(f"{q(c)}=%s" for c in table.key_columns)
-        target = self.target_full_name(table) if self.on_cleared_error is not None else ""
+        if self.on_cleared_error is not None:
+            target = self.target_full_name(table)
+            for row in rows:
+                self.on_cleared_error(target, row["key"], row["message"], _decode_stack(row["stack"]), row["completed"])
+        one_key = "(" + " AND ".join(f"{q(c)}=%s" for c in table.key_columns) + ")"
         cleared = 0
-        for row in rows:
-            key = row["key"]
-            if self.on_cleared_error is not None:
-                (stack,) = self.connection.query(
-                    f"SELECT {q('error_stack')} FROM {self._full_name(table)} WHERE {key_match}",
-                    args=tuple(key.values()),
-                ).fetchone() or (None,)
-                self.on_cleared_error(target, key, row["message"], _decode_stack(stack), row["completed"])
+        for start in range(0, len(rows), _CLEAR_BATCH):
+            batch = rows[start : start + _CLEAR_BATCH]
             cursor = self.connection.query(
                 f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} "
-                f"WHERE {q('status')}='error' AND {key_match}",
-                args=tuple(key.values()),
+                f"WHERE {q('status')}='error' AND ({' OR '.join([one_key] * len(batch))})",
+                args=tuple(value for row in batch for value in row["key"].values()),
             )
             cleared += cursor.rowcount
         return cleared

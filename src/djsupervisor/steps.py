@@ -7,6 +7,10 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
+# DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
+# every forked child has them already and a replacement's first job starts that much sooner.
+import deepdiff  # noqa: F401
+import tqdm  # noqa: F401
 from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
@@ -15,6 +19,9 @@ from .tables import declare_with_retry
 
 if TYPE_CHECKING:
     from .worker import DataJointWorker
+
+#: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
+POPULATE_BATCH = 250
 
 
 def callable_name(func: Callable) -> str:
@@ -63,6 +70,13 @@ class TableStep:
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
         return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
+
+    @property
+    def job_table_id(self) -> tuple[str, str] | None:
+        """(schema, name) of the table's job queue once this step has declared or found it, else None."""
+        if not self._job_table_ready:
+            return None
+        return self.table.database, self.table.jobs.table_name
 
     def run(self, worker: DataJointWorker) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
@@ -122,12 +136,31 @@ class TableStep:
 
         jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
         try:
-            return self.table.populate(
-                *self.restrictions, reserve_jobs=True, suppress_errors=True, **self.populate_kwargs
-            )
+            return self._populate_batches(worker)
         finally:
             for name in original:
                 delattr(jobs, name)
+
+
+    def _populate_batches(self, worker: DataJointWorker) -> dict:
+        """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
+        only the first call refreshes the queue. One plain call fetches every pending key before its first
+        job (100k keys: a third of a second), which a replacement child's first job would wait for.
+        (Batches all the way cost throughput with several workers on PostgreSQL: 0.83 against 0.96 of
+        plain loops in one A/B, cause not established.) With `max_calls` or `processes` given, one call."""
+        kwargs = dict(self.populate_kwargs)
+        if "max_calls" in kwargs or (kwargs.get("processes") or 1) > 1:
+            return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
+        total: dict = {"success_count": 0, "error_list": []}
+        batch = {"max_calls": POPULATE_BATCH}
+        while True:
+            result = self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **batch, **kwargs)
+            kwargs["refresh"] = False
+            batch = {}
+            total["success_count"] += result["success_count"]
+            total["error_list"] += result["error_list"]
+            if not (result["success_count"] or result["error_list"]) or worker.stop_requested:
+                return total
 
 
 class CallableStep:

@@ -67,11 +67,14 @@ class Timers:
         """Seconds until the next deadline (0 if one is due, None without timers)."""
         return max(0.0, self._heap[0][0] - now) if self._heap else None
 
-    def run_due(self, now: float) -> None:
-        """Run the callbacks whose deadline has passed."""
+    def run_due(self, now: float) -> bool:
+        """Run the callbacks whose deadline has passed; whether there were any."""
+        ran = False
         while self._heap and self._heap[0][0] <= now:
             _, _, callback = heapq.heappop(self._heap)
             callback()
+            ran = True
+        return ran
 
 
 @dataclasses.dataclass
@@ -152,6 +155,7 @@ class Supervisor:
         self._stop_mode: str | None = None  # None, "graceful" or "fast"
         self._wake_r = self._wake_w = -1
         self._ready_sent = False
+        self._report_changed = False  # a child's report changed its slot's state since the last _manage
         self._previous_handlers: dict[int, Any] = {}
 
     @property
@@ -306,11 +310,16 @@ class Supervisor:
                 self._every(watchdog / 2, self.notifier.watchdog)
             while not (self._stop_mode and not self._by_pid and not self._recovery_pids):
                 timeout = self.timers.timeout(time.monotonic())
+                manage = False
                 for key, mask in self.selector.select(timeout):
                     if self.selector.get_map().get(key.fd) is key:  # not unregistered by an earlier callback
                         key.data(mask)
-                self.timers.run_due(time.monotonic())
-                self._manage()
+                        manage = manage or getattr(key.data, "func", None) != self._on_report
+                # A report that changed nothing about a slot's state needs no pass over every pool: with
+                # many idle children, heartbeats are most wakeups (_take_reports flags the ones that count).
+                if self.timers.run_due(time.monotonic()) or manage or self._report_changed:
+                    self._report_changed = False
+                    self._manage()
             if self.agent is not None:
                 self.agent.stop()
             self.log.info("supervisor {} stopped", self.config.name)
@@ -425,8 +434,9 @@ class Supervisor:
             run_child(
                 supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
                 parent_pid=self.pid, report_fd=write_fd, close_fds=[read_fd, *close_fds],
-                heartbeat_interval=self.config.heartbeat_interval, timed_out_job=timed_out_job,
-                host=self.config.host, fleet_window=heartbeat_window(self.config.fleet_interval),
+                heartbeat_interval=min(self.config.heartbeat_interval, self.config.heartbeat_timeout / 3),
+                timed_out_job=timed_out_job, host=self.config.host,
+                fleet_window=heartbeat_window(self.config.fleet_interval),
             )  # fmt: skip
 
         pid = self._fork(child)
@@ -496,6 +506,7 @@ class Supervisor:
             data = b""
         if not data or slot.pipe_fd != fd:
             self._close_pipe(slot, fd)
+            self._report_changed = True
             return
         self._take_reports(slot, data)
 
@@ -508,10 +519,13 @@ class Supervisor:
                 message = json.loads(line)
             except ValueError:
                 continue
+            if "connection_ids" in message and not self._ready_sent:
+                self._report_changed = True  # READY may be due
             slot.report.update(message)
         slot.last_report = time.monotonic()
         slot.last_report_wall = time.time()
         if slot.state is SlotState.STARTING and slot.got_going():
+            self._report_changed = True
             slot.change(SlotState.RUNNING)
             slot.early_exits = 0
             slot.rolled = False

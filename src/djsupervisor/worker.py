@@ -377,7 +377,8 @@ class DataJointWorker:
                 self.connection, db_prefix=self.db_prefix, stale_timeout_hours=self.stale_timeout_hours,
                 autoclear_error_patterns=self.autoclear_error_patterns, on_cleared_error=self._record_cleared_error,
             )  # fmt: skip
-        counts = self._bookkeeping("job recovery", self._recovery.run)
+        own = [step.job_table_id for step in self._steps if isinstance(step, TableStep) and step.job_table_id]
+        counts = self._bookkeeping("job recovery", lambda: self._recovery.run(own))
         if counts is not None:
             summary.recovered_stale = counts.stale
             summary.recovered_orphaned = counts.orphaned
