@@ -7,10 +7,6 @@ import time
 import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
-# DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
-# every forked child has them already and a replacement's first job starts that much sooner.
-import deepdiff  # noqa: F401
-import tqdm  # noqa: F401
 from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
@@ -19,6 +15,14 @@ from .tables import declare_with_retry
 
 if TYPE_CHECKING:
     from .worker import DataJointWorker
+
+# DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
+# every forked child has them already and a replacement's first job starts that much sooner.
+try:
+    import deepdiff  # noqa: F401
+    import tqdm  # noqa: F401
+except ImportError:  # a later DataJoint may not need them: then there is nothing to preload
+    pass
 
 #: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
@@ -140,7 +144,6 @@ class TableStep:
         finally:
             for name in original:
                 delattr(jobs, name)
-
 
     def _populate_batches(self, worker: DataJointWorker) -> dict:
         """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
