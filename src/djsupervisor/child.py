@@ -216,7 +216,8 @@ class Reporter:
                        ("sleeping" if self.state == "sleeping" else "idle"))  # fmt: skip
         if kind == "sleep" and self.sleep_seconds < self.interval:
             return
-        if kind in _ALWAYS_REPORTED or (kind not in _CARRIED and now - self.last_sent >= _THROTTLE):
+        first_cycle_done = kind == "cycle_end" and self.cycles_done == 1  # the parent's "got going": at once
+        if kind in _ALWAYS_REPORTED or first_cycle_done or (kind not in _CARRIED and now - self.last_sent >= _THROTTLE):
             self.send({"event": kind})
 
     def beat(self) -> None:
