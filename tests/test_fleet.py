@@ -11,7 +11,7 @@ import subprocess
 import psutil
 import pytest
 
-from helpers import djsupervisor_command, process_gone, supervise, wait_until, write_config  # noqa: F401
+from helpers import process_gone, run_cli, supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
 
 FLEET_INTERVAL = 0.5
@@ -36,11 +36,7 @@ def fleet_config(tmp_path, name: str, host: str, replicas: int = 1, stale_hours:
 
 def cli(db, tmp_path, *args, check=True) -> subprocess.CompletedProcess:
     """Run `djsupervisor ARGS...` as a separate process (the fourth host, so to speak)."""
-    from helpers import TESTS
-
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    result = subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True,
-                            text=True, timeout=60)  # fmt: skip
+    result = run_cli(db, tmp_path, *args)
     if check:
         assert result.returncode == 0, f"{args}: {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
@@ -87,9 +83,12 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     # Work flows and the registry counts it.
     seed(pipe, range(20))
     wait_until(lambda: len(pipe.Square()) == 20, 60, message="20 squares")
-    wait_until(lambda: sum(r["jobs_done"] for r in live_rows(fleet(db, tmp_path, config_a), "host-a")
-                           + live_rows(fleet(db, tmp_path, config_a), "host-b")) == 20,  # fmt: skip
-               30, interval=0.3, message="jobs_done in the registry")  # fmt: skip
+
+    def registry_jobs_done() -> int:
+        rows = fleet(db, tmp_path, config_a)
+        return sum(r["jobs_done"] for r in live_rows(rows, "host-a") + live_rows(rows, "host-b"))
+
+    wait_until(lambda: registry_jobs_done() == 20, 30, interval=0.3, message="jobs_done in the registry")
 
     # Drain host-b from outside while its child is in a job: the job lands, the child leaves; host-a goes on.
     a_pids = sup_a.pids()

@@ -125,10 +125,9 @@ class FleetAgent:
                 if not alive:
                     (table & {k: row[k] for k in ("worker_name", "host", "pid", "process_start")}).delete_quick()
 
-    def _row(self, child: dict, **fields) -> dict:
-        worker = self.workers[child["worker"]]
-        return dict(worker_name=worker.name, host=self.host, pid=child["pid"],
-                    process_start=self._process_start(child["pid"]), **fields)  # fmt: skip
+    def _identity(self, pool: str, pid: int, start) -> dict:
+        """The RegisteredWorker key of the child `pid` of pool `pool`, started at `start`."""
+        return {"worker_name": self.workers[pool].name, "host": self.host, "pid": pid, "process_start": start}
 
     def heartbeat(self, children: list[dict], gone: list[dict]) -> None:
         """Stamp the live children's rows; mark the gone ones exited."""
@@ -141,27 +140,26 @@ class FleetAgent:
             if child["worker"] not in self.workers:
                 continue
             try:
-                row = self._row(
-                    child, supervisor=self.supervisor, slot=child["slot"], state=child["state"],
-                    current_table=(child.get("table") or "")[:255], current_key=child.get("key"),
-                    cycles=child.get("cycles", 0), jobs_done=child.get("jobs_done", 0),
-                    jobs_failed=child.get("jobs_failed", 0), heartbeat_window=self.window,
-                )  # fmt: skip
+                start = self._process_start(child["pid"])
             except psutil.Error:  # gone since the parent wrote the line
                 continue
-            by_pool.setdefault(child["worker"], []).append(row)
+            by_pool.setdefault(child["worker"], []).append(dict(
+                self._identity(child["worker"], child["pid"], start), supervisor=self.supervisor,
+                slot=child["slot"], state=child["state"], current_table=(child.get("table") or "")[:255],
+                current_key=child.get("key"), cycles=child.get("cycles", 0), jobs_done=child.get("jobs_done", 0),
+                jobs_failed=child.get("jobs_failed", 0), heartbeat_window=self.window,
+            ))  # fmt: skip
         for child in gone:
             start = self._starts.pop(child["pid"], None)
             if child["worker"] in self.workers and start is not None:
-                worker = self.workers[child["worker"]]
                 by_pool.setdefault(child["worker"], []).append(dict(
-                    worker_name=worker.name, host=self.host, pid=child["pid"], process_start=start,
-                    state="exited", current_table="", current_key=None, heartbeat_window=0.0,
+                    self._identity(child["worker"], child["pid"], start), state="exited", current_table="",
+                    current_key=None, heartbeat_window=0.0,
                 ))  # fmt: skip
         for pool, rows in by_pool.items():
             schema = self.schema(pool)
-            self._attempt("heartbeat", lambda: update_heartbeats(
-                schema.connection, schema.tables["RegisteredWorker"].full_table_name, rows))  # fmt: skip
+            table = schema.tables["RegisteredWorker"].full_table_name
+            self._attempt("heartbeat", partial(update_heartbeats, schema.connection, table, rows))
 
     def read(self) -> dict:
         """The report for the parent: tables per pool, their queue depths, the drain flags that apply."""

@@ -143,9 +143,8 @@ class ControlServer(LoopServer):
         return not client.closing  # whatever else it sent is not read
 
     def _read(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        chunk = self._recv(client)
+        if chunk is None:
             return
         if not chunk:
             self._drop(client)

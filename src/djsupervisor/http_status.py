@@ -83,9 +83,8 @@ class StatusServer(LoopServer):
         return IDLE_TIMEOUT
 
     def _read(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        chunk = self._recv(client)
+        if chunk is None:
             return
         if not chunk:
             if client.outbox:  # the client half-closed after its request: finish the answer, then drop it

@@ -58,6 +58,13 @@ class LoopServer:
     def _write(self, client: LoopClient) -> None:
         raise NotImplementedError
 
+    def _recv(self, client: LoopClient) -> bytes | None:
+        """What the client sent that can be read now: None if nothing yet, b"" once it has closed."""
+        try:
+            return client.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return None
+
     def _send(self, client: LoopClient) -> None:
         """Send what the socket takes now of `client.outbox` (never blocks)."""
         try:
