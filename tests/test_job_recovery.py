@@ -77,9 +77,34 @@ def test_db_prefix_limits_recovery(db):
     assert recover_jobs(db.connection, db_prefix=[db.prefix + "_in"]).orphaned == 1
     assert job_status(inside.Square, dict(source_id=1)) == "pending"
     assert job_status(outside.Square, dict(source_id=1)) == "reserved"
-    # unset: every schema of the connection
-    assert recover_jobs(db.connection).orphaned >= 1
-    assert job_status(outside.Square, dict(source_id=1)) == "pending"
+    # neither tables nor a prefix: nothing (recovery is never server-wide)
+    assert recover_jobs(db.connection).orphaned == 0
+    assert job_status(outside.Square, dict(source_id=1)) == "reserved"
+
+
+def test_default_scope_is_the_workers_own_tables(db):
+    """A worker's recovery leaves other pipelines alone, even in schemas with its own db_prefix, unless it
+    asks for the whole prefix (recovery_scope="db_prefix")."""
+    mine, theirs = make_pipeline(db.schema_name("mine")), make_pipeline(db.schema_name("theirs"))
+    for p in (mine, theirs):
+        seed(p, 2)
+        p.Square.jobs.refresh()
+        set_reservation(p.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
+                        connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+        p.Square.jobs.error(dict(source_id=2), error_message="Lost connection to MySQL server during query")
+    own = DataJointWorker("own", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
+    own(mine.Square)
+    summary = own.run_once()
+    assert (summary.recovered_orphaned, summary.cleared_errors) == (1, 1)
+    assert job_status(theirs.Square, dict(source_id=1)) == "reserved"
+    assert job_status(theirs.Square, dict(source_id=2)) == "error"
+    wide = DataJointWorker("wide", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0,
+                           recovery_scope="db_prefix")  # fmt: skip
+    summary = wide.run_once()
+    assert (summary.recovered_orphaned, summary.cleared_errors) == (1, 1)
+    assert job_status(theirs.Square, dict(source_id=1)) == "pending"
+    with pytest.raises(ValueError, match="never server-wide"):
+        DataJointWorker("nowhere", db.schema_name("workers"), recovery_scope="db_prefix")
 
 
 def test_autoclear_builtin_and_configured_patterns(db, pipe):
@@ -95,7 +120,8 @@ def test_autoclear_builtin_and_configured_patterns(db, pipe):
     for source_id, message in messages.items():
         pipe.Square.jobs.error(dict(source_id=source_id), error_message=message, error_stack=f"stack of {source_id}")
 
-    plain = DataJointWorker("plain", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
+    plain = DataJointWorker("plain", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0,
+                            recovery_scope="db_prefix")  # fmt: skip
     summary = plain.run_once()
     assert summary.cleared_errors == 4
     assert {k: job_status(pipe.Square, dict(source_id=k)) for k in messages} == {
@@ -103,7 +129,8 @@ def test_autoclear_builtin_and_configured_patterns(db, pipe):
     }
 
     configured = DataJointWorker("configured", db.schema_name("workers"), db_prefix=db.prefix,
-                                 autoclear_error_patterns=["%NFS HICCUP%"], sleep_duration=0)  # fmt: skip
+                                 autoclear_error_patterns=["%NFS HICCUP%"], sleep_duration=0,
+                                 recovery_scope="db_prefix")  # fmt: skip
     assert configured.run_once().cleared_errors == 1
     assert job_status(pipe.Square, dict(source_id=5)) == "pending"
     assert job_status(pipe.Square, dict(source_id=1)) == "error"
@@ -140,7 +167,8 @@ def test_user_without_process_privilege_leaves_foreign_reservations(db, pipe):
         sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
         try:
             first = recover_jobs(limited, db_prefix=[db.prefix])
-            worker = DataJointWorker("np", db.schema_name("workers"), db_prefix=db.prefix, connection=limited)
+            worker = DataJointWorker("np", db.schema_name("workers"), db_prefix=db.prefix, connection=limited,
+                                     recovery_scope="db_prefix")  # fmt: skip
             worker.run_once()
             worker.run_once()  # warns once per worker, not per cycle
         finally:

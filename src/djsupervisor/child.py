@@ -323,13 +323,16 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
                 if id(connection) not in reconnected:
                     reconnect_after_fork(connection)
                     reconnected.add(id(connection))
-            scopes.setdefault((worker.db_prefix, worker.stale_timeout_hours, id(worker.connection)), worker)
+            prefix = worker.db_prefix if worker.recovery_scope == "db_prefix" else None
+            scope = (tuple(worker.job_tables), prefix, worker.stale_timeout_hours, id(worker.connection))
+            scopes.setdefault(scope, worker)
         for attempt in range(2):
             if attempt:
                 time.sleep(0.5)
-            for worker in scopes.values():
-                counts = recover_jobs(worker.connection, db_prefix=worker.db_prefix,
-                                      stale_timeout_hours=worker.stale_timeout_hours)  # fmt: skip
+            for tables, prefix, stale_timeout_hours, _ in scopes:
+                worker = scopes[tables, prefix, stale_timeout_hours, _]
+                counts = recover_jobs(worker.connection, tables=tables, db_prefix=prefix,
+                                      stale_timeout_hours=stale_timeout_hours)  # fmt: skip
                 if counts.orphaned or counts.stale:
                     log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
         return EXIT_OK

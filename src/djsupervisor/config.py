@@ -33,7 +33,8 @@ from typing import Any, Iterable, Mapping
 from .autoscale import AutoscaleSettings, HostBudget
 
 #: Keys of a worker's own settings that a [[worker]] entry may override (DataJointWorker.configure).
-WORKER_OVERRIDES = ("run_duration", "sleep_duration", "max_idled_cycle", "max_sleep_duration", "stale_timeout_hours")
+WORKER_OVERRIDES = ("run_duration", "sleep_duration", "max_idled_cycle", "max_sleep_duration", "stale_timeout_hours",
+                    "recovery_scope")  # fmt: skip
 RESTART_POLICIES = ("always", "on-failure", "never")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -328,6 +329,9 @@ def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
     overrides = []
     for key in WORKER_OVERRIDES:
         if key not in table:
+            continue
+        if key == "recovery_scope":
+            overrides.append((key, c.string(key, choices=("own", "db_prefix"))))
             continue
         integer = key == "max_idled_cycle"
         # run_duration and max_idled_cycle accept -1 (no limit), as DataJointWorker does

@@ -1,6 +1,9 @@
 """Recovery and cleanup of DataJoint 2.x job queues (the hidden ``~~table`` of each auto-populated table).
 
-Three rules, applied to every job table in the schemas a worker is scoped to:
+Three rules, applied to the job tables a worker is scoped to: by default only the queues of the tables it
+populates itself; every job table in the schemas starting with its `db_prefix` only when asked for
+(``recovery_scope="db_prefix"``). Recovery never lists the whole server: on a server shared between labs,
+another lab's reservations and errors are theirs to handle.
 
 * **stale**: a reservation older than `stale_timeout_hours` whose `connection_id` is no longer alive on the
   server goes back to pending;
@@ -11,6 +14,10 @@ Three rules, applied to every job table in the schemas a worker is scoped to:
 * **transient errors**: error jobs whose message matches a pattern (SQL LIKE, case-insensitive) of the
   worker's `autoclear_error_patterns` or of `TRANSIENT_ERROR_PATTERNS` go back to pending, after being
   copied to the worker's ErrorLog. Other errors stay.
+
+Every name read from the catalog is checked against DataJoint's naming and quoted by `identifiers`
+(never by DataJoint's adapter, which does not escape quotes inside a name); a job table with any other name
+is skipped with one warning.
 
 On MySQL/MariaDB a user without the PROCESS privilege sees only its own account's sessions; reservations of
 other accounts are then skipped (with one warning) rather than judged dead.
@@ -31,6 +38,7 @@ import psutil
 from datajoint.blob import unpack
 from loguru import logger
 
+from . import identifiers
 from .connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
@@ -99,12 +107,42 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def list_job_tables(connection: dj.Connection, db_prefix: Sequence[str] | None = None) -> list[JobTable]:
-    """Every job table in schemas whose names start with one of `db_prefix` (all schemas when None)."""
-    where, args = "table_name LIKE %s", ["~~%"]
+_warned_names: set[tuple[str, str]] = set()  # unsafe catalog names already warned about (once per process)
+
+
+def _safe_names(schema: str, table: str, columns: Sequence[str]) -> bool:
+    """Whether a job table's names are DataJoint's own; warns once about one that is not."""
+    if identifiers.is_schema_name(schema) and identifiers.is_job_table_name(table):
+        if all(identifiers.is_column_name(c) for c in columns):
+            return True
+    if (schema, table) not in _warned_names:
+        _warned_names.add((schema, table))
+        logger.warning(
+            "job recovery skips {!r}.{!r}: its schema, table or column names are not DataJoint's (a table "
+            "named to inject SQL, or not made by DataJoint)", schema, table,
+        )  # fmt: skip
+    return False
+
+
+def list_job_tables(
+    connection: dj.Connection,
+    db_prefix: Sequence[str] | None = None,
+    *,
+    tables: Iterable[tuple[str, str]] = (),
+) -> list[JobTable]:
+    """The job tables named in `tables` ((schema, job table) pairs), and every job table in schemas whose
+    names start with one of `db_prefix`. Neither given: none (recovery is never server-wide)."""
+    named = set(tables)
+    clauses, args = [], []
+    if named:
+        clauses += ["(table_schema = %s AND table_name = %s)"] * len(named)
+        args += [name for pair in sorted(named) for name in pair]
     if db_prefix:  # lets the server skip other schemas instead of sending their columns
-        where += " AND (" + " OR ".join("table_schema LIKE %s" for _ in db_prefix) + ")"
-        args += [_like_prefix(p) for p in db_prefix]
+        clauses += ["(table_schema LIKE %s AND table_name LIKE %s)"] * len(db_prefix)
+        args += [value for p in db_prefix for value in (_like_prefix(p), "~~%")]
+    if not clauses:
+        return []
+    where = " OR ".join(clauses)
     rows = connection.query(
         "SELECT table_schema, table_name, column_name FROM information_schema.columns "
         f"WHERE {where} ORDER BY table_schema, table_name, ordinal_position",
@@ -114,13 +152,14 @@ def list_job_tables(connection: dj.Connection, db_prefix: Sequence[str] | None =
     for schema, table, column in rows:
         if schema in _SYSTEM_SCHEMAS:
             continue
-        if db_prefix and not any(schema.startswith(p) for p in db_prefix):
+        if (schema, table) not in named and not (db_prefix and table.startswith("~~") and any(map(schema.startswith, db_prefix))):
             continue
         columns[(schema, table)].append(column)
     return [
         JobTable(schema, table, tuple(c for c in cols if c not in JOB_COLUMNS))
         for (schema, table), cols in columns.items()
         if JOB_COLUMNS <= set(cols)  # a DataJoint 2.x job table, not some other table named ~~x
+        and _safe_names(schema, table, cols)
     ]
 
 
@@ -155,6 +194,7 @@ class JobRecovery:
         self,
         connection: dj.Connection,
         *,
+        tables: Iterable[tuple[str, str]] = (),
         db_prefix: Sequence[str] | None = None,
         stale_timeout_hours: float = 24,
         autoclear_error_patterns: Iterable[str] = (),
@@ -162,7 +202,8 @@ class JobRecovery:
         relist_seconds: float = RELIST_SECONDS,
     ) -> None:
         self.connection = connection
-        self.db_prefix = tuple(db_prefix) if db_prefix else None
+        self.tables = frozenset(tables)  # (schema, job table) pairs in scope by name
+        self.db_prefix = tuple(db_prefix) if db_prefix else None  # whole schemas in scope (explicitly asked)
         self.stale_timeout_hours = stale_timeout_hours
         self.error_patterns = tuple(dict.fromkeys([*autoclear_error_patterns, *TRANSIENT_ERROR_PATTERNS]))
         self.on_cleared_error = on_cleared_error
@@ -176,10 +217,10 @@ class JobRecovery:
         self._missing: set[tuple[str, str]] = set()  # named by the caller, absent from the last listing
 
     def _q(self, name: str) -> str:
-        return self.connection.adapter.quote_identifier(name)
+        return identifiers.quote(self.connection.adapter.backend, name)
 
     def _full_name(self, table: JobTable) -> str:
-        return f"{self._q(table.schema)}.{self._q(table.name)}"
+        return identifiers.full_name(self.connection.adapter.backend, table.schema, table.name)
 
     def _pending_assignments(self) -> str:
         q = self._q
@@ -189,19 +230,22 @@ class JobRecovery:
             f"{q('connection_id')}=0, {q('user')}=''"
         )
 
-    def _in_scope(self, schema: str) -> bool:
-        return schema not in _SYSTEM_SCHEMAS and (not self.db_prefix or any(map(schema.startswith, self.db_prefix)))
+    def _in_scope(self, pair: tuple[str, str]) -> bool:
+        schema = pair[0]
+        return pair in self.tables or (
+            self.db_prefix is not None and schema not in _SYSTEM_SCHEMAS and any(map(schema.startswith, self.db_prefix))
+        )
 
     def job_tables(self, known: Iterable[tuple[str, str]] = ()) -> list[JobTable]:
         """The job tables in scope: listed again when the list is `relist_seconds` old, or when `known`
         names a (schema, job table) in scope that the list lacks (a table declared since)."""
         listed = {(t.schema, t.name) for t in self._tables or ()}
-        new = {k for k in known if self._in_scope(k[0])} - listed - self._missing
+        new = {k for k in known if self._in_scope(k)} - listed - self._missing
         if self._tables is None or new or time.monotonic() - self._listed_at >= self.relist_seconds:
-            self._tables = list_job_tables(self.connection, self.db_prefix)
+            self._tables = list_job_tables(self.connection, self.db_prefix, tables=self.tables)
             self._listed_at = time.monotonic()
             listed = {(t.schema, t.name) for t in self._tables}
-            self._missing = {k for k in known if self._in_scope(k[0])} - listed
+            self._missing = {k for k in known if self._in_scope(k)} - listed
         return self._tables
 
     def forget_tables(self) -> None:
@@ -330,7 +374,7 @@ class JobRecovery:
             args=(table.schema, *table.target_candidates),
         ).fetchall()
         name = min((r[0] for r in found), key=len, default=table.target_candidates[0])
-        return f"{self._q(table.schema)}.{self._q(name)}"
+        return identifiers.full_name(self.connection.adapter.backend, table.schema, name)
 
     def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
         """Copy each error to the sink, then re-pend them, `_CLEAR_BATCH` keys per statement."""
@@ -355,13 +399,16 @@ class JobRecovery:
 def recover_jobs(
     connection: dj.Connection,
     *,
+    tables: Iterable[tuple[str, str]] = (),
     db_prefix: Sequence[str] | None = None,
     stale_timeout_hours: float = 24,
     autoclear_error_patterns: Iterable[str] = (),
 ) -> RecoveryCounts:
-    """One pass of stale/orphan recovery and transient-error clearing (see the module docstring)."""
+    """One pass of stale/orphan recovery and transient-error clearing (see the module docstring) over the
+    job tables named in `tables` and, if given, every job table of the schemas starting with `db_prefix`."""
     return JobRecovery(
         connection,
+        tables=tables,
         db_prefix=db_prefix,
         stale_timeout_hours=stale_timeout_hours,
         autoclear_error_patterns=autoclear_error_patterns,
@@ -375,10 +422,15 @@ def record_job_error(connection: dj.Connection, table_full_name: str, key: dict,
     Used by the supervisor when it killed a job that ran past its `job_timeout`. Returns True if a
     reservation was turned into an error (False if the job was no longer reserved).
     """
-    adapter = connection.adapter
-    schema, name = (part.strip('`"') for part in table_full_name.split(".", 1))
-    q = adapter.quote_identifier
-    job_table = f"{q(schema)}.{q('~~' + name.lstrip('_'))}"
+    backend = connection.adapter.backend
+    schema, name = identifiers.split_full_name(table_full_name)
+    if not all(identifiers.is_column_name(k) for k in key):
+        raise identifiers.UnsafeIdentifier(f"not DataJoint attribute names: {sorted(key)!r}")
+
+    def q(name: str) -> str:
+        return identifiers.quote(backend, name)
+
+    job_table = identifiers.full_name(backend, schema, "~~" + name.lstrip("_"))
     message = message[:2047]
     where = " AND ".join(f"{q(k)}=%s" for k in key)
     cursor = connection.query(

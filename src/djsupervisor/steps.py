@@ -76,6 +76,12 @@ class TableStep:
         return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
 
     @property
+    def job_table_key(self) -> tuple[str, str]:
+        """(schema, name) of the table's job queue, declared or not (DataJoint names it ``~~`` and the
+        table's name without its tier underscores)."""
+        return self.table.database, "~~" + self.table.table_name.lstrip("_")
+
+    @property
     def job_table_id(self) -> tuple[str, str] | None:
         """(schema, name) of the table's job queue once this step has declared or found it, else None."""
         if not self._job_table_ready:

@@ -83,7 +83,12 @@ class DataJointWorker:
         SQL LIKE patterns (case-insensitive) of error messages to re-pend, besides the built-in
         transient ones (`djsupervisor.jobs.TRANSIENT_ERROR_PATTERNS`).
     db_prefix : str or sequence of str, optional
-        Limit job recovery and cleanup to schemas starting with one of these (all schemas when None).
+        The prefixes of the lab's schemas. Job recovery reaches into them only with
+        ``recovery_scope="db_prefix"``.
+    recovery_scope : {"own", "db_prefix"}
+        Which job tables recovery and error clearing touch: ``"own"`` (the default) only the queues of the
+        tables this worker populates; ``"db_prefix"`` also every job table in the schemas starting with
+        `db_prefix` (whoever populates them). Never the whole server.
     max_sleep_duration : float, optional
         Adaptive sleep: the wait doubles after each idle cycle up to this, and drops back to
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
@@ -101,8 +106,9 @@ class DataJointWorker:
 
     SETTINGS = (
         "run_duration", "sleep_duration", "max_idled_cycle", "stale_timeout_hours",
-        "autoclear_error_patterns", "db_prefix", "max_sleep_duration",
+        "autoclear_error_patterns", "db_prefix", "max_sleep_duration", "recovery_scope",
     )  # fmt: skip
+    RECOVERY_SCOPES = ("own", "db_prefix")
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class DataJointWorker:
         autoclear_error_patterns: Iterable[str] = (),
         db_prefix: str | Sequence[str] | None = None,
         max_sleep_duration: float | None = None,
+        recovery_scope: str = "own",
         connection: dj.Connection | None = None,
     ) -> None:
         if not isinstance(worker_name, str) or not worker_name:
@@ -138,6 +145,11 @@ class DataJointWorker:
         if isinstance(db_prefix, str):
             db_prefix = [db_prefix]
         self.db_prefix = tuple(db_prefix) if db_prefix else None
+        if recovery_scope not in self.RECOVERY_SCOPES:
+            raise ValueError(f"recovery_scope must be one of {', '.join(self.RECOVERY_SCOPES)}, got {recovery_scope!r}")
+        if recovery_scope == "db_prefix" and not self.db_prefix:
+            raise ValueError("recovery_scope 'db_prefix' needs a db_prefix (recovery is never server-wide)")
+        self.recovery_scope = recovery_scope
         if max_sleep_duration is not None:
             _positive_or_disabled("max_sleep_duration", max_sleep_duration)
             if max_sleep_duration < self.sleep_duration:
@@ -180,6 +192,11 @@ class DataJointWorker:
     def tables(self) -> list[Any]:
         """The auto-populated tables registered, in the order they run (callables left out)."""
         return [step.table for step in self._steps if isinstance(step, TableStep)]
+
+    @property
+    def job_tables(self) -> list[tuple[str, str]]:
+        """(schema, job table) of every registered table's queue: what job recovery touches by default."""
+        return [step.job_table_key for step in self._steps if isinstance(step, TableStep)]
 
     @property
     def settings(self) -> dict:
@@ -374,7 +391,8 @@ class DataJointWorker:
         self._process_identity()
         if self._recovery is None:
             self._recovery = JobRecovery(
-                self.connection, db_prefix=self.db_prefix, stale_timeout_hours=self.stale_timeout_hours,
+                self.connection, tables=self.job_tables, stale_timeout_hours=self.stale_timeout_hours,
+                db_prefix=self.db_prefix if self.recovery_scope == "db_prefix" else None,
                 autoclear_error_patterns=self.autoclear_error_patterns, on_cleared_error=self._record_cleared_error,
             )  # fmt: skip
         own = [step.job_table_id for step in self._steps if isinstance(step, TableStep) and step.job_table_id]
