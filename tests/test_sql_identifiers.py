@@ -131,3 +131,10 @@ def test_identifier_rules():
     assert not identifiers.is_column_name("a b") and identifiers.is_column_name("session_id")
     with pytest.raises(identifiers.UnsafeIdentifier):
         identifiers.quote("mysql", "a\x00b")
+
+
+def test_worker_schema_name_must_be_a_plain_name():
+    for bad in ("", "lab`workers", 'lab"x', "lab workers", "a.b"):
+        with pytest.raises(ValueError, match="worker_schema_name"):
+            DataJointWorker("w", bad)
+    assert DataJointWorker("w", "lab-01_workers$").worker_schema_name == "lab-01_workers$"

@@ -9,6 +9,7 @@ keyed by something no other process writes (a UUID, or the process identity).
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import random
 import time
@@ -19,6 +20,7 @@ import datajoint as dj
 import psutil
 from loguru import logger
 
+from . import identifiers
 from .connection import is_connection_error
 
 T = TypeVar("T")
@@ -49,7 +51,7 @@ def declare_with_retry(action: Callable[[], T], what: str) -> T:
 
 
 def _declare_schema(connection: dj.Connection, schema_name: str) -> None:
-    quoted = connection.adapter.quote_identifier(schema_name)
+    quoted = identifiers.quote(connection.adapter.backend, schema_name)
     if connection.adapter.backend == "postgresql":
         connection.query(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
     else:
@@ -152,7 +154,7 @@ def update_heartbeats(connection: dj.Connection, table: str, rows: list[dict]) -
     LOCALTIMESTAMP is the server's time in the session's zone, the same on every host that reads it back
     (client clocks and time zones may differ). Returns how many rows existed.
     """
-    q = connection.adapter.quote_identifier
+    q = functools.partial(identifiers.quote, connection.adapter.backend)
     found = 0
     for row in rows:
         fields = [f for f in _HEARTBEAT_FIELDS if f in row]

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Sequence
 import datajoint as dj
 from loguru import logger
 
+from . import identifiers
 from .connection import (
     is_connection_error,
     keep_connection_id_current,
@@ -127,8 +128,10 @@ class DataJointWorker:
     ) -> None:
         if not isinstance(worker_name, str) or not worker_name:
             raise ValueError(f"worker_name must be a non-empty string, got {worker_name!r}")
-        if not isinstance(worker_schema_name, str) or not worker_schema_name:
-            raise ValueError(f"worker_schema_name must be a non-empty string, got {worker_schema_name!r}")
+        if not isinstance(worker_schema_name, str) or not identifiers.is_schema_name(worker_schema_name):
+            raise ValueError(
+                f"worker_schema_name must be a schema name of letters, digits, '_', '-' or '$', got {worker_schema_name!r}"
+            )
         self.name = worker_name
         self.worker_schema_name = worker_schema_name
         self.run_duration = _positive_or_disabled("run_duration", run_duration)
