@@ -35,8 +35,9 @@ from pathlib import Path
 import datajoint as dj
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import BACKENDS, drop_schemas  # noqa: E402  (the tests' servers and clean-up)
-from conftest import configure_datajoint as connect  # noqa: E402
+from conftest import BACKENDS, drop_schemas
+from conftest import configure_datajoint as connect
+
 JOBS_PER_CYCLE = 20
 PLANTED = 50  # orphans, stale reservations and transient errors, each, before every measured cycle
 STEPS = ("recovery", "refresh", "populate", "reserve", "make", "complete", "heartbeat", "WorkerLog", "other")
@@ -153,8 +154,10 @@ class Setup:
     def _instrument(self) -> None:
         from datajoint.jobs import Job
 
-        from djsupervisor import jobs as djs_jobs
-        from djsupervisor import steps, tables, worker
+        from djsupervisor.worker import loop as worker
+        from djsupervisor.worker import recovery as djs_jobs
+        from djsupervisor.worker import schema as tables
+        from djsupervisor.worker import steps
 
         p = self.probe
         p.wrap(djs_jobs.JobRecovery, "run", "recovery")
@@ -194,19 +197,32 @@ class Setup:
         """50 orphans, 50 stale reservations and 50 transient errors among the pending jobs."""
         q = self.q
         jobs = self.jobs.full_table_name
-        ids = [r[0] for r in self.connection.query(
-            f"SELECT {q('source_id')} FROM {jobs} WHERE {q('status')}='pending' "
-            f"ORDER BY {q('source_id')} DESC LIMIT {3 * PLANTED}").fetchall()]  # fmt: skip
+        ids = [
+            r[0]
+            for r in self.connection.query(
+                f"SELECT {q('source_id')} FROM {jobs} WHERE {q('status')}='pending' "
+                f"ORDER BY {q('source_id')} DESC LIMIT {3 * PLANTED}"
+            ).fetchall()
+        ]
         dead_cid, pid = dead_connection_id(self.backend), dead_pid()
         old = self.connection.adapter.interval_expr(48 * 3600, "second")
         groups = [
-            (ids[:PLANTED], "status='reserved', host=%s, pid=%s, connection_id=%s, reserved_time=CURRENT_TIMESTAMP(3)",
-             (platform.node(), pid, dead_cid)),
-            (ids[PLANTED:2 * PLANTED], f"status='reserved', host=%s, pid=%s, connection_id=%s, "
-             f"reserved_time=CURRENT_TIMESTAMP(3) - {old}", ("bench-elsewhere", 1, dead_cid)),
-            (ids[2 * PLANTED:], "status='error', error_message=%s, completed_time=CURRENT_TIMESTAMP(3)",
-             ("LostConnectionError: Connection lost during a transaction",)),
-        ]  # fmt: skip
+            (
+                ids[:PLANTED],
+                "status='reserved', host=%s, pid=%s, connection_id=%s, reserved_time=CURRENT_TIMESTAMP(3)",
+                (platform.node(), pid, dead_cid),
+            ),
+            (
+                ids[PLANTED : 2 * PLANTED],
+                f"status='reserved', host=%s, pid=%s, connection_id=%s, reserved_time=CURRENT_TIMESTAMP(3) - {old}",
+                ("bench-elsewhere", 1, dead_cid),
+            ),
+            (
+                ids[2 * PLANTED :],
+                "status='error', error_message=%s, completed_time=CURRENT_TIMESTAMP(3)",
+                ("LostConnectionError: Connection lost during a transaction",),
+            ),
+        ]
         for group, assignments, args in groups:
             if group:
                 marks = ", ".join(["%s"] * len(group))
@@ -224,9 +240,13 @@ class Setup:
         finally:
             self.probe.active = False
             self.worker._stop_event.clear()
-        return dict(seconds=dict(self.probe.seconds), statements=dict(self.probe.statements),
-                    jobs=summary.jobs_done, recovered=summary.recovered_orphaned + summary.recovered_stale,
-                    cleared=summary.cleared_errors)  # fmt: skip
+        return dict(
+            seconds=dict(self.probe.seconds),
+            statements=dict(self.probe.statements),
+            jobs=summary.jobs_done,
+            recovered=summary.recovered_orphaned + summary.recovered_stale,
+            cleared=summary.cleared_errors,
+        )
 
     def full_key_fetch(self) -> float:
         """The pending-key fetch populate does without max_calls (every pending key)."""
@@ -236,7 +256,7 @@ class Setup:
 
     def explain_recovery(self) -> list[str]:
         """EXPLAIN of each statement recovery sends to a job table (plan lines, shortened)."""
-        from djsupervisor import jobs as djs_jobs
+        from djsupervisor.worker import recovery as djs_jobs
 
         self.plant()
         seen: list[tuple[str, tuple]] = []
@@ -265,8 +285,9 @@ class Setup:
             if self.backend == "mysql":
                 names = [d[0].lower() for d in cursor.description]
                 rows = [dict(zip(names, r)) for r in rows]
-                plan = "; ".join(f"type={r['type']} key={r['key']} rows={r['rows']} {r.get('extra') or ''}".strip()
-                                 for r in rows)
+                plan = "; ".join(
+                    f"type={r['type']} key={r['key']} rows={r['rows']} {r.get('extra') or ''}".strip() for r in rows
+                )
             else:
                 plan = " / ".join(r[0].strip() for r in rows[:3])
             lines.append(f"`{sql[:90]}…` → {plan}")
@@ -331,28 +352,49 @@ def run_backend(backend: str, sizes: list[int], rounds: int = 3) -> tuple[list[s
             meds[n] = statistics.median(values)
             cells.append(f"{meds[n]:.2f} ({min(values):.2f}–{max(values):.2f}), {stmts:g} st")
         unit = " per job" if step in ("reserve", "make", "complete") else ""
-        rows.append(f"| {backend} | 6. cycle step: {step}{unit} (ms, statements) | " + " | ".join(cells)
-                    + ratios(meds, growth) + " |")  # fmt: skip
+        rows.append(
+            f"| {backend} | 6. cycle step: {step}{unit} (ms, statements) | "
+            + " | ".join(cells)
+            + ratios(meds, growth)
+            + " |"
+        )
     cells = [f"{fetch[n] * 1000:.1f}" for n in sizes]
-    rows.append(f"| {backend} | 6. fetch of every pending key (one plain populate() call, before its first job; ms) | "
-                + " | ".join(cells) + ratios(fetch, growth) + " |")  # fmt: skip
+    rows.append(
+        f"| {backend} | 6. fetch of every pending key (one plain populate() call, before its first job; ms) | "
+        + " | ".join(cells)
+        + ratios(fetch, growth)
+        + " |"
+    )
     totals = {n: statistics.median(sum(r["seconds"].values()) * 1000 for r in per_size[n]) for n in sizes}
-    rows.append(f"| {backend} | 6. whole cycle ({JOBS_PER_CYCLE} jobs, {PLANTED} orphans + {PLANTED} stale + "
-                f"{PLANTED} errors recovered, ms) | " + " | ".join(f"{totals[n]:.1f}" for n in sizes)
-                + ratios(totals, growth) + " |")  # fmt: skip
-    recovered = {n: (statistics.median(r["recovered"] for r in per_size[n]),
-                     statistics.median(r["cleared"] for r in per_size[n])) for n in sizes}  # fmt: skip
-    notes = [f"- {backend}: re-pended/cleared per cycle: "
-             + ", ".join(f"{n}: {a:g}/{b:g}" for n, (a, b) in recovered.items()),
-             *(f"- {backend} EXPLAIN at {large} pending: {line}" for line in notes)]  # fmt: skip
+    rows.append(
+        f"| {backend} | 6. whole cycle ({JOBS_PER_CYCLE} jobs, {PLANTED} orphans + {PLANTED} stale + "
+        f"{PLANTED} errors recovered, ms) | "
+        + " | ".join(f"{totals[n]:.1f}" for n in sizes)
+        + ratios(totals, growth)
+        + " |"
+    )
+    recovered = {
+        n: (
+            statistics.median(r["recovered"] for r in per_size[n]),
+            statistics.median(r["cleared"] for r in per_size[n]),
+        )
+        for n in sizes
+    }
+    notes = [
+        f"- {backend}: re-pended/cleared per cycle: "
+        + ", ".join(f"{n}: {a:g}/{b:g}" for n, (a, b) in recovered.items()),
+        *(f"- {backend} EXPLAIN at {large} pending: {line}" for line in notes),
+    ]
     return rows, notes
 
 
 def header(sizes: list[int]) -> list[str]:
     cols = " | ".join(f"{n:,} pending" for n in sizes)
     last = f"{sizes[-1]:,}/{sizes[-2]:,}" if len(sizes) > 1 else "-"
-    return [f"| backend | step | {cols} | ratio {sizes[-1]:,}/{sizes[0]:,} / {last} | growth (from the latter) |",
-            "|---|---|" + "---|" * len(sizes) + "---|---|"]  # fmt: skip
+    return [
+        f"| backend | step | {cols} | ratio {sizes[-1]:,}/{sizes[0]:,} / {last} | growth (from the latter) |",
+        "|---|---|" + "---|" * len(sizes) + "---|---|",
+    ]
 
 
 def main() -> None:

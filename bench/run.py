@@ -45,8 +45,9 @@ class DB:
         if backend == "mysql":
             import pymysql
 
-            self.conn = pymysql.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
-                                        autocommit=True)
+            self.conn = pymysql.connect(
+                host=s["host"], port=s["port"], user=s["user"], password=s["password"], autocommit=True
+            )
         else:
             import psycopg2
 
@@ -79,8 +80,10 @@ class DB:
     def seed(self, prefix: str, n: int) -> None:
         env = env_for(self.backend, prefix, 0)
         # the job table is declared here: plain loops racing to declare it on PostgreSQL can fail to start
-        code = ("import bench_pipeline as b; b.Source.insert([dict(source_id=i) for i in range(%d)]); "
-                "j = b.Work().jobs; j.is_declared or j.declare()") % n  # fmt: skip
+        code = (
+            f"import bench_pipeline as b; b.Source.insert([dict(source_id=i) for i in range({n})]); "
+            "j = b.Work().jobs; j.is_declared or j.declare()"
+        )
         subprocess.run([PY, "-c", code], env=env, check=True, cwd=BENCH, capture_output=True)
 
     def drop_prefix(self, prefix: str) -> None:
@@ -104,9 +107,19 @@ class DB:
 def env_for(backend: str, prefix: str, ms: float, sleep: float = 0.1, max_sleep: float | None = None) -> dict:
     s = BACKENDS[backend]
     env = dict(os.environ)
-    env.update(DJ_HOST=s["host"], DJ_PORT=str(s["port"]), DJ_USER=s["user"], DJ_PASS=s["password"],
-               DJ_BACKEND=backend, DJ_USE_TLS="false", DJS_BENCH_PREFIX=prefix, DJS_BENCH_MS=str(ms),
-               DJS_BENCH_SLEEP=str(sleep), PYTHONPATH=str(BENCH), PYTHONWARNINGS="ignore")
+    env.update(
+        DJ_HOST=s["host"],
+        DJ_PORT=str(s["port"]),
+        DJ_USER=s["user"],
+        DJ_PASS=s["password"],
+        DJ_BACKEND=backend,
+        DJ_USE_TLS="false",
+        DJS_BENCH_PREFIX=prefix,
+        DJS_BENCH_MS=str(ms),
+        DJS_BENCH_SLEEP=str(sleep),
+        PYTHONPATH=str(BENCH),
+        PYTHONWARNINGS="ignore",
+    )
     env.pop("DJS_BENCH_MAX_SLEEP", None)
     if max_sleep:
         env["DJS_BENCH_MAX_SLEEP"] = str(max_sleep)
@@ -125,11 +138,17 @@ class Supervisor:
             f"graceful_timeout = {graceful_timeout}\nbackoff_initial = 0.01\n\n"
             f'[[worker]]\nname = "bench"\ntarget = "bench_pipeline:worker"\nreplicas = {replicas}\n'
             f"sleep_duration = {env['DJS_BENCH_SLEEP']}\n"
-            + (f"max_sleep_duration = {env['DJS_BENCH_MAX_SLEEP']}\n" if env.get("DJS_BENCH_MAX_SLEEP") else ""))
+            + (f"max_sleep_duration = {env['DJS_BENCH_MAX_SLEEP']}\n" if env.get("DJS_BENCH_MAX_SLEEP") else "")
+        )
         env = dict(env, DJSUPERVISOR_RUNTIME_DIR=str(tmp))
         self.log = open(tmp / "supervisor.log", "w")
-        self.proc = subprocess.Popen([DJS, "start", "-c", str(self.config), "--log-level", os.environ.get("DJS_BENCH_LOG_LEVEL", "WARNING")], env=env,
-                                     cwd=BENCH, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [DJS, "start", "-c", str(self.config), "--log-level", os.environ.get("DJS_BENCH_LOG_LEVEL", "WARNING")],
+            env=env,
+            cwd=BENCH,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.replicas = replicas
 
     def children(self):
@@ -161,8 +180,12 @@ class Plain:
     def __init__(self, env: dict, n: int, tmp: Path):
         self.log_path = tmp / "plain.log"
         self.log = open(self.log_path, "w")
-        self.procs = [subprocess.Popen([PY, str(BENCH / "bench_pipeline.py")], env=env, cwd=BENCH,
-                                       stdout=self.log, stderr=subprocess.STDOUT) for _ in range(n)]
+        self.procs = [
+            subprocess.Popen(
+                [PY, str(BENCH / "bench_pipeline.py")], env=env, cwd=BENCH, stdout=self.log, stderr=subprocess.STDOUT
+            )
+            for _ in range(n)
+        ]
 
     def output(self) -> str:
         return self.log_path.read_text()[-2000:]
@@ -222,9 +245,13 @@ def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: b
             f"[unix_http_server]\nfile={tmp}/sd.sock\n"
             f"[program:plain]\ncommand={PY} {BENCH / 'bench_pipeline.py'}\ndirectory={BENCH}\n"
             f"autorestart=true\nstartsecs=0\nenvironment={envline}\nstdout_logfile={tmp}/plain.log\n"
-            f"redirect_stderr=true\n")
-        proc = subprocess.Popen([str(SUPERVISORD_VENV / "bin" / "supervisord"), "-c", str(conf)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            f"redirect_stderr=true\n"
+        )
+        proc = subprocess.Popen(
+            [str(SUPERVISORD_VENV / "bin" / "supervisord"), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         parent = proc.pid
     try:
         end = time.time() + 60
@@ -236,8 +263,7 @@ def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: b
         victim.kill()
         end = time.time() + 60
         while time.time() < end:
-            r = db.q(f"SELECT min(finished) FROM {db.table(prefix)} WHERE pid <> %s AND finished > %s",
-                     (old, killed))
+            r = db.q(f"SELECT min(finished) FROM {db.table(prefix)} WHERE pid <> %s AND finished > %s", (old, killed))
             if r and r[0][0] is not None:
                 return r[0][0] - killed
             time.sleep(0.005)
@@ -277,8 +303,9 @@ def stop_latency(db: DB, prefix: str, ms: float, replicas: int) -> float:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def footprint(db: DB, prefix: str, children: int, sample: float, settle: float = 3,
-              sleep: float = 1) -> tuple[float, float, float]:  # fmt: skip
+def footprint(
+    db: DB, prefix: str, children: int, sample: float, settle: float = 3, sleep: float = 1
+) -> tuple[float, float, float]:
     """(seconds from launch to the supervisor's READY=1, parent CPU % while idle, parent RSS MiB).
 
     READY=1 is what systemd waits for (sd_notify on NOTIFY_SOCKET, here a socket of the benchmark's own):
@@ -312,8 +339,9 @@ def footprint(db: DB, prefix: str, children: int, sample: float, settle: float =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def idle_queries(db: DB, prefix: str, workers: int, window: float, max_sleep: float | None,
-                 settle: float = 3) -> tuple[float, float]:  # fmt: skip
+def idle_queries(
+    db: DB, prefix: str, workers: int, window: float, max_sleep: float | None, settle: float = 3
+) -> tuple[float, float]:
     """Statements per idle worker per minute: (counted by the workers themselves, the server's counter).
 
     Each child counts what it sends through its DataJoint connection and logs (time, count) whenever it
@@ -354,8 +382,9 @@ def fmt(values: list[float], digits=1) -> str:
     return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
-def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], growth: dict,
-                only: set[int] = frozenset(range(1, 7))) -> None:  # fmt: skip
+def run_backend(
+    backend: str, small: bool, rows: list[str], notes: list[str], growth: dict, only: set[int] = frozenset(range(1, 7))
+) -> None:
     db = DB(backend)
     base = f"djsbench_{uuid.uuid4().hex[:8]}"
     counter = iter(range(10**6))
@@ -381,9 +410,11 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
                             finally:
                                 db.drop_prefix(p)
                     ratio = statistics.median(res["djsupervisor"]) / statistics.median(res["plain"])
-                    rows.append(f"| {backend} | 1. throughput, {n} replica(s), {ms} ms make (jobs/s) | "
-                                f"{fmt(res['djsupervisor'])} | {fmt(res['plain'])} (plain populate loops) | "
-                                f"{ratio:.3f} | ≥ 0.97: {'met' if ratio >= 0.97 else 'MISSED'} |")
+                    rows.append(
+                        f"| {backend} | 1. throughput, {n} replica(s), {ms} ms make (jobs/s) | "
+                        f"{fmt(res['djsupervisor'])} | {fmt(res['plain'])} (plain populate loops) | "
+                        f"{ratio:.3f} | ≥ 0.97: {'met' if ratio >= 0.97 else 'MISSED'} |"
+                    )
         if 2 in only:
             # 2. restart latency
             sd_ok = (SUPERVISORD_VENV / "bin" / "supervisord").exists()
@@ -401,9 +432,11 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
             if res["supervisord"]:
                 s = [v * 1000 for v in res["supervisord"]]
                 speedup = statistics.median(s) / statistics.median(d)
-                rows.append(f"| {backend} | 2. restart: SIGKILL → first job by replacement (ms) | {fmt(d)} | "
-                            f"{fmt(s)} (supervisord 4.3.0) | {speedup:.1f}× faster | ≥ 10×: "
-                            f"{'met' if speedup >= 10 else 'MISSED'} |")
+                rows.append(
+                    f"| {backend} | 2. restart: SIGKILL → first job by replacement (ms) | {fmt(d)} | "
+                    f"{fmt(s)} (supervisord 4.3.0) | {speedup:.1f}× faster | ≥ 10×: "
+                    f"{'met' if speedup >= 10 else 'MISSED'} |"
+                )
             else:
                 rows.append(f"| {backend} | 2. restart (ms) | {fmt(d)} | supervisord not installed | – | – |")
         if 3 in only:
@@ -416,11 +449,13 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
                 finally:
                     db.drop_prefix(p)
             med = statistics.median(res3)
-            rows.append(f"| {backend} | 3. graceful stop: SIGTERM → exit minus in-flight jobs' remaining time, "
-                        f"2 children (ms) | {fmt(res3)} | – | – | < 500 ms: {'met' if med < 500 else 'MISSED'} |")
+            rows.append(
+                f"| {backend} | 3. graceful stop: SIGTERM → exit minus in-flight jobs' remaining time, "
+                f"2 children (ms) | {fmt(res3)} | – | – | < 500 ms: {'met' if med < 500 else 'MISSED'} |"
+            )
         if 4 in only:
             # 4. footprint
-            for n in ([4] if small else [8, 32, 64]):
+            for n in [4] if small else [8, 32, 64]:
                 ready, cpu, rss = [], [], []
                 for _ in range(1 if small or n < 64 else 2):
                     p = prefix()
@@ -432,11 +467,15 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
                 goal = "–"
                 if n == 64:
                     goal = f"< 5 s: {'met' if statistics.median(ready) < 5000 else 'MISSED'}"
-                rows.append(f"| {backend} | 4. footprint, {n} idle children: launch → READY=1 (ms) | {fmt(ready, 0)} "
-                            f"| – | – | {goal} |")
-                rows.append(f"| {backend} | 4. footprint, {n} idle children: parent CPU % of a core / RSS MiB | "
-                            f"{fmt(cpu, 2)} / {fmt(rss, 1)} | – | – | CPU < 0.5 %: "
-                            f"{'met' if statistics.median(cpu) < 0.5 else 'MISSED'} |")
+                rows.append(
+                    f"| {backend} | 4. footprint, {n} idle children: launch → READY=1 (ms) | {fmt(ready, 0)} "
+                    f"| – | – | {goal} |"
+                )
+                rows.append(
+                    f"| {backend} | 4. footprint, {n} idle children: parent CPU % of a core / RSS MiB | "
+                    f"{fmt(cpu, 2)} / {fmt(rss, 1)} | – | – | CPU < 0.5 %: "
+                    f"{'met' if statistics.median(cpu) < 0.5 else 'MISSED'} |"
+                )
         if 5 in only:
             # 5. idle load
             n = 2 if small else 4
@@ -450,20 +489,23 @@ def run_backend(backend: str, small: bool, rows: list[str], notes: list[str], gr
                 finally:
                     db.drop_prefix(p)
             counter_name = "Questions" if backend == "mysql" else "pg_stat_database xact_commit+rollback"
-            rows.append(f"| {backend} | 5. idle load, {n} workers, sleep_duration 1 s (statements/worker/min, counted "
-                        f"by the workers) | {fmt(res5['adaptive'])} with max_sleep_duration 8 | "
-                        f"{fmt(res5['fixed'])} without | "
-                        f"{statistics.median(res5['adaptive']) / statistics.median(res5['fixed']):.2f} | – |")
-            notes.append(f"- {backend} idle load by the server's own counter ({counter_name}, server-wide, other "
-                         f"clients included): {server['fixed']:.0f} without, {server['adaptive']:.0f} with adaptive "
-                         "sleep (per worker per minute).")
+            rows.append(
+                f"| {backend} | 5. idle load, {n} workers, sleep_duration 1 s (statements/worker/min, counted "
+                f"by the workers) | {fmt(res5['adaptive'])} with max_sleep_duration 8 | "
+                f"{fmt(res5['fixed'])} without | "
+                f"{statistics.median(res5['adaptive']) / statistics.median(res5['fixed']):.2f} | – |"
+            )
+            notes.append(
+                f"- {backend} idle load by the server's own counter ({counter_name}, server-wide, other "
+                f"clients included): {server['fixed']:.0f} without, {server['adaptive']:.0f} with adaptive "
+                "sleep (per worker per minute)."
+            )
     finally:
         db.drop_prefix(base)
     if 6 not in only:
         return
     # 6. cost growth (in this process: every step of a real worker's cycle timed)
     import cost_growth
-
     from loguru import logger
 
     logger.remove()
@@ -481,10 +523,12 @@ def machine() -> list[str]:
             break
     from importlib.metadata import version
 
-    return [f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-            f"- machine: {os.cpu_count()} CPUs, {model}, {platform.platform()}",
-            f"- Python {platform.python_version()}, DataJoint {version('datajoint')}, "
-            f"djsupervisor {version('djsupervisor')}"]
+    return [
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
+        f"- machine: {os.cpu_count()} CPUs, {model}, {platform.platform()}",
+        f"- Python {platform.python_version()}, DataJoint {version('datajoint')}, "
+        f"djsupervisor {version('djsupervisor')}",
+    ]
 
 
 def main() -> None:
@@ -499,7 +543,7 @@ def main() -> None:
     growth: dict = {}
     started = time.time()
     args.load_at_start = os.getloadavg()
-    for backend in (["mysql", "postgresql"] if args.backend == "both" else [args.backend]):
+    for backend in ["mysql", "postgresql"] if args.backend == "both" else [args.backend]:
         run_backend(backend, args.small, rows, notes, growth, {int(f) for f in args.only.split(",")})
         write(args, rows, notes, growth, started)
 
@@ -509,19 +553,37 @@ def write(args, rows, notes, growth, started) -> None:
 
     tables = []
     for sizes, growth_rows in growth.items():
-        tables += ["", f"6. Cost growth: one worker cycle ({cost_growth.JOBS_PER_CYCLE} jobs) as pending jobs grow; "
-                   "median (min–max) ms and statements per step:", "", *cost_growth.header(list(sizes)),
-                   *growth_rows]  # fmt: skip
-    text = "\n".join([
-        "# djsupervisor benchmark results", "",
-        f"Command: `.venv/bin/python bench/run.py{' --small' if args.small else ''} --backend {args.backend}` "
-        f"({time.time() - started:.0f} s)", "", *machine(),
-        "- load average (1/5/15 min) at the start: {:.2f} / {:.2f} / {:.2f}; when written: {:.2f} / {:.2f} / {:.2f} "
-        "(other engineers' tests share the machine and the servers)".format(*args.load_at_start, *os.getloadavg()),
-        "",
-        "Each cell: median (min–max) over the runs; A and B alternate within one invocation.", "",
-        "| backend | figure | djsupervisor | baseline | ratio | goal |",
-        "|---|---|---|---|---|---|", *rows, *tables, "", *notes, ""])
+        tables += [
+            "",
+            f"6. Cost growth: one worker cycle ({cost_growth.JOBS_PER_CYCLE} jobs) as pending jobs grow; "
+            "median (min–max) ms and statements per step:",
+            "",
+            *cost_growth.header(list(sizes)),
+            *growth_rows,
+        ]
+    text = "\n".join(
+        [
+            "# djsupervisor benchmark results",
+            "",
+            f"Command: `.venv/bin/python bench/run.py{' --small' if args.small else ''} --backend {args.backend}` "
+            f"({time.time() - started:.0f} s)",
+            "",
+            *machine(),
+            "- load average (1/5/15 min) at the start: {:.2f} / {:.2f} / {:.2f}; "
+            "when written: {:.2f} / {:.2f} / {:.2f} "
+            "(other engineers' tests share the machine and the servers)".format(*args.load_at_start, *os.getloadavg()),
+            "",
+            "Each cell: median (min–max) over the runs; A and B alternate within one invocation.",
+            "",
+            "| backend | figure | djsupervisor | baseline | ratio | goal |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            *tables,
+            "",
+            *notes,
+            "",
+        ]
+    )
     Path(args.out).write_text(text)
     print(text)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from conftest import configure_datajoint, drop_schemas  # noqa: E402
-from pipeline import make_pipeline, seed  # noqa: E402
+from conftest import configure_datajoint, drop_schemas
+from pipeline import make_pipeline, seed
 
-from djsupervisor import DataJointWorker  # noqa: E402
+from djsupervisor import DataJointWorker
 
 
 def one_round(kind: str, keys: int) -> float:
@@ -62,8 +62,10 @@ def main() -> None:
         for kind in ("plain", "worker"):
             results[kind].append(one_round(kind, args.keys))
     for kind, values in results.items():
-        print(f"{args.backend} {kind:6}: median {statistics.median(values):7.1f} jobs/s "
-              f"(min {min(values):.1f}, max {max(values):.1f}, {args.rounds} rounds of {args.keys} keys)")  # fmt: skip
+        print(
+            f"{args.backend} {kind:6}: median {statistics.median(values):7.1f} jobs/s "
+            f"(min {min(values):.1f}, max {max(values):.1f}, {args.rounds} rounds of {args.keys} keys)"
+        )
     ratio = statistics.median(results["worker"]) / statistics.median(results["plain"])
     print(f"{args.backend} ratio worker/plain: {ratio:.3f}")
 

@@ -40,8 +40,10 @@ def drop_demo_schemas(prefix: str) -> None:
 def show_progress(tables) -> None:
     for table in tables:
         progress = table.jobs.progress()
-        print(f"  {table.__name__:10} rows={len(table()):3}  queue: "
-              + ", ".join(f"{k}={v}" for k, v in progress.items() if k != "total"))  # fmt: skip
+        print(
+            f"  {table.__name__:10} rows={len(table()):3}  queue: "
+            + ", ".join(f"{k}={v}" for k, v in progress.items() if k != "total")
+        )
 
 
 def djsupervisor(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -62,8 +64,11 @@ def main() -> int:
     log = Path(os.environ.get("DJS_DEMO_LOG", "demo-supervisor.log"))
     print(f"demo: djsupervisor start -c {config}   (its log: {log})")
     with open(log, "w") as log_file:
-        supervisor = subprocess.Popen([str(Path(sys.executable).with_name("djsupervisor")), "start", "-c", config],
-                                      stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+        supervisor = subprocess.Popen(
+            [str(Path(sys.executable).with_name("djsupervisor")), "start", "-c", config],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         shown = 0.0

@@ -27,9 +27,13 @@ def settings() -> dict:
     backend = os.environ.get("DJ_BACKEND", "mysql")
     default_port = "5432" if backend == "postgresql" else "3306"
     default_user = "postgres" if backend == "postgresql" else "root"
-    return dict(backend=backend, host=os.environ.get("DJ_HOST", "127.0.0.1"),
-                port=int(os.environ.get("DJ_PORT", default_port)), user=os.environ.get("DJ_USER", default_user),
-                password=os.environ.get("DJ_PASS", ""))  # fmt: skip
+    return dict(
+        backend=backend,
+        host=os.environ.get("DJ_HOST", "127.0.0.1"),
+        port=int(os.environ.get("DJ_PORT", default_port)),
+        user=os.environ.get("DJ_USER", default_user),
+        password=os.environ.get("DJ_PASS", ""),
+    )
 
 
 def login_error(s: dict, timeout: float = 3) -> str | None:
@@ -38,13 +42,20 @@ def login_error(s: dict, timeout: float = 3) -> str | None:
         if s["backend"] == "postgresql":
             import psycopg2
 
-            psycopg2.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
-                             dbname="postgres", connect_timeout=max(1, int(timeout))).close()  # fmt: skip
+            psycopg2.connect(
+                host=s["host"],
+                port=s["port"],
+                user=s["user"],
+                password=s["password"],
+                dbname="postgres",
+                connect_timeout=max(1, int(timeout)),
+            ).close()
         else:
             import pymysql
 
-            pymysql.connect(host=s["host"], port=s["port"], user=s["user"], password=s["password"],
-                            connect_timeout=timeout).close()  # fmt: skip
+            pymysql.connect(
+                host=s["host"], port=s["port"], user=s["user"], password=s["password"], connect_timeout=timeout
+            ).close()
         return None
     except Exception as error:
         return " ".join(str(error).split()) or type(error).__name__
@@ -120,15 +131,34 @@ def start_mariadb(directory: Path) -> dict | None:
         return None
     data, port, log = directory / "mariadb", free_port(), directory / "mariadb.log"
     user = pwd.getpwuid(os.getuid()).pw_name  # mariadbd refuses to run as root unless told --user=root
-    run([install, "--no-defaults", f"--datadir={data}", f"--user={user}",
-         "--auth-root-authentication-method=normal", "--skip-test-db"], log)  # fmt: skip
+    run(
+        [
+            install,
+            "--no-defaults",
+            f"--datadir={data}",
+            f"--user={user}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        log,
+    )
     with open(log, "a") as out:
         process = subprocess.Popen(
-            [mariadbd, "--no-defaults", f"--datadir={data}", f"--socket={directory / 'mariadb.sock'}",
-             f"--port={port}", "--bind-address=127.0.0.1", f"--pid-file={directory / 'mariadb.pid'}",
-             f"--user={user}", "--skip-name-resolve"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                mariadbd,
+                "--no-defaults",
+                f"--datadir={data}",
+                f"--socket={directory / 'mariadb.sock'}",
+                f"--port={port}",
+                "--bind-address=127.0.0.1",
+                f"--pid-file={directory / 'mariadb.pid'}",
+                f"--user={user}",
+                "--skip-name-resolve",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     (directory / "server.pid").write_text(str(process.pid))
     s = dict(backend="mysql", host="127.0.0.1", port=port, user="root", password="")
     if not wait_for(lambda: process.poll() is not None or answers(s, 1), 60) or process.poll() is not None:
@@ -156,8 +186,23 @@ def start_postgres(directory: Path) -> dict | None:
         shutil.chown(log, "postgres")
     run([*run_as, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], log)
     (directory / "pg_ctl").write_text(" ".join([*run_as, pg_ctl, "-D", str(data)]))
-    run([*run_as, pg_ctl, "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-         "-o", f"-p {port} -k {directory} -c listen_addresses=127.0.0.1"], log)  # fmt: skip
+    run(
+        [
+            *run_as,
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(log),
+            "-w",
+            "-t",
+            "60",
+            "start",
+            "-o",
+            f"-p {port} -k {directory} -c listen_addresses=127.0.0.1",
+        ],
+        log,
+    )
     return dict(backend="postgresql", host="127.0.0.1", port=port, user="postgres", password="")
 
 
@@ -186,8 +231,11 @@ def stop(directory: Path) -> None:
     """Stop whichever throwaway server runs in `directory` and remove it."""
     stop_mariadb(directory)
     if (directory / "pg_ctl").exists():
-        subprocess.run([*(directory / "pg_ctl").read_text().split(), "-m", "fast", "stop"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [*(directory / "pg_ctl").read_text().split(), "-m", "fast", "stop"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     shutil.rmtree(directory, ignore_errors=True)
 
 

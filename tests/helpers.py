@@ -82,10 +82,6 @@ def raw_exchange(path, payload: bytes, *, read: bool = True) -> bytes:
 
 def djsupervisor_command() -> list[str]:
     """The `djsupervisor` console script of this environment."""
-    import importlib.util
-
-    if importlib.util.find_spec("djsupervisor.cli") is None:  # until the CLI lands
-        return [sys.executable, "-m", "djsupervisor.supervisor"]
     script = Path(sys.executable).parent / "djsupervisor"
     return [str(script)] if script.exists() else [shutil.which("djsupervisor") or "djsupervisor"]
 
@@ -94,8 +90,9 @@ def run_cli(db, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """Run `djsupervisor ARGS...` against the test's database and pipelines; its output captured as text."""
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # as Supervised
-    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=cwd, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [*djsupervisor_command(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -112,14 +109,17 @@ class Supervised:
     def __init__(self, args: list[str], env: dict, workdir: Path, uts_host: str | None = None) -> None:
         self.log_path = workdir / (f"supervisor-{uts_host}.log" if uts_host else "supervisor.log")
         self._log = open(self.log_path, "wb")
-        env = dict(env, PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                   PYTHONUNBUFFERED="1")  # fmt: skip
+        env = dict(
+            env,
+            PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            PYTHONUNBUFFERED="1",
+        )
         command = [*djsupervisor_command(), "start", *args]
         if uts_host:  # a host of its own name: a UTS namespace (root only), as on another machine
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', uts_host, *command]
-        self.process = subprocess.Popen(command, env=env, cwd=workdir,
-                                        stdout=self._log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)  # its own group, like a shell's job  # fmt: skip
+        self.process = subprocess.Popen(
+            command, env=env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )  # its own group, like a shell's job
         self.pid = self.process.pid
 
     @property
@@ -155,17 +155,20 @@ class Supervised:
 
     def pids(self, worker: str | None = None) -> dict[str, int]:
         """Pids of the children (of one worker) by label."""
-        return {label: p.pid for label, p in self.children().items() if worker is None or label.startswith(f"{worker}[")}
+        return {
+            label: p.pid for label, p in self.children().items() if worker is None or label.startswith(f"{worker}[")
+        }
 
     def wait_children(self, expected: dict[str, int], timeout: float = 60) -> dict[str, int]:
         """Wait until the number of children per worker is exactly `expected`; returns their pids."""
+
         def counts():
             pids = self.pids()
             got = {}
             for label in pids:
                 worker = label.split("[")[0]
                 got[worker] = got.get(worker, 0) + 1
-            return pids if {w: n for w, n in got.items()} == {w: n for w, n in expected.items() if n} else None
+            return pids if got == {w: n for w, n in expected.items() if n} else None
 
         return wait_until(counts, timeout, message=f"children {expected}; output:\n{self.output[-3000:]}")
 

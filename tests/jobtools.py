@@ -6,16 +6,17 @@ import platform
 import subprocess
 
 import datajoint as dj
+from helpers import wait_until
 
-from djsupervisor.connection import live_connection_ids
-from helpers import wait_until  # noqa: F401  (re-exported for the worker tests)
+from djsupervisor.worker.connection import live_connection_ids
 
 
 def open_connection(db, **overrides) -> dj.Connection:
     """A new, separate session to the test's server."""
     settings = dict(db.settings, **overrides)
-    return dj.Connection(settings["host"], settings["user"], settings["password"], settings["port"],
-                         use_tls=False, backend=db.backend)  # fmt: skip
+    return dj.Connection(
+        settings["host"], settings["user"], settings["password"], settings["port"], use_tls=False, backend=db.backend
+    )
 
 
 def dead_connection_id(db) -> int:
@@ -34,8 +35,9 @@ def dead_pid() -> int:
     return process.pid
 
 
-def set_reservation(table, key: dict, *, host: str, pid: int, connection_id: int, hours_ago: float,
-                    user: str | None = None) -> None:  # fmt: skip
+def set_reservation(
+    table, key: dict, *, host: str, pid: int, connection_id: int, hours_ago: float, user: str | None = None
+) -> None:
     """Make `key`'s job of auto-populated `table` a reservation held by (host, pid, connection_id)."""
     jobs = table.jobs
     jobs.refresh()

@@ -56,7 +56,7 @@ def make_pipeline(schema_name: str, connection: dj.Connection | None = None) -> 
 
         def make(self, key):
             square = (Square & key).fetch1("square")
-            self.insert1(dict(key, cube=square ** 1.5))
+            self.insert1(dict(key, cube=square**1.5))
 
     return types.SimpleNamespace(schema=schema, Source=Source, Square=Square, Cube=Cube)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import run_cli as cli
 from helpers import supervise, wait_until, write_config  # noqa: F401 (a fixture)
 from pipelines.tables import declare, seed
@@ -19,7 +18,9 @@ KEYS = 240  # at ~50 ms each: about 12 s for one child, enough for the pool to g
 def test_pool_grows_under_a_backlog_and_shrinks_back_when_idle(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
     seed(pipe, range(KEYS), delay=0.05)
-    config = write_config(tmp_path / "lab.toml", """
+    config = write_config(
+        tmp_path / "lab.toml",
+        """
         [supervisor]
         name = "scaling"
         fleet_interval = 0.5
@@ -33,7 +34,8 @@ def test_pool_grows_under_a_backlog_and_shrinks_back_when_idle(db, supervise, tm
         scale_up_pending = 2
         scale_cooldown = 1
         scale_down_after = 1.5
-    """)
+    """,
+    )
     sup = supervise(["-c", str(config)])
     most = [0]
 
@@ -59,8 +61,10 @@ def test_pool_grows_under_a_backlog_and_shrinks_back_when_idle(db, supervise, tm
 
     refused = cli(db, tmp_path, "scale", "standard", "5", "-c", str(config))
     assert refused.returncode == 2
-    assert refused.stderr.strip().endswith("scale: pool standard autoscales up to max_replicas 3: scale sets its "
-                                           "minimum, got 5 (raise max_replicas in the config and reload)")  # fmt: skip
+    assert refused.stderr.strip().endswith(
+        "scale: pool standard autoscales up to max_replicas 3: scale sets its "
+        "minimum, got 5 (raise max_replicas in the config and reload)"
+    )
 
     wait_until(lambda: len(pipe.Square()) == KEYS, 90, message="every key computed")
     wait_until(children(1), 30, message=f"the pool shrunk back to 1; output:\n{sup.output[-3000:]}")

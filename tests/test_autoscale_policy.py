@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from djsupervisor.autoscale import AutoscaleSettings, Autoscaler, HostBudget, Observation
-from djsupervisor.config import ConfigError, load_config
-from djsupervisor.fleet_view import FleetView
-from djsupervisor.supervisor import Supervisor
+from djsupervisor.fleet.view import FleetView
+from djsupervisor.supervisor.arbiter import Supervisor
+from djsupervisor.supervisor.autoscale import Autoscaler, AutoscaleSettings, HostBudget, Observation
+from djsupervisor.supervisor.config import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,8 +25,18 @@ def scaler(max_replicas=3, up=2, down_after=60, cooldown=30, step=1, **budget) -
 
 def see(a: Autoscaler, now, reading, pending, desired=1, live=None, minimum=1, **host):
     """What `a` decides at `now` with a fleet reading taken at `reading`; returns (action, new size, kind)."""
-    d = a.decide(Observation(now=now, reading_time=reading, pending=pending, desired=desired, minimum=minimum,
-                             live=desired if live is None else live, stale_after=STALE, **host))  # fmt: skip
+    d = a.decide(
+        Observation(
+            now=now,
+            reading_time=reading,
+            pending=pending,
+            desired=desired,
+            minimum=minimum,
+            live=desired if live is None else live,
+            stale_after=STALE,
+            **host,
+        )
+    )
     return d.action, d.replicas, d.kind
 
 
@@ -166,7 +176,7 @@ AUTOSCALE_ERRORS = [
     ("[supervisor]\nmax_cpu_percent = 0\n" + W, "supervisor.max_cpu_percent", "must be > 0"),
     ("[supervisor]\nmin_available_memory_mb = -1\n" + W, "supervisor.min_available_memory_mb", "must be >= 0"),
     ("[supervisor]\nfleet_interval = 0\n" + W, "supervisor.fleet_interval", "must be > 0"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("content, key, problem", AUTOSCALE_ERRORS)
@@ -182,13 +192,17 @@ def test_bad_autoscale_settings_are_one_line_config_errors(tmp_path, content, ke
 
 def test_autoscale_settings_and_defaults(tmp_path):
     path = tmp_path / "lab.toml"
-    path.write_text("[supervisor]\nmax_cpu_percent = 85\nmin_available_memory_mb = 512\n" + W
-                    + "replicas = 2\nmax_replicas = 6\nscale_up_pending = 4\nscale_step = 2\n"
-                    + '[[worker]]\nname = "fixed"\ntarget = "pipelines.offline:worker"\n')  # fmt: skip
+    path.write_text(
+        "[supervisor]\nmax_cpu_percent = 85\nmin_available_memory_mb = 512\n"
+        + W
+        + "replicas = 2\nmax_replicas = 6\nscale_up_pending = 4\nscale_step = 2\n"
+        + '[[worker]]\nname = "fixed"\ntarget = "pipelines.offline:worker"\n'
+    )
     config = load_config(path, check_targets=False)
     auto, fixed = config.workers
-    assert auto.autoscale == AutoscaleSettings(max_replicas=6, scale_up_pending=4, scale_down_after=60.0,
-                                               scale_cooldown=30.0, scale_step=2)  # fmt: skip
+    assert auto.autoscale == AutoscaleSettings(
+        max_replicas=6, scale_up_pending=4, scale_down_after=60.0, scale_cooldown=30.0, scale_step=2
+    )
     assert fixed.autoscale is None and fixed.max_replicas is None
     assert config.budget == HostBudget(max_cpu_percent=85, min_available_memory_mb=512)
     retuned = dataclasses.replace(auto, max_replicas=9, scale_up_pending=1, scale_down_after=5, scale_cooldown=1)
@@ -218,22 +232,35 @@ def sizes(sup: Supervisor) -> dict:
 def test_scale_sets_the_minimum_of_an_autoscaled_pool_and_refuses_more_than_max_replicas(tmp_path):
     sup = supervisor_with(tmp_path, W + "replicas = 1\nmax_replicas = 4\n")
     assert sup.handle_control({"cmd": "scale", "worker": "w", "replicas": 3}) == {
-        "ok": True, "worker": "w", "replicas": 3, "min": 3, "max": 4}  # fmt: skip
+        "ok": True,
+        "worker": "w",
+        "replicas": 3,
+        "min": 3,
+        "max": 4,
+    }
     sup.pools["w"].replicas = 4  # the autoscaler grew it
     assert sup.handle_control({"cmd": "scale", "worker": "w", "replicas": 2})["replicas"] == 4  # no shrink now
     assert sizes(sup) == {"w": (4, 2, 4)}
     answer = sup.handle_control({"cmd": "scale", "worker": "w", "replicas": 5})
-    assert answer == {"ok": False, "error": "pool w autoscales up to max_replicas 4: scale sets its minimum, got 5 "
-                                            "(raise max_replicas in the config and reload)"}  # fmt: skip
+    assert answer == {
+        "ok": False,
+        "error": "pool w autoscales up to max_replicas 4: scale sets its minimum, got 5 "
+        "(raise max_replicas in the config and reload)",
+    }
     assert sizes(sup) == {"w": (4, 2, 4)}
     pool = sup._pool_status(sup.pools["w"])
-    assert pool == {"worker": "w", "replicas": 4,
-                    "autoscale": {"min": 2, "max": 4, "pending": None, "decision": None, "reason": None}}  # fmt: skip
+    assert pool == {
+        "worker": "w",
+        "replicas": 4,
+        "autoscale": {"min": 2, "max": 4, "pending": None, "decision": None, "reason": None},
+    }
 
 
 def test_ttin_and_ttou_move_the_minimum_of_an_autoscaled_pool_within_its_bounds(tmp_path):
-    sup = supervisor_with(tmp_path, W + "replicas = 1\nmax_replicas = 2\n"
-                          + '[[worker]]\nname = "fixed"\ntarget = "pipelines.offline:worker"\n')  # fmt: skip
+    sup = supervisor_with(
+        tmp_path,
+        W + "replicas = 1\nmax_replicas = 2\n" + '[[worker]]\nname = "fixed"\ntarget = "pipelines.offline:worker"\n',
+    )
     sup._handle_signal(signal.SIGTTIN)
     assert sizes(sup) == {"w": (2, 2, 2), "fixed": (2, None, None)}
     sup._handle_signal(signal.SIGTTIN)  # at max_replicas: the autoscaled pool stays, the fixed one grows
@@ -264,15 +291,35 @@ def test_reload_keeps_the_runtime_minimum_unless_replicas_changed_and_clamps_to_
 
 
 def test_status_text_has_a_line_per_autoscaled_pool():
-    from djsupervisor.status_format import format_status
+    from djsupervisor.serve.status_format import format_status
 
-    text = format_status({"supervisor": "lab", "pid": 1, "state": "running", "workers": [], "pools": [
-        {"worker": "fixed", "replicas": 2, "autoscale": None},
-        {"worker": "w", "replicas": 2, "autoscale": {"min": 1, "max": 4, "pending": 40, "decision": "grow",
-                                                     "reason": "40 pending for 1 child > 2 per child"}},
-        {"worker": "v", "replicas": 1, "autoscale": {"min": 1, "max": 2, "pending": None, "decision": None,
-                                                     "reason": None}},
-    ]})  # fmt: skip
+    text = format_status(
+        {
+            "supervisor": "lab",
+            "pid": 1,
+            "state": "running",
+            "workers": [],
+            "pools": [
+                {"worker": "fixed", "replicas": 2, "autoscale": None},
+                {
+                    "worker": "w",
+                    "replicas": 2,
+                    "autoscale": {
+                        "min": 1,
+                        "max": 4,
+                        "pending": 40,
+                        "decision": "grow",
+                        "reason": "40 pending for 1 child > 2 per child",
+                    },
+                },
+                {
+                    "worker": "v",
+                    "replicas": 1,
+                    "autoscale": {"min": 1, "max": 2, "pending": None, "decision": None, "reason": None},
+                },
+            ],
+        }
+    )
     assert text.splitlines()[1:] == [
         "autoscale w: 2 of 1..4 children, 40 pending; grow: 40 pending for 1 child > 2 per child",
         "autoscale v: 1 of 1..2 children, - pending",

@@ -16,8 +16,12 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.timeout(120)
 def test_bench_run_small_writes_the_table(tmp_path):
     out = tmp_path / "results.md"
-    done = subprocess.run([sys.executable, str(BENCH / "run.py"), "--small", "--backend", "mysql", "--only", "3,4",
-                           "--out", str(out)], capture_output=True, text=True, timeout=110)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--small", "--backend", "mysql", "--only", "3,4", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = out.read_text()
     assert "| mysql | 3. graceful stop" in table and "< 500 ms" in table
@@ -26,8 +30,12 @@ def test_bench_run_small_writes_the_table(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_cost_growth_times_every_step_of_a_cycle(backend):
-    done = subprocess.run([sys.executable, str(BENCH / "cost_growth.py"), "--backend", backend, "--sizes", "500,1000",
-                           "--rounds", "1"], capture_output=True, text=True, timeout=110)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "cost_growth.py"), "--backend", backend, "--sizes", "500,1000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split(" | ")[1]: line for line in done.stdout.splitlines() if line.startswith(f"| {backend} |")}
     for step in ("recovery", "refresh", "populate", "reserve per job", "complete per job", "heartbeat", "WorkerLog"):

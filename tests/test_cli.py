@@ -8,31 +8,34 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*djsupervisor_command(), *args], capture_output=True, text=True, timeout=90,
-                          env=env, cwd=cwd)  # fmt: skip
+    return subprocess.run(
+        [*djsupervisor_command(), *args], capture_output=True, text=True, timeout=90, env=env, cwd=cwd
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"),
-    (["bogus"], "invalid choice: 'bogus'"),
-    (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
-    (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),
-    (["start", "--log-format", "xml", "some.module"], "invalid choice: 'xml'"),
-    (["status", "--queues", "--name", "x"], "status --queues needs -c FILE"),
-    (["stop", "--wait", "soon", "--name", "x"], "argument --wait: must be a number of seconds > 0, got 'soon'"),
-    (["start"], "no configuration: give -c FILE or MODULE..."),
-    (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
-    (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
-    (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
-    (["check"], "the following arguments are required: -c/--config"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"),
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
+        (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),
+        (["start", "--log-format", "xml", "some.module"], "invalid choice: 'xml'"),
+        (["status", "--queues", "--name", "x"], "status --queues needs -c FILE"),
+        (["stop", "--wait", "soon", "--name", "x"], "argument --wait: must be a number of seconds > 0, got 'soon'"),
+        (["start"], "no configuration: give -c FILE or MODULE..."),
+        (["start", "-c", "/nonexistent/lab.toml"], "/nonexistent/lab.toml: file not found"),
+        (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
+        (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
+        (["check"], "the following arguments are required: -c/--config"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(args, message):
     result = cli(*args)
     assert result.returncode == 2, result
@@ -45,14 +48,17 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("djsupervisor ")
-    module = subprocess.run([sys.executable, "-m", "djsupervisor", "--version"], capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    module = subprocess.run(
+        [sys.executable, "-m", "djsupervisor", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert module.returncode == 0 and module.stdout == result.stdout
 
 
 def test_check_validates_imports_and_connects(db, tmp_path):
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    config = write_config(tmp_path / "lab.toml", """
+    config = write_config(
+        tmp_path / "lab.toml",
+        """
         [supervisor]
         name = "lab"
         [[worker]]
@@ -63,11 +69,14 @@ def test_check_validates_imports_and_connects(db, tmp_path):
         name = "other"
         target = "pipelines.supervised:other"
         max_replicas = 4
-    """)  # fmt: skip
+    """,
+    )
     result = cli("check", "-c", str(config), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert ("valid; 2 workers: standard×2 (pipelines.supervised:standard), other×1..4 (pipelines.supervised:other)"
-            in result.stdout)  # fmt: skip
+    assert (
+        "valid; 2 workers: standard×2 (pipelines.supervised:standard), other×1..4 (pipelines.supervised:other)"
+        in result.stdout
+    )
     assert f"database: {db.backend} at" in result.stdout and ": ok" in result.stdout
 
     unreachable = dict(env, DJ_PORT="1")
@@ -82,13 +91,16 @@ def test_run_one_worker_in_the_foreground(db, tmp_path):
     pipe = declare(db.schema_name("pipe"))
     seed(pipe, [1, 2, 3])
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    config = write_config(tmp_path / "lab.toml", """
+    config = write_config(
+        tmp_path / "lab.toml",
+        """
         [[worker]]
         name = "standard"
         target = "pipelines.supervised:standard"
         max_idled_cycle = 1
         sleep_duration = 0
-    """)  # fmt: skip
+    """,
+    )
     result = cli("run", "standard", "-c", str(config), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert len(pipe.Square()) == 3
@@ -107,14 +119,17 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     pipe = declare(db.schema_name("pipe"))
     seed(pipe, [1, 2, 3])
     runtime = tmp_path / "rt"
-    config = write_config(tmp_path / "tablelab.toml", """
+    config = write_config(
+        tmp_path / "tablelab.toml",
+        """
         [supervisor]
         sample_interval = 0.5
         [[worker]]
         name = "standard"
         target = "pipelines.supervised:standard"
         replicas = 2
-    """)  # fmt: skip
+    """,
+    )
     monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(runtime))  # db.env, so the supervisor too, has it
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
     sup = supervise(["-c", str(config)])
@@ -127,13 +142,18 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
         assert result.returncode == 0, result.stderr
         return result.stdout.splitlines()
 
-    lines = wait_until(lambda: (t := table()) and "3 jobs done" in t[0] and " - " not in t[2] and t, 20,
-                       message="a sampled status with every job counted")  # fmt: skip
+    lines = wait_until(
+        lambda: (t := table()) and "3 jobs done" in t[0] and " - " not in t[2] and t,
+        20,
+        message="a sampled status with every job counted",
+    )
     assert lines[0].startswith(f"supervisor tablelab (pid {sup.pid}) running, up ") and "2 running" in lines[0]
     assert lines[1].split()[:4] == ["WORKER", "SLOT", "PID", "STATE"]
     rows = [line.split() for line in lines[2:]]
     assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [
-        ("standard", "0", pids["standard[0]"], "running"), ("standard", "1", pids["standard[1]"], "running")]
+        ("standard", "0", pids["standard[0]"], "running"),
+        ("standard", "1", pids["standard[1]"], "running"),
+    ]
     assert sum(int(r[8]) for r in rows) == 3  # DONE column
 
     result = cli("status", "--queues", "-c", str(config), env=env, cwd=tmp_path)
@@ -149,8 +169,14 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     read_end, write_end = os.pipe()
     os.close(read_end)  # `djsupervisor status | head -0`: the reader is gone before the table is written
     try:
-        closed = subprocess.run([*djsupervisor_command(), "status", "--name", "tablelab"], env=env, stdout=write_end,
-                                stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        closed = subprocess.run(
+            [*djsupervisor_command(), "status", "--name", "tablelab"],
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
     finally:
         os.close(write_end)
     assert closed.returncode == 0 and "Traceback" not in closed.stderr, closed.stderr

@@ -10,11 +10,11 @@ import stat
 import time
 
 import pytest
-
-from djsupervisor import control
-from djsupervisor.control import ControlError, ControlServer, format_status, send_request
-from djsupervisor.status_format import format_queues
 from helpers import raw_exchange, serving, wait_until
+
+from djsupervisor.serve import control
+from djsupervisor.serve.control import ControlError, ControlServer, format_status, send_request
+from djsupervisor.serve.status_format import format_queues
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,13 +47,16 @@ def test_request_and_answer(server):
     assert send_request(server.path, {"cmd": "status"}) == {"ok": True, "echo": {"cmd": "status"}}
 
 
-@pytest.mark.parametrize("payload, expected", [
-    (b"not json at all\n", "request is not JSON"),
-    (b"\xff\xfe\n", "request is not JSON"),
-    (b'[1, 2, 3]\n', 'must be a JSON object with a string "cmd"'),
-    (b'{"cmd": 42}\n', 'must be a JSON object with a string "cmd"'),
-    (b'{"cmd": "boom"}\n', "RuntimeError: handler bug"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        (b"not json at all\n", "request is not JSON"),
+        (b"\xff\xfe\n", "request is not JSON"),
+        (b"[1, 2, 3]\n", 'must be a JSON object with a string "cmd"'),
+        (b'{"cmd": 42}\n', 'must be a JSON object with a string "cmd"'),
+        (b'{"cmd": "boom"}\n', "RuntimeError: handler bug"),
+    ],
+)
 def test_garbage_gets_a_one_line_error(server, payload, expected):
     answer = json.loads(raw_exchange(server.path, payload))
     assert answer["ok"] is False and expected in answer["error"] and "\n" not in answer["error"]
@@ -206,35 +209,118 @@ def test_a_silent_server_times_out(tmp_path):
 
 
 def test_status_table():
-    data = {"supervisor": "lab", "pid": 10, "started": time.time() - 3700, "state": "running", "workers": [
-        {"worker": "standard", "slot": 0, "pid": 11, "state": "running", "activity": "populating", "uptime": 3650,
-         "restarts": 1, "rss_mb": 120.4, "cpu_percent": 99.5, "table": "`lab_pipe`.`__square`",
-         "key": {"source_id": 3}, "jobs_done": 12, "jobs_failed": 1},
-        {"worker": "standard", "slot": 1, "pid": None, "state": "fatal", "activity": None, "uptime": None,
-         "restarts": 5, "rss_mb": None, "cpu_percent": None, "table": None, "key": None, "jobs_done": 0,
-         "jobs_failed": 0},
-        {"worker": "ingest", "slot": 0, "pid": 13, "state": "running", "activity": "sleeping", "uptime": 30,
-         "restarts": 0, "rss_mb": 80.0, "cpu_percent": 0.0, "table": None, "key": None, "jobs_done": 0,
-         "jobs_failed": 0},
-    ]}  # fmt: skip
+    data = {
+        "supervisor": "lab",
+        "pid": 10,
+        "started": time.time() - 3700,
+        "state": "running",
+        "workers": [
+            {
+                "worker": "standard",
+                "slot": 0,
+                "pid": 11,
+                "state": "running",
+                "activity": "populating",
+                "uptime": 3650,
+                "restarts": 1,
+                "rss_mb": 120.4,
+                "cpu_percent": 99.5,
+                "table": "`lab_pipe`.`__square`",
+                "key": {"source_id": 3},
+                "jobs_done": 12,
+                "jobs_failed": 1,
+            },
+            {
+                "worker": "standard",
+                "slot": 1,
+                "pid": None,
+                "state": "fatal",
+                "activity": None,
+                "uptime": None,
+                "restarts": 5,
+                "rss_mb": None,
+                "cpu_percent": None,
+                "table": None,
+                "key": None,
+                "jobs_done": 0,
+                "jobs_failed": 0,
+            },
+            {
+                "worker": "ingest",
+                "slot": 0,
+                "pid": 13,
+                "state": "running",
+                "activity": "sleeping",
+                "uptime": 30,
+                "restarts": 0,
+                "rss_mb": 80.0,
+                "cpu_percent": 0.0,
+                "table": None,
+                "key": None,
+                "jobs_done": 0,
+                "jobs_failed": 0,
+            },
+        ],
+    }
     lines = format_status(data).splitlines()
     assert lines[0] == "supervisor lab (pid 10) running, up 1h01m: 1 fatal, 2 running; 12 jobs done"
-    assert lines[1].split() == ["WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "MB", "CPU", "%",
-                                "DONE", "FAILED", "CURRENT"]  # fmt: skip
-    assert lines[2].split() == ["standard", "0", "11", "running", "1h00m", "1", "120", "99.5", "12", "1",
-                                "`lab_pipe`.`__square`", '{"source_id":3}']  # fmt: skip
+    assert lines[1].split() == [
+        "WORKER",
+        "SLOT",
+        "PID",
+        "STATE",
+        "UPTIME",
+        "RESTARTS",
+        "RSS",
+        "MB",
+        "CPU",
+        "%",
+        "DONE",
+        "FAILED",
+        "CURRENT",
+    ]
+    assert lines[2].split() == [
+        "standard",
+        "0",
+        "11",
+        "running",
+        "1h00m",
+        "1",
+        "120",
+        "99.5",
+        "12",
+        "1",
+        "`lab_pipe`.`__square`",
+        '{"source_id":3}',
+    ]
     assert lines[3].split() == ["standard", "1", "-", "fatal", "-", "5", "-", "-", "0", "0", "-"]
     assert lines[4].split()[-1] == "sleeping"
     assert lines[2].index("running") == lines[4].index("running") == lines[1].index("STATE")  # columns align
 
 
 def test_queue_table():
-    lines = format_queues([
-        {"worker": "standard", "table": "`lab`.`__square`", "pending": 4, "reserved": 2, "success": 10, "error": 1,
-         "ignore": 0},
-        {"worker": "ingest", "table": "`lab`.`_raw`", "pending": 0, "reserved": 0, "success": 0, "error": 0,
-         "ignore": 3},
-    ]).splitlines()  # fmt: skip
+    lines = format_queues(
+        [
+            {
+                "worker": "standard",
+                "table": "`lab`.`__square`",
+                "pending": 4,
+                "reserved": 2,
+                "success": 10,
+                "error": 1,
+                "ignore": 0,
+            },
+            {
+                "worker": "ingest",
+                "table": "`lab`.`_raw`",
+                "pending": 0,
+                "reserved": 0,
+                "success": 0,
+                "error": 0,
+                "ignore": 3,
+            },
+        ]
+    ).splitlines()
     assert [line.split() for line in lines] == [
         ["TABLE", "WORKER", "PENDING", "RESERVED", "SUCCESS", "ERROR", "IGNORE"],
         ["`lab`.`__square`", "standard", "4", "2", "10", "1", "0"],

@@ -93,10 +93,17 @@ def test_example_workers_compute_every_key_exactly_once_in_process(db, example):
 
 @pytest.mark.timeout(180)
 def test_demo_works_the_example_pipeline_under_the_supervisor(db, tmp_path):
-    env = dict(db.env, DJS_EXAMPLE_PREFIX=db.prefix, DJS_EXAMPLE_SLOW_SECONDS="0.05", PYTHONPATH=str(ROOT),
-               DJS_DEMO_LOG=str(tmp_path / "supervisor.log"), DJSUPERVISOR_RUNTIME_DIR=str(tmp_path / "run"))  # fmt: skip
-    result = subprocess.run([sys.executable, "-m", "examples.demo"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=150)  # fmt: skip
+    env = dict(
+        db.env,
+        DJS_EXAMPLE_PREFIX=db.prefix,
+        DJS_EXAMPLE_SLOW_SECONDS="0.05",
+        PYTHONPATH=str(ROOT),
+        DJS_DEMO_LOG=str(tmp_path / "supervisor.log"),
+        DJSUPERVISOR_RUNTIME_DIR=str(tmp_path / "run"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every session analysed" in result.stdout
     assert "the supervisor exited with status 0" in result.stdout
@@ -113,8 +120,9 @@ def test_demo_works_the_example_pipeline_under_the_supervisor(db, tmp_path):
 
 
 def throwaway(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(THROWAWAY), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(THROWAWAY), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def server_binaries(backend: str) -> bool:

@@ -7,10 +7,10 @@ import time
 
 import psutil
 import pytest
-
-from djsupervisor.control import send_request
 from helpers import supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
+
+from djsupervisor.serve.control import send_request
 
 pytestmark = [pytest.mark.fault, pytest.mark.process]
 
@@ -19,14 +19,17 @@ pytestmark = [pytest.mark.fault, pytest.mark.process]
 def test_hung_job_is_killed_after_graceful_timeout_and_goes_back_to_pending(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
     seed(pipe, [1], hang=1)
-    config = write_config(tmp_path / "lab.toml", """
+    config = write_config(
+        tmp_path / "lab.toml",
+        """
         [supervisor]
         name = "lab"
         graceful_timeout = 2
         [[worker]]
         name = "standard"
         target = "pipelines.supervised:standard"
-    """)  # fmt: skip
+    """,
+    )
     sup = supervise(["-c", str(config)])
     sup.wait_children({"standard": 1})
     wait_until(lambda: pipe.Square.jobs.progress()["reserved"] == 1, 60, message="the hanging job in flight")
@@ -43,7 +46,9 @@ def test_hung_job_is_killed_after_graceful_timeout_and_goes_back_to_pending(db, 
 @pytest.mark.parametrize("backend", ["mysql"], indirect=True)  # the parent does no database work
 def test_parent_memory_stays_flat_over_many_restarts(db, supervise, tmp_path):
     socket_path = tmp_path / "churn.sock"
-    config = write_config(tmp_path / "churn.toml", f"""
+    config = write_config(
+        tmp_path / "churn.toml",
+        f"""
         [supervisor]
         name = "churn"
         control_socket = "{socket_path}"
@@ -52,7 +57,8 @@ def test_parent_memory_stays_flat_over_many_restarts(db, supervise, tmp_path):
         name = "churn"
         target = "pipelines.churn:churn"
         replicas = 4
-    """)  # fmt: skip
+    """,
+    )
     sup = supervise(["-c", str(config)])
     parent = psutil.Process(sup.pid)
 

@@ -10,29 +10,66 @@ import uuid
 
 import psutil
 import pytest
+from helpers import TESTS, djsupervisor_command, raw_exchange, serving, supervise, wait_until, write_config  # noqa: F401
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from djsupervisor.config import ConfigError, load_config, parse_config
-from djsupervisor.control import ControlServer
-from helpers import TESTS, djsupervisor_command, raw_exchange, serving, supervise, wait_until, write_config  # noqa: F401
+from djsupervisor.serve.control import ControlServer
+from djsupervisor.supervisor.config import ConfigError, load_config, parse_config
 
 pytestmark = pytest.mark.fault
 
-SUPERVISOR_KEYS = ["name", "graceful_timeout", "control_socket", "backoff_initial", "backoff_max", "stable_after",
-                   "fatal_after", "heartbeat_interval", "heartbeat_timeout", "hang_timeout", "sample_interval",
-                   "log_level", "log_format", "bogus"]  # fmt: skip
-WORKER_KEYS = ["name", "target", "replicas", "restart", "max_memory_mb", "max_jobs", "job_timeout",
-               "run_duration", "sleep_duration", "max_idled_cycle", "max_sleep_duration", "stale_timeout_hours",
-               "unknown"]  # fmt: skip
-values = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                   st.text(max_size=30), st.lists(st.integers(), max_size=3),
-                   st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))  # fmt: skip
+SUPERVISOR_KEYS = [
+    "name",
+    "graceful_timeout",
+    "control_socket",
+    "backoff_initial",
+    "backoff_max",
+    "stable_after",
+    "fatal_after",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "hang_timeout",
+    "sample_interval",
+    "log_level",
+    "log_format",
+    "bogus",
+]
+WORKER_KEYS = [
+    "name",
+    "target",
+    "replicas",
+    "restart",
+    "max_memory_mb",
+    "max_jobs",
+    "job_timeout",
+    "run_duration",
+    "sleep_duration",
+    "max_idled_cycle",
+    "max_sleep_duration",
+    "stale_timeout_hours",
+    "unknown",
+]
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=30),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 tables = st.dictionaries(st.sampled_from(SUPERVISOR_KEYS), values, max_size=6)
 workers = st.lists(st.dictionaries(st.sampled_from(WORKER_KEYS), values, max_size=8), max_size=3)
-documents = st.fixed_dictionaries({}, optional={"supervisor": st.one_of(tables, values), "worker": st.one_of(workers, values),
-                                                "database": st.one_of(st.dictionaries(st.text(max_size=8), values, max_size=3), values),
-                                                "extra": values})  # fmt: skip
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "supervisor": st.one_of(tables, values),
+        "worker": st.one_of(workers, values),
+        "database": st.one_of(st.dictionaries(st.text(max_size=8), values, max_size=3), values),
+        "extra": values,
+    },
+)
 
 
 def one_line_config_error(call) -> None:
@@ -70,8 +107,7 @@ def control_server(tmp_path_factory):
 
 @pytest.mark.timeout(180)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.binary(max_size=2000), st.builds(lambda v: json.dumps(v).encode(), values)),
-       st.booleans())  # fmt: skip
+@given(st.one_of(st.binary(max_size=2000), st.builds(lambda v: json.dumps(v).encode(), values)), st.booleans())
 def test_control_protocol_never_breaks_the_loop(control_server, payload, newline):
     expect_answer = newline and b"\n" not in payload
     answer = raw_exchange(control_server.path, payload + (b"\n" if newline else b""), read=expect_answer)
@@ -82,23 +118,32 @@ def test_control_protocol_never_breaks_the_loop(control_server, payload, newline
             assert "\n" not in response["error"]
     assert not control_server.loop_errors
     # and it still answers a proper request
-    from djsupervisor.control import send_request
+    from djsupervisor.serve.control import send_request
 
     assert send_request(control_server.path, {"cmd": "status"}) == {"ok": True, "cmd": "status"}
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("target, message", [
-    ("no_such_module_xyz:worker", "cannot import 'no_such_module_xyz'"),
-    ("pipelines.raises_on_import:worker", "RuntimeError: this module refuses to import"),
-    ("pipelines.offline:not_a_worker", "not a DataJointWorker"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("no_such_module_xyz:worker", "cannot import 'no_such_module_xyz'"),
+        ("pipelines.raises_on_import:worker", "RuntimeError: this module refuses to import"),
+        ("pipelines.offline:not_a_worker", "not a DataJointWorker"),
+    ],
+)
 def test_bad_targets_exit_2_before_any_child(tmp_path, target, message):
     (TESTS / "pipelines" / "raises_on_import.py").exists() or pytest.skip("fixture module missing")
     config = write_config(tmp_path / "bad.toml", f'[[worker]]\nname = "w"\ntarget = "{target}"\n')
     env = dict(os.environ, PYTHONPATH=str(TESTS))
-    result = subprocess.run([*djsupervisor_command(), "start", "-c", str(config)], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    result = subprocess.run(
+        [*djsupervisor_command(), "start", "-c", str(config)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr and str(config) in result.stderr
 
@@ -119,7 +164,9 @@ def test_credentials_never_show(db, supervise, tmp_path):
         seed(pipe, [1, 2])
         odd = "läb%s{x}<ü>"  # odd characters in a name reach titles and logs unharmed
         socket_path = tmp_path / "sec.sock"
-        config = write_config(tmp_path / "sec.toml", f"""
+        config = write_config(
+            tmp_path / "sec.toml",
+            f"""
             [supervisor]
             name = "{odd}"
             control_socket = "{socket_path}"
@@ -129,13 +176,19 @@ def test_credentials_never_show(db, supervise, tmp_path):
             [[worker]]
             name = "standard"
             target = "pipelines.supervised:standard"
-        """)  # fmt: skip
+        """,
+        )
         sup = supervise(["-c", str(config), "--log-level", "DEBUG"])
         pids = sup.wait_children({"standard": 1})
         wait_until(lambda: len(pipe.Square()) == 2, 60, message="work done with the restricted user")
         env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-        status = subprocess.run([*djsupervisor_command(), "status", "--json", "--socket", str(socket_path)],
-                                env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+        status = subprocess.run(
+            [*djsupervisor_command(), "status", "--json", "--socket", str(socket_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert status.returncode == 0
         seen = [sup.output, status.stdout, status.stderr]
         for pid in [sup.pid, *pids.values()]:

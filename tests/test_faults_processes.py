@@ -12,7 +12,6 @@ import time
 
 import psutil
 import pytest
-
 from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
 from tcpproxy import TcpProxy
 
@@ -53,10 +52,13 @@ def seed_chain(db) -> None:
 
 
 def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor: str = "") -> str:
-    return str(write_config(tmp_path / "faults.toml", f"""
+    return str(
+        write_config(
+            tmp_path / "faults.toml",
+            f"""
         [supervisor]
         name = "faults"
-        control_socket = "{tmp_path / 'faults.sock'}"
+        control_socket = "{tmp_path / "faults.sock"}"
         backoff_initial = 0.05
         backoff_max = 0.5
         {supervisor}
@@ -65,7 +67,9 @@ def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor
         target = "pipelines.faults:{worker}"
         replicas = {replicas}
         {extra}
-    """))  # fmt: skip
+    """,
+        )
+    )
 
 
 def assert_complete(db) -> None:
@@ -162,10 +166,14 @@ def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise,
     wait_until(lambda: chain_state(db)["__square"] >= 2, 60, message="work to begin")
     proxy.cut()
     psutil.Process(first).kill()
-    replacement = wait_until(lambda: (p := sup.pids("chain")) and first not in p.values() and p, 30,
-                             message="a replacement child")["chain[0]"]  # fmt: skip
-    wait_until(lambda: sup.output.count("database unreachable at start") >= 3, 60,
-               message="the replacement retrying to connect")  # fmt: skip
+    replacement = wait_until(
+        lambda: (p := sup.pids("chain")) and first not in p.values() and p, 30, message="a replacement child"
+    )["chain[0]"]
+    wait_until(
+        lambda: sup.output.count("database unreachable at start") >= 3,
+        60,
+        message="the replacement retrying to connect",
+    )
     assert sup.pids("chain") == {"chain[0]": replacement}  # the same child, waiting: no restart loop
     assert "FATAL" not in sup.output.upper().replace("FATAL_AFTER", "")
     proxy.restore()
@@ -181,8 +189,14 @@ def _base_env(db) -> dict:
     import os
 
     env = dict(os.environ)
-    env.update(DJ_HOST=db.settings["host"], DJ_PORT=str(db.settings["port"]), DJ_USER=db.settings["user"],
-               DJ_PASS=db.settings["password"], DJ_BACKEND=db.backend, DJ_USE_TLS="false")  # fmt: skip
+    env.update(
+        DJ_HOST=db.settings["host"],
+        DJ_PORT=str(db.settings["port"]),
+        DJ_USER=db.settings["user"],
+        DJ_PASS=db.settings["password"],
+        DJ_BACKEND=db.backend,
+        DJ_USE_TLS="false",
+    )
     return env
 
 
@@ -196,8 +210,15 @@ def test_parent_sigkill_then_a_new_supervisor_recovers(db, supervise, tmp_path, 
     wait_until(lambda: chain_state(db).get("~~square.reserved", 0) == 2, 60, message="jobs in flight")
     first.process.kill()
     first.process.wait(10)
-    wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                               for p in children.values()), 10, message="the children to die with the parent")  # fmt: skip
+    wait_until(
+        lambda: (
+            not any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in children.values()
+            )
+        ),
+        10,
+        message="the children to die with the parent",
+    )
     assert chain_state(db).get("~~square.reserved", 0) == 2  # their jobs are still reserved...
     monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
     second = supervise(["-c", config])
@@ -217,8 +238,14 @@ def test_second_supervisor_on_the_same_config_refuses(db, supervise, tmp_path):
     first = supervise(["-c", config])
     children = first.wait_children({"chain": 1})
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    second = subprocess.run([*djsupervisor_command(), "start", "-c", config], env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    second = subprocess.run(
+        [*djsupervisor_command(), "start", "-c", config],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 2, second.stderr
     assert second.stderr.count("\n") == 1 and "another supervisor is listening" in second.stderr
     assert first.process.poll() is None and first.pids("chain") == children  # untouched

@@ -10,7 +10,6 @@ import subprocess
 
 import psutil
 import pytest
-
 from helpers import process_gone, run_cli, supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
 
@@ -19,7 +18,9 @@ FLEET_INTERVAL = 0.5
 
 def fleet_config(tmp_path, name: str, host: str, replicas: int = 1, stale_hours: float | None = None):
     stale = f"stale_timeout_hours = {stale_hours}\n" if stale_hours is not None else ""
-    return write_config(tmp_path / f"{name}.toml", f"""
+    return write_config(
+        tmp_path / f"{name}.toml",
+        f"""
         [supervisor]
         name = "{name}"
         host = "{host}"
@@ -31,7 +32,8 @@ def fleet_config(tmp_path, name: str, host: str, replicas: int = 1, stale_hours:
         target = "pipelines.supervised:standard"
         replicas = {replicas}
         sleep_duration = 0.3
-        {stale}""")
+        {stale}""",
+    )
 
 
 def cli(db, tmp_path, *args, check=True) -> subprocess.CompletedProcess:
@@ -137,8 +139,10 @@ def can_unshare_uts() -> bool:
 @pytest.mark.skipif(not can_unshare_uts(), reason="needs unshare --uts (root): a host name per supervisor")
 def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
     pipe = declare(db.schema_name("pipe"))
-    configs = {host: fleet_config(tmp_path, f"sup-{host}", host, replicas=1, stale_hours=0.001)
-               for host in ("host-a", "host-b", "host-c")}  # fmt: skip
+    configs = {
+        host: fleet_config(tmp_path, f"sup-{host}", host, replicas=1, stale_hours=0.001)
+        for host in ("host-a", "host-b", "host-c")
+    }
     # Each supervisor in a UTS namespace of its own: its reservations name its host, so the survivors cannot
     # tell by pid that host-c's child is dead; only the stale rule (reservation older than the
     # stale_timeout, 3.6 s here, and its connection gone) brings its job back.
@@ -195,8 +199,9 @@ def test_drain_needs_a_selector_and_a_schema(db, tmp_path):
     config = fleet_config(tmp_path, "sup-a", "host-a")
     result = cli(db, tmp_path, "drain", "-c", str(config), check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("djsupervisor: error: drain: say which pools: --host, --supervisor, "
-                                     "--worker, or --all")  # fmt: skip
+    assert result.stderr.strip() == (
+        "djsupervisor: error: drain: say which pools: --host, --supervisor, --worker, or --all"
+    )
     result = cli(db, tmp_path, "resume", "--all", check=False)
     assert result.returncode == 2
     assert "give -c FILE" in result.stderr and "Traceback" not in result.stderr
@@ -220,8 +225,12 @@ def test_a_killed_fleet_agent_is_restarted_and_heartbeats_resume(db, tmp_path, s
     sup = supervise(["-c", str(config)])
     child = sup.wait_children({"standard": 1})["standard[0]"]
     first = wait_until(lambda: agent_pid(sup), 30, message="the fleet agent")
-    wait_until(lambda: any(r["pid"] == child and r["supervisor"] == "sup-a" for r in fleet(db, tmp_path, config)),
-               30, interval=0.3, message="the child's row")  # fmt: skip
+    wait_until(
+        lambda: any(r["pid"] == child and r["supervisor"] == "sup-a" for r in fleet(db, tmp_path, config)),
+        30,
+        interval=0.3,
+        message="the child's row",
+    )
     os.kill(first, signal.SIGKILL)
     second = wait_until(lambda: agent_pid(sup) not in (None, first) and agent_pid(sup), 30, message="a new agent")
     assert second != first

@@ -7,11 +7,11 @@ import json
 import os
 
 import pytest
-
-from djsupervisor import connection as djs_connection
-from djsupervisor.connection import live_connection_ids, reconnect_after_fork
 from jobtools import wait_until
 from pipeline import make_pipeline, seed
+
+from djsupervisor.worker import connection as djs_connection
+from djsupervisor.worker.connection import live_connection_ids, reconnect_after_fork
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,8 +60,15 @@ def test_child_gets_its_own_session_and_parent_survives(db):
             raw.close()
         djs_connection._abandoned.clear()
         gc.collect()
-        return dict(child_id=child_id, server_id=server_side_id(connection), reserved=reserved,
-                    reservation_id=row["connection_id"], reservation_pid=row["pid"], pid=os.getpid(), count=count)  # fmt: skip
+        return dict(
+            child_id=child_id,
+            server_id=server_side_id(connection),
+            reserved=reserved,
+            reservation_id=row["connection_id"],
+            reservation_pid=row["pid"],
+            pid=os.getpid(),
+            count=count,
+        )
 
     result = run_in_child(child)
     assert result["child_id"] != parent_id

@@ -15,13 +15,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
-from djsupervisor import http_status
-from djsupervisor.config import ConfigError, parse_config
-from djsupervisor.http_status import HttpError, StatusServer
 from helpers import TESTS, djsupervisor_command, serving, supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare, seed
+from prometheus_client.parser import text_string_to_metric_families
+
+from djsupervisor.serve import http as http_status
+from djsupervisor.serve.http import HttpError, StatusServer
+from djsupervisor.supervisor.config import ConfigError, parse_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,9 +58,12 @@ def server():
     def boom():
         raise RuntimeError("render bug\nsecond line")
 
-    pages = {"/": lambda: ("text/html; charset=utf-8", b"<p>hi</p>"), "/boom": boom,
-             "/big": lambda: ("text/plain", b"x" * BIG),
-             "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", b"up 1\n")}  # fmt: skip
+    pages = {
+        "/": lambda: ("text/html; charset=utf-8", b"<p>hi</p>"),
+        "/boom": boom,
+        "/big": lambda: ("text/plain", b"x" * BIG),
+        "/metrics": lambda: ("text/plain; version=0.0.4; charset=utf-8", b"up 1\n"),
+    }
     srv = StatusServer("127.0.0.1:0", pages)
     with serving(srv):
         yield srv
@@ -124,14 +127,17 @@ def test_an_address_in_use_is_a_one_line_error():
             StatusServer(f"127.0.0.1:{port}", {})
 
 
-@pytest.mark.parametrize("value, problem", [
-    ("9108", "must be 'host:port'"),
-    (":9108", "must be 'host:port'"),
-    ("localhost:http", "port must be a number"),
-    ("127.0.0.1:65536", "port must be 0..65535"),
-    ("::1:9108", "IPv6 host in brackets"),
-    (9108, "must be a non-empty string"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("9108", "must be 'host:port'"),
+        (":9108", "must be 'host:port'"),
+        ("localhost:http", "port must be a number"),
+        ("127.0.0.1:65536", "port must be 0..65535"),
+        ("::1:9108", "IPv6 host in brackets"),
+        (9108, "must be a non-empty string"),
+    ],
+)
 def test_bad_http_addresses_are_one_line_config_errors(value, problem):
     data = {"supervisor": {"http": value}, "worker": [{"name": "w", "target": "m:w"}]}
     with pytest.raises(ConfigError) as caught:
@@ -172,16 +178,20 @@ CONFIG = """
 
 def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
     env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
-    return subprocess.run([*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
 
 
 def metrics(address: str) -> dict[tuple, float]:
     """The supervisor's metrics, parsed by prometheus_client, by (name, sorted labels)."""
     status, headers, body = get(f"http://{address}/metrics")
     assert status == 200 and headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(body.decode()) for s in family.samples}  # fmt: skip
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
 
 
 def running(found: dict) -> float:
@@ -203,8 +213,15 @@ def chromium_dom(url: str, tmp_path) -> str:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed: .ci/run should have installed Debian's chromium package")
         pytest.skip("chromium is not installed (apt-get install chromium)")
-    command = [binary, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chromium'}",
-               "--dump-dom", url]  # fmt: skip
+    command = [
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--dump-dom",
+        url,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -218,15 +235,26 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     config = write_config(tmp_path / "lab.toml", CONFIG.format(socket=tmp_path / "lab.sock", http="127.0.0.1:0"))
     sup = supervise(["-c", str(config)])
     sup.wait_children({"standard": 2})
-    result = wait_until(lambda: (r := cli(db, tmp_path, "status", "--json", "-c", str(config))).returncode == 0 and r,
-                        20, message="status over the control socket")  # fmt: skip
+    result = wait_until(
+        lambda: (r := cli(db, tmp_path, "status", "--json", "-c", str(config))).returncode == 0 and r,
+        20,
+        message="status over the control socket",
+    )
     address = json.loads(result.stdout)["http"]
     assert re.fullmatch(r"127\.0\.0\.1:\d+", address) and not address.endswith(":0")
     assert f"status page on http://{address}/" in sup.output
 
-    found = wait_until(lambda: (m := metrics(address)) and running(m) == 2 and done(m) == 4
-                       and ("djsupervisor_child_rss_bytes", (("slot", "1"), ("worker", "standard"))) in m and m,
-                       30, message="2 running children, 4 jobs done, sampled")  # fmt: skip
+    found = wait_until(
+        lambda: (
+            (m := metrics(address))
+            and running(m) == 2
+            and done(m) == 4
+            and ("djsupervisor_child_rss_bytes", (("slot", "1"), ("worker", "standard"))) in m
+            and m
+        ),
+        30,
+        message="2 running children, 4 jobs done, sampled",
+    )
     assert found[("djsupervisor_replicas_desired", (("worker", "standard"),))] == 2
     assert found[("djsupervisor_child_rss_bytes", (("slot", "0"), ("worker", "standard")))] > 10 * 2**20
     assert found[("djsupervisor_parent_rss_bytes", ())] > 10 * 2**20
@@ -260,8 +288,11 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
 
     # a killed child: its slot's restart counter goes up, the jobs-done counter does not go down
     os.kill(sup.pids("standard")["standard[0]"], signal.SIGKILL)
-    found = wait_until(lambda: (m := metrics(address)) and restarts(m, 0) == 1 and running(m) == 2 and m, 30,
-                       message="standard[0] restarted")  # fmt: skip
+    found = wait_until(
+        lambda: (m := metrics(address)) and restarts(m, 0) == 1 and running(m) == 2 and m,
+        30,
+        message="standard[0] restarted",
+    )
     assert done(found) == 4
     seed(pipe, [5, 6], delay=0)
     wait_until(lambda: done(metrics(address)) == 6, 30, message="6 jobs done")

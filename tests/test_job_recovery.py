@@ -7,12 +7,12 @@ import subprocess
 import uuid
 
 import pytest
+from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
 from loguru import logger
+from pipeline import make_pipeline, seed
 
 from djsupervisor import DataJointWorker
-from djsupervisor.jobs import TRANSIENT_ERROR_PATTERNS, JobRecovery, record_job_error, recover_jobs
-from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
-from pipeline import make_pipeline, seed
+from djsupervisor.worker.recovery import TRANSIENT_ERROR_PATTERNS, JobRecovery, record_job_error, recover_jobs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,8 +58,14 @@ def test_stale_orphan_and_live_reservations(db, pipe):
 
 
 def test_recovered_reservation_is_pending_and_clean(db, pipe):
-    set_reservation(pipe.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    set_reservation(
+        pipe.Square,
+        dict(source_id=1),
+        host=THIS_HOST,
+        pid=dead_pid(),
+        connection_id=dead_connection_id(db),
+        hours_ago=0,
+    )
     counts = recover_jobs(db.connection, db_prefix=[db.prefix])
     assert counts.orphaned == 1
     row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]
@@ -72,8 +78,14 @@ def test_db_prefix_limits_recovery(db):
     outside = make_pipeline(f"{db.prefix}x_out_pipe")
     for p in (inside, outside):
         seed(p, 1)
-        set_reservation(p.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                        connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+        set_reservation(
+            p.Square,
+            dict(source_id=1),
+            host=THIS_HOST,
+            pid=dead_pid(),
+            connection_id=dead_connection_id(db),
+            hours_ago=0,
+        )
     assert recover_jobs(db.connection, db_prefix=[db.prefix + "_in"]).orphaned == 1
     assert job_status(inside.Square, dict(source_id=1)) == "pending"
     assert job_status(outside.Square, dict(source_id=1)) == "reserved"
@@ -89,8 +101,14 @@ def test_default_scope_is_the_workers_own_tables(db):
     for p in (mine, theirs):
         seed(p, 2)
         p.Square.jobs.refresh()
-        set_reservation(p.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                        connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+        set_reservation(
+            p.Square,
+            dict(source_id=1),
+            host=THIS_HOST,
+            pid=dead_pid(),
+            connection_id=dead_connection_id(db),
+            hours_ago=0,
+        )
         p.Square.jobs.error(dict(source_id=2), error_message="Lost connection to MySQL server during query")
     own = DataJointWorker("own", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
     own(mine.Square)
@@ -98,8 +116,9 @@ def test_default_scope_is_the_workers_own_tables(db):
     assert (summary.recovered_orphaned, summary.cleared_errors) == (1, 1)
     assert job_status(theirs.Square, dict(source_id=1)) == "reserved"
     assert job_status(theirs.Square, dict(source_id=2)) == "error"
-    wide = DataJointWorker("wide", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0,
-                           recovery_scope="db_prefix")  # fmt: skip
+    wide = DataJointWorker(
+        "wide", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, recovery_scope="db_prefix"
+    )
     summary = wide.run_once()
     assert (summary.recovered_orphaned, summary.cleared_errors) == (1, 1)
     assert job_status(theirs.Square, dict(source_id=1)) == "pending"
@@ -120,17 +139,28 @@ def test_autoclear_builtin_and_configured_patterns(db, pipe):
     for source_id, message in messages.items():
         pipe.Square.jobs.error(dict(source_id=source_id), error_message=message, error_stack=f"stack of {source_id}")
 
-    plain = DataJointWorker("plain", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0,
-                            recovery_scope="db_prefix")  # fmt: skip
+    plain = DataJointWorker(
+        "plain", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, recovery_scope="db_prefix"
+    )
     summary = plain.run_once()
     assert summary.cleared_errors == 4
     assert {k: job_status(pipe.Square, dict(source_id=k)) for k in messages} == {
-        1: "error", 2: "pending", 3: "pending", 4: "pending", 5: "error", 6: "pending"
+        1: "error",
+        2: "pending",
+        3: "pending",
+        4: "pending",
+        5: "error",
+        6: "pending",
     }
 
-    configured = DataJointWorker("configured", db.schema_name("workers"), db_prefix=db.prefix,
-                                 autoclear_error_patterns=["%NFS HICCUP%"], sleep_duration=0,
-                                 recovery_scope="db_prefix")  # fmt: skip
+    configured = DataJointWorker(
+        "configured",
+        db.schema_name("workers"),
+        db_prefix=db.prefix,
+        autoclear_error_patterns=["%NFS HICCUP%"],
+        sleep_duration=0,
+        recovery_scope="db_prefix",
+    )
     assert configured.run_once().cleared_errors == 1
     assert job_status(pipe.Square, dict(source_id=5)) == "pending"
     assert job_status(pipe.Square, dict(source_id=1)) == "error"
@@ -159,16 +189,30 @@ def test_user_without_process_privilege_leaves_foreign_reservations(db, pipe):
         own_dead = open_connection(db, user=user, password="pw")
         own_dead_id = own_dead.connection_id
         own_dead.close()
-        set_reservation(pipe.Square, dict(source_id=1), host="elsewhere", pid=1,
-                        connection_id=root_session.connection_id, hours_ago=48)  # fmt: skip
-        set_reservation(pipe.Square, dict(source_id=2), host="elsewhere", pid=1, connection_id=own_dead_id,
-                        hours_ago=48, user=f"{user}@localhost")  # fmt: skip
+        set_reservation(
+            pipe.Square,
+            dict(source_id=1),
+            host="elsewhere",
+            pid=1,
+            connection_id=root_session.connection_id,
+            hours_ago=48,
+        )
+        set_reservation(
+            pipe.Square,
+            dict(source_id=2),
+            host="elsewhere",
+            pid=1,
+            connection_id=own_dead_id,
+            hours_ago=48,
+            user=f"{user}@localhost",
+        )
         warnings = []
         sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
         try:
             first = recover_jobs(limited, db_prefix=[db.prefix])
-            worker = DataJointWorker("np", db.schema_name("workers"), db_prefix=db.prefix, connection=limited,
-                                     recovery_scope="db_prefix")  # fmt: skip
+            worker = DataJointWorker(
+                "np", db.schema_name("workers"), db_prefix=db.prefix, connection=limited, recovery_scope="db_prefix"
+            )
             worker.run_once()
             worker.run_once()  # warns once per worker, not per cycle
         finally:
@@ -190,15 +234,22 @@ def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
     assert recovery.run().orphaned == 0  # lists ~~square only: ~~cube is not declared yet
     pipe.Square.populate()
     cube = pipe.Cube()
-    set_reservation(cube, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    set_reservation(
+        cube, dict(source_id=1), host=THIS_HOST, pid=dead_pid(), connection_id=dead_connection_id(db), hours_ago=0
+    )
     assert recovery.run().orphaned == 0  # the kept list does not have ~~cube...
     assert job_status(cube, dict(source_id=1)) == "reserved"
     assert recovery.run(known_tables=[(db.schema_name("pipe"), "~~cube")]).orphaned == 1  # ...until named
     assert job_status(cube, dict(source_id=1)) == "pending"
     # two job tables: one counting statement finds the one holding a reservation
-    set_reservation(pipe.Square, dict(source_id=2), host=THIS_HOST, pid=dead_pid(),
-                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    set_reservation(
+        pipe.Square,
+        dict(source_id=2),
+        host=THIS_HOST,
+        pid=dead_pid(),
+        connection_id=dead_connection_id(db),
+        hours_ago=0,
+    )
     assert recovery.run().orphaned == 1
     # a table dropped since the listing fails one pass, and the next pass lists again
     cube.jobs.drop()
@@ -209,8 +260,14 @@ def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
 
 
 def test_record_job_error_marks_a_reservation_as_timed_out(db, pipe):
-    set_reservation(pipe.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
+    set_reservation(
+        pipe.Square,
+        dict(source_id=1),
+        host=THIS_HOST,
+        pid=dead_pid(),
+        connection_id=dead_connection_id(db),
+        hours_ago=0,
+    )
     message = "JobTimeout: make() ran longer than job_timeout=5 s; its process group was killed"
     assert record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)
     row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]

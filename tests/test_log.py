@@ -39,8 +39,9 @@ except RuntimeError:
 def run(fmt: str, **kwargs) -> list[str]:
     env = dict(os.environ, DJ_PASS="env-pw-123")
     env.pop("JOURNAL_STREAM", None)
-    result = subprocess.run([sys.executable, "-c", SCRIPT, fmt], capture_output=True, text=True, timeout=30, env=env,
-                            **kwargs)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, fmt], capture_output=True, text=True, timeout=30, env=env, **kwargs
+    )
     assert result.returncode == 0, result.stderr
     return result.stderr.strip().splitlines()
 
@@ -79,8 +80,9 @@ def test_journald_gets_syslog_priorities(tmp_path, fmt):
     try:
         info = os.fstat(right.fileno())
         env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
-        process = subprocess.Popen([sys.executable, "-c", SCRIPT, fmt], stderr=right, stdout=subprocess.DEVNULL,
-                                   env=env)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, fmt], stderr=right, stdout=subprocess.DEVNULL, env=env
+        )
         right.close()
         left.settimeout(30)
         data = b""

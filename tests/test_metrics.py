@@ -10,11 +10,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from djsupervisor.config import WorkerConfig
-from djsupervisor.fleet_view import FleetView, TableDepth
-from djsupervisor.metrics import render_metrics
-from djsupervisor.slot import Slot, SlotState
-from djsupervisor.status_page import render_page
+from djsupervisor.fleet.view import FleetView, TableDepth
+from djsupervisor.serve.metrics import render_metrics
+from djsupervisor.serve.status_page import render_page
+from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.slot import Slot, SlotState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -30,10 +30,25 @@ class FakePool:
 
 
 def slot_status(worker, index, state="running", pid=100, done=0, failed=0, restarts=0, rss_mb=50.0, cpu=12.5, **extra):
-    return {"worker": worker, "slot": index, "pid": pid, "state": state, "activity": "populating", "uptime": 3.0,
-            "restarts": restarts, "rss_mb": rss_mb, "cpu_percent": cpu, "table": None, "key": None,
-            "jobs_done": done, "jobs_failed": failed, "jobs_done_total": done, "jobs_failed_total": failed,
-            "last_heartbeat": None, **extra}  # fmt: skip
+    return {
+        "worker": worker,
+        "slot": index,
+        "pid": pid,
+        "state": state,
+        "activity": "populating",
+        "uptime": 3.0,
+        "restarts": restarts,
+        "rss_mb": rss_mb,
+        "cpu_percent": cpu,
+        "table": None,
+        "key": None,
+        "jobs_done": done,
+        "jobs_failed": failed,
+        "jobs_done_total": done,
+        "jobs_failed_total": failed,
+        "last_heartbeat": None,
+        **extra,
+    }
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -50,8 +65,14 @@ def value(found: dict, name: str, **labels) -> float:
 
 
 def status_of(*slots) -> dict:
-    return {"supervisor": "lab", "pid": 1, "started": time.time() - 90, "state": "running", "http": None,
-            "workers": list(slots)}  # fmt: skip
+    return {
+        "supervisor": "lab",
+        "pid": 1,
+        "started": time.time() - 90,
+        "state": "running",
+        "http": None,
+        "workers": list(slots),
+    }
 
 
 def test_children_replicas_counters_and_resources():
@@ -87,10 +108,11 @@ def test_children_replicas_counters_and_resources():
 
 def test_queue_depths_from_the_fleet_view_and_escaped_labels():
     now = time.monotonic()
-    fleet = FleetView(tables={"standard": ["`s`.`square`", NASTY]},
-                      depths={"`s`.`square`": TableDepth(pending=7, reserved=2, success=40, error=1),
-                              NASTY: TableDepth(ignore=3)},
-                      updated=now - 4.5)  # fmt: skip
+    fleet = FleetView(
+        tables={"standard": ["`s`.`square`", NASTY]},
+        depths={"`s`.`square`": TableDepth(pending=7, reserved=2, success=40, error=1), NASTY: TableDepth(ignore=3)},
+        updated=now - 4.5,
+    )
     text = render_metrics(status_of(), {"standard": FakePool(1)}, fleet, version="1", now=now)
     found = samples(text)
     assert value(found, "djsupervisor_queue_jobs", table="`s`.`square`", state="pending") == 7
@@ -120,7 +142,7 @@ def test_status_page_escapes_everything():
     page = render_page(status, fleet, version="1")
     assert "<script>" not in page and "<i>lab</i>" not in page and "<b>" not in page
     assert html.escape("<i>lab</i>") in page and "4242" in page
-    assert 'http-equiv="refresh"' in page and "<td class=\"n\">9</td>" in page
+    assert 'http-equiv="refresh"' in page and '<td class="n">9</td>' in page
     assert 'id="drained"' not in page
     empty = render_page(dict(status_of(), drained={"standard": "halt", NASTY: "drain"}), FleetView(), version="1")
     assert "No reading of the job queues yet" in empty

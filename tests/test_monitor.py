@@ -7,17 +7,19 @@ import sys
 
 import psutil
 import pytest
-
-from djsupervisor.monitor import ResourceSampler
 from helpers import wait_until
+
+from djsupervisor.supervisor.monitor import ResourceSampler
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def _spawning(code: str) -> str:
     """Python code that holds 20 MB, starts `code` in a new interpreter and sleeps."""
-    return (f"import subprocess, sys, time; ballast = b'x' * (20 * 2**20); "
-            f"subprocess.Popen([sys.executable, '-c', {code!r}]); time.sleep(60)")  # fmt: skip
+    return (
+        f"import subprocess, sys, time; ballast = b'x' * (20 * 2**20); "
+        f"subprocess.Popen([sys.executable, '-c', {code!r}]); time.sleep(60)"
+    )
 
 
 def test_sampler_measures_the_whole_tree_and_forgets_the_gone():

@@ -26,7 +26,7 @@ import yaml
 from helpers import wait_until
 
 from djsupervisor.cli import UsageError, _parser
-from djsupervisor.config import ConfigError, SupervisorConfig, parse_config
+from djsupervisor.supervisor.config import ConfigError, SupervisorConfig, parse_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,8 +35,17 @@ FLEET = ROOT / "examples" / "fleet"
 SBATCH = FLEET / "slurm" / "djsupervisor.sbatch"
 #: Config keys of the fleet, autoscaling and metrics work. Until config.py knows one of them, `load` drops
 #: it (and only it) so that the rest of the recipe's config is still checked.
-PENDING_KEYS = {"host", "fleet_interval", "http", "max_cpu_percent", "min_available_memory_mb",
-                "max_replicas", "scale_up_pending", "scale_down_after", "scale_cooldown"}  # fmt: skip
+PENDING_KEYS = {
+    "host",
+    "fleet_interval",
+    "http",
+    "max_cpu_percent",
+    "min_available_memory_mb",
+    "max_replicas",
+    "scale_up_pending",
+    "scale_down_after",
+    "scale_cooldown",
+}
 MARGIN = 10  # seconds an orchestrator must wait beyond graceful_timeout, at least
 
 
@@ -106,8 +115,15 @@ def k8s():
     config_path = command[command.index("-c") + 1]
     assert Path(config_path).parent == Path(mounts[config_volume["name"]]["mountPath"])
     text = configmap["data"][Path(config_path).name]  # the file the command names is in the ConfigMap
-    return {"deployment": deployment, "pod": pod, "container": container, "config_path": config_path, "text": text,
-            "toml": tomllib.loads(text), "config": load(text, "k8s/configmap.yaml")}  # fmt: skip
+    return {
+        "deployment": deployment,
+        "pod": pod,
+        "container": container,
+        "config_path": config_path,
+        "text": text,
+        "toml": tomllib.loads(text),
+        "config": load(text, "k8s/configmap.yaml"),
+    }
 
 
 def test_k8s_pod_waits_longer_than_graceful_timeout(k8s):
@@ -187,8 +203,11 @@ def compose():
 
 
 def supervisors(compose) -> dict:
-    return {name: s for name, s in compose["services"].items() if s.get("image", "").startswith("djsupervisor")
-            and "command" not in s}  # fmt: skip
+    return {
+        name: s
+        for name, s in compose["services"].items()
+        if s.get("image", "").startswith("djsupervisor") and "command" not in s
+    }
 
 
 def test_compose_runs_two_supervisors_with_distinct_host_names(compose):
@@ -222,9 +241,13 @@ def test_compose_seeds_the_example_pipeline(compose):
     (call,) = [n for n in ast.walk(code) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "seed"]
     # the function and the keywords exist (read, not imported: importing the pipeline connects)
     package = ROOT / Path(*imported.module.split(".")) / "__init__.py"
-    assert "seed" in ast.literal_eval(next(
-        n.value for n in ast.parse(package.read_text()).body if isinstance(n, ast.Assign) and n.targets[0].id == "__all__"
-    ))  # fmt: skip
+    assert "seed" in ast.literal_eval(
+        next(
+            n.value
+            for n in ast.parse(package.read_text()).body
+            if isinstance(n, ast.Assign) and n.targets[0].id == "__all__"
+        )
+    )
     tables = ast.parse((package.parent / "tables.py").read_text())
     (definition,) = [n for n in tables.body if isinstance(n, ast.FunctionDef) and n.name == "seed"]
     assert {k.arg for k in call.keywords} <= {a.arg for a in definition.args.args}
@@ -258,8 +281,11 @@ def cli_knows(argv: list[str]) -> bool:
 
 
 def test_fleet_readme_commands_are_ones_the_cli_accepts():
-    pending = {"drain": ["drain", "--host", "h", "-c", "x"], "resume": ["resume", "--host", "h", "-c", "x"],
-               "--fleet": ["status", "--fleet", "-c", "x"]}  # fmt: skip
+    pending = {
+        "drain": ["drain", "--host", "h", "-c", "x"],
+        "resume": ["resume", "--host", "h", "-c", "x"],
+        "--fleet": ["status", "--fleet", "-c", "x"],
+    }
     unknown = {word for word, probe in pending.items() if not cli_knows(probe)}  # the fleet work, not merged yet
     commands = readme_commands()
     assert len(commands) >= 6
@@ -280,8 +306,9 @@ def sbatch_directives() -> list[str]:
             break  # sbatch reads no directive after the first command
         if line.startswith("#SBATCH "):
             directives.append(line.split(None, 1)[1])
-    assert not [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")][len(directives):], \
-        "an #SBATCH line after the first command is ignored by sbatch"  # fmt: skip
+    assert not [line for line in SBATCH.read_text().splitlines() if line.startswith("#SBATCH")][len(directives) :], (
+        "an #SBATCH line after the first command is ignored by sbatch"
+    )
     return directives
 
 
@@ -309,16 +336,22 @@ class FakeSlurm:
         self.bin.mkdir()
         self.record = tmp_path / "record"
         stub = self.bin / "djsupervisor"  # records its arguments and the TERM it gets, then exits 0
-        stub.write_text('#!/bin/bash\necho "args $$ $*" >> "$STUB_RECORD"\n'
-                        'trap \'echo "TERM $$" >> "$STUB_RECORD"; exit 0\' TERM\n'
-                        "while :; do sleep 0.05; done\n")  # fmt: skip
+        stub.write_text(
+            '#!/bin/bash\necho "args $$ $*" >> "$STUB_RECORD"\n'
+            'trap \'echo "TERM $$" >> "$STUB_RECORD"; exit 0\' TERM\n'
+            "while :; do sleep 0.05; done\n"
+        )
         stub.chmod(0o755)
         self.env = {
             "PATH": f"{self.bin}:{Path(sys.executable).parent}:/usr/bin:/bin",
-            "STUB_RECORD": str(self.record), "TMPDIR": str(tmp_path), "HOME": str(tmp_path),
-            "SLURM_JOB_ID": "4242", "SLURMD_NODENAME": "node07", "SLURM_SUBMIT_DIR": str(ROOT),
+            "STUB_RECORD": str(self.record),
+            "TMPDIR": str(tmp_path),
+            "HOME": str(tmp_path),
+            "SLURM_JOB_ID": "4242",
+            "SLURMD_NODENAME": "node07",
+            "SLURM_SUBMIT_DIR": str(ROOT),
             "DJSUPERVISOR_CONFIG": str(FLEET / "djsupervisor.toml"),
-        }  # fmt: skip
+        }
         self.process: subprocess.Popen | None = None
 
     def squeue_prints(self, text: str, status: int = 0) -> None:
@@ -327,8 +360,9 @@ class FakeSlurm:
         squeue.chmod(0o755)
 
     def start(self, **env: str) -> subprocess.Popen:
-        self.process = subprocess.Popen(["bash", str(SBATCH)], env={**self.env, **env}, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        self.process = subprocess.Popen(
+            ["bash", str(SBATCH)], env={**self.env, **env}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         return self.process
 
     def lines(self, kind: str) -> list[list[str]]:
@@ -389,7 +423,8 @@ def test_sbatch_names_the_host_and_stops_before_the_allocation_ends(slurm):
     original = tomllib.loads((FLEET / "djsupervisor.toml").read_text())
     assert data["worker"] == original["worker"]
     assert {k: v for k, v in data["supervisor"].items() if k not in ("host", "name")} == {
-        k: v for k, v in original["supervisor"].items() if k != "name"}  # fmt: skip
+        k: v for k, v in original["supervisor"].items() if k != "name"
+    }
     load(generated.read_text(), str(generated))
     # Slurm's --signal=B:TERM goes to the batch shell's pid: it reaches the supervisor, which exits 0
     slurm.process.send_signal(signal.SIGTERM)

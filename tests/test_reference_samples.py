@@ -12,10 +12,10 @@ from __future__ import annotations
 import threading
 
 import pytest
-
-from djsupervisor import DataJointWorker
 from jobtools import wait_until
 from pipeline import make_pipeline, seed
+
+from djsupervisor import DataJointWorker
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,13 +105,7 @@ def test_imperative_usage(db, pipe):
 
     # ---- sample: Imperative Usage
     # Create a worker instance
-    worker = DataJointWorker(
-        "my_worker",
-        worker_schema,
-        run_duration=3600,
-        sleep_duration=60,
-        stale_timeout_hours=24
-    )
+    worker = DataJointWorker("my_worker", worker_schema, run_duration=3600, sleep_duration=60, stale_timeout_hours=24)
     ref["worker"] = worker
 
     # Add processes to the worker
@@ -126,8 +120,11 @@ def test_imperative_usage(db, pipe):
 
     assert calls[0] == 4  # both tables ran, in order, before the function
     assert len(pipe.Cube()) == 4
-    assert worker.processes[:3] == [pipe.Square().full_table_name, pipe.Cube().full_table_name,
-                                    f"{__name__}.test_imperative_usage.<locals>.my_custom_function"]  # fmt: skip
+    assert worker.processes[:3] == [
+        pipe.Square().full_table_name,
+        pipe.Cube().full_table_name,
+        f"{__name__}.test_imperative_usage.<locals>.my_custom_function",
+    ]
 
 
 def test_worker_schema_has_the_reference_tables(db, pipe):

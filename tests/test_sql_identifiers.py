@@ -9,12 +9,13 @@ statements ran the attacker's function with the worker's privileges on every cyc
 from __future__ import annotations
 
 import pytest
-from loguru import logger
-
-from djsupervisor import DataJointWorker, identifiers
-from djsupervisor.jobs import JobRecovery, record_job_error
 from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, set_reservation
+from loguru import logger
 from pipeline import make_pipeline, seed
+
+from djsupervisor import DataJointWorker
+from djsupervisor.worker import identifiers
+from djsupervisor.worker.recovery import JobRecovery, record_job_error
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -22,8 +23,8 @@ _JOB_COLUMNS_DDL = {
     "mysql": "id int, status varchar(16), priority int, created_time datetime(3), scheduled_time datetime(3), "
     "reserved_time datetime(3), completed_time datetime(3), duration float, error_message varchar(2047), "
     "error_stack blob, user varchar(255), host varchar(255), pid int, connection_id bigint, version varchar(255)",
-    "postgresql": 'id int, status varchar(16), priority int, created_time timestamp(3), scheduled_time timestamp(3), '
-    'reserved_time timestamp(3), completed_time timestamp(3), duration float, error_message varchar(2047), '
+    "postgresql": "id int, status varchar(16), priority int, created_time timestamp(3), scheduled_time timestamp(3), "
+    "reserved_time timestamp(3), completed_time timestamp(3), duration float, error_message varchar(2047), "
     'error_stack bytea, "user" varchar(255), host varchar(255), pid int, connection_id bigint, version varchar(255)',
 }
 
@@ -33,25 +34,31 @@ def _plant(db) -> tuple[str, str]:
     `~~a` holding one reservation, and a job table named to run the function. Returns (schema, hostile name)."""
     c, backend = db.connection, db.backend
     schema = db.schema_name("atk")
-    q = lambda name: identifiers.quote(backend, name)  # noqa: E731
+    q = lambda name: identifiers.quote(backend, name)
     if backend == "postgresql":
         c.query(f"CREATE SCHEMA {q(schema)}")
         c.query(f"CREATE TABLE {q(schema)}.hits (n int)")
-        c.query(f"CREATE FUNCTION {q(schema)}.f() RETURNS int LANGUAGE sql AS "
-                f"$$ INSERT INTO {q(schema)}.hits VALUES (1); SELECT 1 $$")  # fmt: skip
+        c.query(
+            f"CREATE FUNCTION {q(schema)}.f() RETURNS int LANGUAGE sql AS "
+            f"$$ INSERT INTO {q(schema)}.hits VALUES (1); SELECT 1 $$"
+        )
         hostile = f'~~a";SELECT {q(schema)}.f();--'
     else:
         c.query(f"CREATE DATABASE {q(schema)}")
         c.query(f"CREATE TABLE {q(schema)}.hits (n int)")
-        c.query(f"CREATE FUNCTION {q(schema)}.f() RETURNS int SQL SECURITY INVOKER MODIFIES SQL DATA "
-                f"BEGIN INSERT INTO {q(schema)}.hits VALUES (1); RETURN 1; END")  # fmt: skip
+        c.query(
+            f"CREATE FUNCTION {q(schema)}.f() RETURNS int SQL SECURITY INVOKER MODIFIES SQL DATA "
+            f"BEGIN INSERT INTO {q(schema)}.hits VALUES (1); RETURN 1; END"
+        )
         hostile = f"~~a`WHERE {q(schema)}.f()>0#"
     for name in ("~~a", hostile):
         c.query(f"CREATE TABLE {identifiers.full_name(backend, schema, name)} ({_JOB_COLUMNS_DDL[backend]})")
     user = '"user"' if backend == "postgresql" else "user"
-    c.query(f"INSERT INTO {identifiers.full_name(backend, schema, '~~a')} (id, status, host, pid, connection_id, "
-            f"{user}, error_message, reserved_time) VALUES (1, 'reserved', %s, %s, %s, '', '', CURRENT_TIMESTAMP)",
-            args=(THIS_HOST, dead_pid(), dead_connection_id(db)))  # fmt: skip
+    c.query(
+        f"INSERT INTO {identifiers.full_name(backend, schema, '~~a')} (id, status, host, pid, connection_id, "
+        f"{user}, error_message, reserved_time) VALUES (1, 'reserved', %s, %s, %s, '', '', CURRENT_TIMESTAMP)",
+        args=(THIS_HOST, dead_pid(), dead_connection_id(db)),
+    )
     return schema, hostile
 
 
@@ -60,7 +67,7 @@ def _hits(db, schema: str) -> int:
 
 
 def test_hostile_job_table_name_is_skipped_and_runs_nothing(db):
-    schema, hostile = _plant(db)
+    schema, _ = _plant(db)
     warnings: list[str] = []
     sink = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
     try:
@@ -95,25 +102,33 @@ def test_quote_doubles_the_quote_character_on_the_server(db):
     """Any name, however hostile, is exactly one identifier: created, read back from the catalog, queried."""
     schema = db.schema_name("names")
     backend = db.backend
-    db.connection.query(("CREATE SCHEMA " if backend == "postgresql" else "CREATE DATABASE ")
-                        + identifiers.quote(backend, schema))  # fmt: skip
-    names = ['~~a`b', '~~a"b', "~~a`;--", '~~a";--', "~~a``", "~~a\\`"]
+    db.connection.query(
+        ("CREATE SCHEMA " if backend == "postgresql" else "CREATE DATABASE ") + identifiers.quote(backend, schema)
+    )
+    names = ["~~a`b", '~~a"b', "~~a`;--", '~~a";--', "~~a``", "~~a\\`"]
     for name in names:
         db.connection.query(f"CREATE TABLE {identifiers.full_name(backend, schema, name)} (id int)")
         db.connection.query(f"INSERT INTO {identifiers.full_name(backend, schema, name)} VALUES (7)")
         rows = db.connection.query(f"SELECT id FROM {identifiers.full_name(backend, schema, name)}").fetchall()
         assert [tuple(r) for r in rows] == [(7,)]
-    listed = db.connection.query("SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
-                                 args=(schema,)).fetchall()  # fmt: skip
+    listed = db.connection.query(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", args=(schema,)
+    ).fetchall()
     assert sorted(r[0] for r in listed) == sorted(names)
 
 
 def test_record_job_error_refuses_names_datajoint_would_not_make(db):
     pipe = make_pipeline(db.schema_name("pipe"))
     seed(pipe, 1)
-    set_reservation(pipe.Square, dict(source_id=1), host=THIS_HOST, pid=dead_pid(),
-                    connection_id=dead_connection_id(db), hours_ago=0)  # fmt: skip
-    for bad in ('`x`.`__a` WHERE 1=1 #`', '"x"."a";DROP TABLE y;--"', "x.y", "`x`.`a b`"):
+    set_reservation(
+        pipe.Square,
+        dict(source_id=1),
+        host=THIS_HOST,
+        pid=dead_pid(),
+        connection_id=dead_connection_id(db),
+        hours_ago=0,
+    )
+    for bad in ("`x`.`__a` WHERE 1=1 #`", '"x"."a";DROP TABLE y;--"', "x.y", "`x`.`a b`"):
         with pytest.raises(identifiers.UnsafeIdentifier):
             record_job_error(db.connection, bad, dict(source_id=1), "boom")
     with pytest.raises(identifiers.UnsafeIdentifier):

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-
-from djsupervisor.config import ConfigError, config_from_modules, load_config
 from helpers import TESTS, djsupervisor_command, write_config
+
+from djsupervisor.supervisor.config import ConfigError, config_from_modules, load_config
 
 sys.path.insert(0, str(TESTS))
 
@@ -43,20 +43,31 @@ run_duration = -1
 
 def test_a_full_config_is_read_into_typed_settings(tmp_path):
     config = load_config(write_config(tmp_path / "lab.toml", GOOD), check_targets=False)
-    assert (config.name, config.graceful_timeout, config.backoff_initial, config.log_format) == ("lab", 12.0, 0.5, "json")
+    assert (config.name, config.graceful_timeout, config.backoff_initial, config.log_format) == (
+        "lab",
+        12.0,
+        0.5,
+        "json",
+    )
     assert config.database.host == "db.example.org" and config.database.port == 3307
     assert "s3cret" not in repr(config)  # the password never shows
     worker = config.worker_named("standard")
     assert (worker.replicas, worker.restart, worker.max_memory_mb, worker.max_jobs, worker.job_timeout) == (
-        3, "on-failure", 512, 100, 3600)  # fmt: skip
+        3,
+        "on-failure",
+        512,
+        100,
+        3600,
+    )
     assert dict(worker.overrides) == {"sleep_duration": 10, "max_sleep_duration": 60, "run_duration": -1}
     with pytest.raises(ConfigError, match="no worker named 'nope'"):
         config.worker_named("nope")
 
 
 def test_defaults_and_the_built_worker(tmp_path):
-    path = write_config(tmp_path / "mylab.toml", '[[worker]]\nname = "w"\ntarget = "pipelines.offline:worker"\n'
-                                                  "sleep_duration = 7\n")  # fmt: skip
+    path = write_config(
+        tmp_path / "mylab.toml", '[[worker]]\nname = "w"\ntarget = "pipelines.offline:worker"\nsleep_duration = 7\n'
+    )
     config = load_config(path)
     assert config.name == "mylab" and config.graceful_timeout == 30 and config.control_socket is None
     worker_config = config.workers[0]
@@ -92,14 +103,38 @@ ERRORS = [
     ("[database]\nport = 99999\n" + W, "database.port", "must be <= 65535"),
     (W + W, r"worker\[1\]\.name", "duplicate worker name 'w'"),
     ('[[worker]]\nname = "w"\n', r"worker\[0\] \(w\)\.target", r"missing \(required\)"),
-    ('[[worker]]\nname = "w"\ntarget = "pipelines.offline"\n', r"worker\[0\] \(w\)\.target", "must be 'module:attribute'"),
-    ('[[worker]]\nname = "w"\ntarget = "pipelines.nosuch:worker"\n', r"worker\[0\] \(w\)\.target", "cannot import 'pipelines.nosuch'"),
-    ('[[worker]]\nname = "w"\ntarget = "pipelines.broken:worker"\n', r"worker\[0\] \(w\)\.target", "RuntimeError: this pipeline is broken"),
-    ('[[worker]]\nname = "w"\ntarget = "pipelines.offline:nosuch"\n', r"worker\[0\] \(w\)\.target", "has no attribute 'nosuch'"),
-    ('[[worker]]\nname = "w"\ntarget = "pipelines.offline:not_a_worker"\n', r"worker\[0\] \(w\)\.target", "is a int, not a DataJointWorker"),
-    (W + "sleep_duration = 10\nmax_sleep_duration = 5\n", r"worker\[0\] \(w\)", "invalid worker setting: max_sleep_duration"),
+    (
+        '[[worker]]\nname = "w"\ntarget = "pipelines.offline"\n',
+        r"worker\[0\] \(w\)\.target",
+        "must be 'module:attribute'",
+    ),
+    (
+        '[[worker]]\nname = "w"\ntarget = "pipelines.nosuch:worker"\n',
+        r"worker\[0\] \(w\)\.target",
+        "cannot import 'pipelines.nosuch'",
+    ),
+    (
+        '[[worker]]\nname = "w"\ntarget = "pipelines.broken:worker"\n',
+        r"worker\[0\] \(w\)\.target",
+        "RuntimeError: this pipeline is broken",
+    ),
+    (
+        '[[worker]]\nname = "w"\ntarget = "pipelines.offline:nosuch"\n',
+        r"worker\[0\] \(w\)\.target",
+        "has no attribute 'nosuch'",
+    ),
+    (
+        '[[worker]]\nname = "w"\ntarget = "pipelines.offline:not_a_worker"\n',
+        r"worker\[0\] \(w\)\.target",
+        "is a int, not a DataJointWorker",
+    ),
+    (
+        W + "sleep_duration = 10\nmax_sleep_duration = 5\n",
+        r"worker\[0\] \(w\)",
+        "invalid worker setting: max_sleep_duration",
+    ),
     ('[supervisor]\nname = "x"\n', "worker", r"no \[\[worker\]\] defined"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("content, key, problem", ERRORS)
@@ -136,8 +171,14 @@ def test_start_exits_2_with_the_one_line(tmp_path, content, key, problem):
     if content is not None:
         path.write_text(content)
     env_path = f"{TESTS}"
-    result = subprocess.run([*djsupervisor_command(), "start", "-c", str(path)], capture_output=True, text=True,
-                            timeout=60, cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": env_path})  # fmt: skip
+    result = subprocess.run(
+        [*djsupervisor_command(), "start", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": env_path},
+    )
     assert result.returncode == 2, result.stderr
     lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr

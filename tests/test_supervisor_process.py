@@ -9,7 +9,6 @@ import time
 
 import psutil
 import pytest
-
 from helpers import process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
 from pipelines.tables import declare, seed
 
@@ -48,8 +47,11 @@ def server_sessions(db) -> dict[int, int]:
 
 def db_ports(pid: int, server_port: int) -> set[int]:
     """Local ports of the TCP connections `pid` holds to the database server."""
-    return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
-            if c.raddr and c.raddr.port == server_port and c.status == psutil.CONN_ESTABLISHED}  # fmt: skip
+    return {
+        c.laddr.port
+        for c in psutil.Process(pid).net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == server_port and c.status == psutil.CONN_ESTABLISHED
+    }
 
 
 def reserved(pipe) -> list[dict]:
@@ -79,8 +81,11 @@ def test_children_have_titles_and_their_own_connections(db, supervise, tmp_path)
     assert parent_ports and all(p in sessions for p in parent_ports)
     assert not {sessions[p] for p in parent_ports} & set(all_ids)
 
-    titles = wait_until(lambda: (t := sup.titles()) and sum("__square" in v for v in t.values()) == 2 and t, 20,
-                        message="titles naming the table")  # fmt: skip
+    titles = wait_until(
+        lambda: (t := sup.titles()) and sum("__square" in v for v in t.values()) == 2 and t,
+        20,
+        message="titles naming the table",
+    )
     schema = db.schema_name("pipe")
     for label, title in titles.items():
         worker, slot = re.match(r"(\w+)\[(\d)\]", label).groups()
@@ -98,8 +103,12 @@ def test_sigkilled_child_is_replaced_within_a_second_and_its_job_finished(db, su
 
     os.kill(old, signal.SIGKILL)
     killed = time.monotonic()
-    new = wait_until(lambda: (p := sup.pids("standard").get("standard[0]")) not in (None, old) and p, 5,
-                     interval=0.01, message="a replacement")  # fmt: skip
+    new = wait_until(
+        lambda: (p := sup.pids("standard").get("standard[0]")) not in (None, old) and p,
+        5,
+        interval=0.01,
+        message="a replacement",
+    )
     latency = time.monotonic() - killed
     print(f"replacement after SIGKILL: {latency:.3f} s")
     assert latency < 1.0

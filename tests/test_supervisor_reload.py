@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-
 from helpers import djsupervisor_command, process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
 from pipelines.tables import declare
 
@@ -57,8 +56,13 @@ def test_hup_adds_removes_resizes_and_rolls_without_touching_unchanged_pools(db,
     wait_until(lambda: "reload failed" in sup.output, 20, message="the reload to be refused")
     assert sup.pids() == running
     # ...and `djsupervisor reload` says so: one line, exit status 2
-    answer = subprocess.run([*djsupervisor_command(), "reload", "--name", "lab"], capture_output=True, text=True,
-                            timeout=30, env=dict(db.env, DJS_TEST_PREFIX=db.prefix))  # fmt: skip
+    answer = subprocess.run(
+        [*djsupervisor_command(), "reload", "--name", "lab"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(db.env, DJS_TEST_PREFIX=db.prefix),
+    )
     assert answer.returncode == 2, answer
     assert answer.stderr.startswith("djsupervisor: error: reload: reload failed, the running configuration stays: ")
     assert answer.stderr.count("\n") == 1 and str(config) in answer.stderr

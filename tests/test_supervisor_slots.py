@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from djsupervisor.config import WorkerConfig
-from djsupervisor.monitor import judge
-from djsupervisor.slot import InvalidTransition, Slot, SlotState, restart_delay
+from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.monitor import judge
+from djsupervisor.supervisor.slot import InvalidTransition, Slot, SlotState, restart_delay
 
 
 def slot(**config) -> Slot:

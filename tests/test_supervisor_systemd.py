@@ -7,7 +7,6 @@ import signal
 import socket
 
 import pytest
-
 from helpers import supervise, wait_until, write_config  # noqa: F401
 from pipelines.tables import declare
 
@@ -22,15 +21,18 @@ def test_notifications_over_a_supervisor_life(db, supervise, tmp_path, monkeypat
     sock.setblocking(False)
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")  # keep-alive every 0.5 s
-    config = write_config(tmp_path / "lab.toml", f"""
+    config = write_config(
+        tmp_path / "lab.toml",
+        f"""
         [supervisor]
         name = "lab"
-        control_socket = "{tmp_path / 'lab.sock'}"
+        control_socket = "{tmp_path / "lab.sock"}"
         [[worker]]
         name = "standard"
         target = "pipelines.supervised:standard"
         replicas = 2
-    """)  # fmt: skip
+    """,
+    )
     messages: list[str] = []
 
     def drain() -> None:

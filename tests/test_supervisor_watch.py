@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-
 from helpers import process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
 from pipelines.tables import declare, seed
 
@@ -13,7 +12,9 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
 
 def config(tmp_path, supervisor: str = "", standard: str = "", extra: str = ""):
-    return write_config(tmp_path / "lab.toml", f"""
+    return write_config(
+        tmp_path / "lab.toml",
+        f"""
 [supervisor]
 name = "lab"
 graceful_timeout = 20
@@ -25,7 +26,8 @@ name = "standard"
 target = "pipelines.supervised:standard"
 {standard}
 {extra}
-""")
+""",
+    )
 
 
 def job_rows(pipe) -> dict[int, dict]:
@@ -72,8 +74,11 @@ def test_silent_child_is_detected_and_replaced(db, supervise, tmp_path):
     import os
 
     os.kill(first, signal.SIGSTOP)
-    new = wait_until(lambda: (p := sup.pids().get("standard[0]")) not in (None, first) and p, 20,
-                     message=f"a replacement\n{sup.output[-2000:]}")  # fmt: skip
+    new = wait_until(
+        lambda: (p := sup.pids().get("standard[0]")) not in (None, first) and p,
+        20,
+        message=f"a replacement\n{sup.output[-2000:]}",
+    )
     assert new != first and process_gone(first)
     assert "no report for" in sup.output
 
@@ -84,8 +89,11 @@ def test_always_crashing_child_goes_fatal_while_a_healthy_pool_works(db, supervi
     crasher = '\n[[worker]]\nname = "crasher"\ntarget = "pipelines.supervised:crasher"\n'
     path = config(tmp_path, supervisor="fatal_after = 3\nbackoff_initial = 0.1", extra=crasher)
     sup = supervise(["-c", str(path)])
-    wait_until(lambda: "crasher[0] exited" in sup.output and "FATAL" in sup.output, 30,
-               message=f"crasher FATAL\n{sup.output[-2000:]}")  # fmt: skip
+    wait_until(
+        lambda: "crasher[0] exited" in sup.output and "FATAL" in sup.output,
+        30,
+        message=f"crasher FATAL\n{sup.output[-2000:]}",
+    )
     assert sup.output.count("started crasher[0]") == 3
     assert "crasher[0]" not in sup.pids()
     wait_until(lambda: len(pipe.Square()) == 3, 30, message="the healthy pool's work")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from djsupervisor.systemd import SystemdNotifier
+from djsupervisor.supervisor.systemd import SystemdNotifier
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,8 +14,10 @@ UNITS = Path(__file__).resolve().parents[1] / "systemd"
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("unit, instance", [("djsupervisor.service", "djsupervisor.service"),
-                                            ("djsupervisor@.service", "djsupervisor@lab.service")])  # fmt: skip
+@pytest.mark.parametrize(
+    "unit, instance",
+    [("djsupervisor.service", "djsupervisor.service"), ("djsupervisor@.service", "djsupervisor@lab.service")],
+)
 def test_unit_files_verify(tmp_path, unit, instance):
     executable = Path(sys.executable).parent / "djsupervisor"
     text = (UNITS / unit).read_text()
@@ -28,7 +30,9 @@ def test_unit_files_verify(tmp_path, unit, instance):
 @pytest.mark.parametrize("unit", ["djsupervisor.service", "djsupervisor@.service"])
 def test_unit_files_say_what_the_supervisor_needs(unit):
     settings = dict(
-        line.split("=", 1) for line in (UNITS / unit).read_text().splitlines() if "=" in line and not line.startswith("#")
+        line.split("=", 1)
+        for line in (UNITS / unit).read_text().splitlines()
+        if "=" in line and not line.startswith("#")
     )
     assert settings["Type"] == "notify" and settings["NotifyAccess"] == "main"
     assert settings["KillMode"] == "mixed" and settings["Restart"] == "on-failure"
@@ -39,5 +43,3 @@ def test_unit_files_say_what_the_supervisor_needs(unit):
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID" and settings["WatchdogSec"]
     assert settings["EnvironmentFile"].startswith("-/etc/djsupervisor/")
     assert "DJSUPERVISOR_RUNTIME_DIR=%t/djsupervisor" in settings["Environment"]
-
-

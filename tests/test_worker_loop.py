@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
+from pipeline import make_pipeline, seed
 
 from djsupervisor import DataJointWorker
-from pipeline import make_pipeline, seed
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -64,7 +64,12 @@ def test_failing_make_and_callable_are_recorded_and_do_not_end_the_loop(db, pipe
     assert "Traceback" in by_kind["job"]["error_stack"]
     assert by_kind["callable"]["error_message"] == "RuntimeError: callable exploded"
     assert "broken" in by_kind["callable"]["process"]
-    assert summary.processes["test_worker_loop.test_failing_make_and_callable_are_recorded_and_do_not_end_the_loop.<locals>.broken"].errors == 1
+    assert (
+        summary.processes[
+            "test_worker_loop.test_failing_make_and_callable_are_recorded_and_do_not_end_the_loop.<locals>.broken"
+        ].errors
+        == 1
+    )
     # a callable that raises does not make a cycle busy: the loop still ends by max_idled_cycle
     worker.run()
     assert worker.activity.state == "stopped"
@@ -142,7 +147,6 @@ def test_stop_between_jobs_lets_the_job_in_flight_land(db, pipe):
     worker = new_worker(db, sleep_duration=60)
     worker(pipe.Square)
     worker(pipe.Cube)
-    started = threading.Event()
 
     def on_make(key):
         if key["source_id"] == 2:
@@ -200,7 +204,7 @@ def test_populate_kwargs_are_forwarded(db, pipe):
 def test_a_cycle_starts_with_a_small_batch_and_refreshes_once(db, pipe, monkeypatch):
     from datajoint.jobs import Job
 
-    from djsupervisor import steps
+    from djsupervisor.worker import steps
 
     seed(pipe, 8)
     pipe.Square.fail_ids = {5}
@@ -209,7 +213,8 @@ def test_a_cycle_starts_with_a_small_batch_and_refreshes_once(db, pipe, monkeypa
     worker(pipe.Square)
     calls = {"populate": 0, "refresh": 0}
     for owner, name in ((worker._steps[0].table, "populate"), (Job, "refresh")):
-        def counted(*args, _original=getattr(owner, name), _name=name, **kwargs):
+
+        def counted(*args, _original=getattr(owner, name), _name=name, **kwargs):  # noqa: B008  (bound per loop turn)
             calls[_name] += 1
             return _original(*args, **kwargs)
 

@@ -7,25 +7,27 @@ import time
 
 import datajoint as dj
 import pytest
-from loguru import logger
-
-from djsupervisor import DataJointWorker
 from jobtools import wait_until
+from loguru import logger
 from pipeline import make_pipeline, seed
 from tcpproxy import TcpProxy
+
+from djsupervisor import DataJointWorker
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def test_worker_survives_a_database_outage(db):
     proxy = TcpProxy(db.settings["host"], db.settings["port"])
-    connection = dj.Connection(f"127.0.0.1:{proxy.port}", db.settings["user"], db.settings["password"],
-                               use_tls=False, backend=db.backend)  # fmt: skip
+    connection = dj.Connection(
+        f"127.0.0.1:{proxy.port}", db.settings["user"], db.settings["password"], use_tls=False, backend=db.backend
+    )
     pipe = make_pipeline(db.schema_name("pipe"), connection=connection)
     seed(pipe, 20)
     pipe.Square.delay = 0.1
-    worker = DataJointWorker("outage", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0,
-                             connection=connection)  # fmt: skip
+    worker = DataJointWorker(
+        "outage", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, connection=connection
+    )
     worker(pipe.Square)
     worker(pipe.Cube)
     cycles_at = {}

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from jobtools import wait_until
 from pipeline import make_pipeline, seed
 
@@ -20,8 +19,13 @@ SCRIPT = Path(__file__).parent / "scripts" / "sigterm_worker.py"
 def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
     pipe = make_pipeline(db.schema_name("pipe"))
     seed(pipe, 6)
-    process = subprocess.Popen([sys.executable, str(SCRIPT), db.prefix, "1.5"], env=db.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), db.prefix, "1.5"],
+        env=db.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: pipe.Square.jobs.progress()["reserved"] == 1, 30, message="a job in flight")
         process.send_signal(signal.SIGTERM)
@@ -38,8 +42,13 @@ def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
 
 def test_sigterm_while_sleeping_ends_the_sleep(db):
     pipe = make_pipeline(db.schema_name("pipe"))
-    process = subprocess.Popen([sys.executable, str(SCRIPT), db.prefix, "0"], env=db.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), db.prefix, "0"],
+        env=db.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until(lambda: "sleeping" in registered_states(db), 30, message="the worker to sleep")
         process.send_signal(signal.SIGTERM)

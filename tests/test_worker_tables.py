@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from djsupervisor import DataJointWorker
 from pipeline import make_pipeline, seed
 
+from djsupervisor import DataJointWorker
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,8 +22,14 @@ def test_tables_record_registration_cycles_and_errors(db):
     pipe = make_pipeline(db.schema_name("pipe"))
     seed(pipe, 3)
     pipe.Square.fail_ids = {3}
-    worker = DataJointWorker("recorder", db.schema_name("workers"), sleep_duration=0, max_idled_cycle=1,
-                             db_prefix=db.prefix, autoclear_error_patterns=["%nothing%"])  # fmt: skip
+    worker = DataJointWorker(
+        "recorder",
+        db.schema_name("workers"),
+        sleep_duration=0,
+        max_idled_cycle=1,
+        db_prefix=db.prefix,
+        autoclear_error_patterns=["%nothing%"],
+    )
     worker(pipe.Square)
     worker(pipe.Cube)
     worker.run()
@@ -59,8 +64,13 @@ def test_many_processes_declare_and_write_at_once(db):
     start_at = time.time() + 4
     script = Path(__file__).parent / "scripts" / "declare_worker.py"
     processes = [
-        subprocess.Popen([sys.executable, str(script), schema_name, str(start_at), str(i)], env=db.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(script), schema_name, str(start_at), str(i)],
+            env=db.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(6)
     ]
     outputs = [p.communicate(timeout=90) for p in processes]
@@ -79,8 +89,13 @@ def test_many_workers_declare_job_tables_and_share_the_work(db):
     start_at = time.time() + 4
     script = Path(__file__).parent / "scripts" / "populate_worker.py"
     processes = [
-        subprocess.Popen([sys.executable, str(script), db.prefix, str(start_at), str(i)], env=db.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, str(script), db.prefix, str(start_at), str(i)],
+            env=db.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(5)
     ]
     outputs = [p.communicate(timeout=90) for p in processes]

@@ -18,11 +18,11 @@ __all__ = ["Activity", "CycleSummary", "DataJointWorker", "ProcessCounts", "Work
 
 def __getattr__(name: str):
     if name == "DataJointWorker":
-        from .worker import DataJointWorker
+        from djsupervisor.worker.loop import DataJointWorker
 
         return DataJointWorker
     if name in ("Activity", "CycleSummary", "ProcessCounts", "WorkerEvent"):
-        from . import events
+        from djsupervisor.worker import events
 
         return getattr(events, name)
     raise AttributeError(f"module 'djsupervisor' has no attribute {name!r}")

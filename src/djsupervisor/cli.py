@@ -27,7 +27,9 @@ class _Parser(argparse.ArgumentParser):
         if " " in self.prog:  # a subcommand's parser: name it
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
-            message = "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"
+            message = (
+                "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"
+            )
         raise UsageError(message)
 
 
@@ -52,7 +54,8 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__, fleet_cli
+    from djsupervisor import __version__
+    from djsupervisor.fleet import cli as fleet_cli
 
     parser = _Parser(prog="djsupervisor", description="Run DataJoint pipeline workers in production.")
     parser.add_argument("--version", action="version", version=f"djsupervisor {__version__}")
@@ -61,8 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     def source_options(command, modules: bool) -> None:
         command.add_argument("-c", "--config", help="the supervisor's TOML config file")
         if modules:
-            command.add_argument("modules", nargs="*", metavar="MODULE",
-                                 help="modules whose DataJointWorkers to run (instead of -c)")  # fmt: skip
+            command.add_argument(
+                "modules", nargs="*", metavar="MODULE", help="modules whose DataJointWorkers to run (instead of -c)"
+            )
 
     def socket_options(command) -> None:
         source_options(command, modules=False)
@@ -78,17 +82,25 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what every child is doing")
     socket_options(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--queues", action="store_true",
-                        help="also each table's job queue, read from the database (needs -c FILE)")  # fmt: skip
-    status.add_argument("--fleet", action="store_true",
-                        help="every host's workers, from the database (needs -c FILE or --schema)")  # fmt: skip
+    status.add_argument(
+        "--queues", action="store_true", help="also each table's job queue, read from the database (needs -c FILE)"
+    )
+    status.add_argument(
+        "--fleet", action="store_true", help="every host's workers, from the database (needs -c FILE or --schema)"
+    )
     fleet_cli.add_schema_option(status)
 
     stop = commands.add_parser("stop", help="graceful stop (jobs in flight finish)")
     socket_options(stop)
     stop.add_argument("--fast", action="store_true", help="do not wait for jobs in flight")
-    stop.add_argument("--wait", type=_seconds, nargs="?", const=120.0, metavar="SECONDS",
-                      help="return once the supervisor has exited (at most SECONDS, default 120)")  # fmt: skip
+    stop.add_argument(
+        "--wait",
+        type=_seconds,
+        nargs="?",
+        const=120.0,
+        metavar="SECONDS",
+        help="return once the supervisor has exited (at most SECONDS, default 120)",
+    )
 
     def fleet_source(command) -> None:
         command.add_argument("-c", "--config", help="the config whose workers' schemas to use")
@@ -117,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, *, check_targets: bool = True):
-    from .config import config_from_modules, load_config
+    from djsupervisor.supervisor.config import config_from_modules, load_config
 
     modules = getattr(args, "modules", None) or []
     if args.config and modules:
@@ -130,7 +142,7 @@ def _load(args, *, check_targets: bool = True):
 
 
 def _socket_path(args) -> str:
-    from .control import default_socket_path
+    from djsupervisor.serve.control import default_socket_path
 
     if args.socket:
         return args.socket
@@ -148,7 +160,7 @@ def _socket_path(args) -> str:
 
 
 def _request(args, request: dict) -> dict:
-    from .control import ControlError, send_request
+    from djsupervisor.serve.control import ControlError, send_request
 
     try:
         response = send_request(_socket_path(args), request)
@@ -162,7 +174,7 @@ def _request(args, request: dict) -> dict:
 def _stop(args) -> int:
     import time
 
-    from .control import supervisor_listening
+    from djsupervisor.serve.control import supervisor_listening
 
     path = _socket_path(args)
     _request(args, {"cmd": "stop", "fast": args.fast})
@@ -171,8 +183,9 @@ def _stop(args) -> int:
     deadline = time.monotonic() + args.wait
     while supervisor_listening(path):  # the supervisor closes its socket last, after its children are gone
         if time.monotonic() > deadline:
-            print(f"djsupervisor: error: stop: the supervisor on {path} still runs after {args.wait:g} s",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"djsupervisor: error: stop: the supervisor on {path} still runs after {args.wait:g} s", file=sys.stderr
+            )
             return 1
         time.sleep(0.1)
     return 0
@@ -183,8 +196,8 @@ def _logging_for(args, *, context: dict, quiet: bool = False):
 
     Returns the config file's settings read without importing anything (None without -c). `quiet`: only
     warnings and errors, for commands whose output is what they print."""
-    from .config import load_config
-    from .log import add_secret, setup_logging
+    from djsupervisor.log import add_secret, setup_logging
+    from djsupervisor.supervisor.config import load_config
 
     if args.config and getattr(args, "modules", None):
         raise UsageError("give either -c FILE or MODULE..., not both")
@@ -200,10 +213,10 @@ def _logging_for(args, *, context: dict, quiet: bool = False):
 
 
 def _start(args) -> int:
-    from .control import ControlError, default_socket_path, supervisor_listening
-    from .http_status import HttpError
-    from .log import add_secret
-    from .supervisor import Supervisor
+    from djsupervisor.log import add_secret
+    from djsupervisor.serve.control import ControlError, default_socket_path, supervisor_listening
+    from djsupervisor.serve.http import HttpError
+    from djsupervisor.supervisor.arbiter import Supervisor
 
     early = _logging_for(args, context={})
     if early is not None:  # refuse before importing anything (pipeline modules connect when imported)
@@ -221,10 +234,10 @@ def _start(args) -> int:
 
 
 def _status(args) -> int:
-    from .status_format import format_queues, format_status
+    from djsupervisor.serve.status_format import format_queues, format_status
 
     if args.fleet:
-        from .fleet_cli import fleet_status
+        from djsupervisor.fleet.cli import fleet_status
 
         _logging_for(args, context={"worker": "status"}, quiet=True)
         return fleet_status(args, _load)
@@ -246,7 +259,7 @@ def _status(args) -> int:
 
 
 def _queues(args) -> list[dict]:
-    from .queues import queue_progress
+    from djsupervisor.fleet.queues import queue_progress
 
     _logging_for(args, context={"worker": "status"}, quiet=True)
     config, _ = _load(args)
@@ -268,7 +281,7 @@ def _pool_size(worker) -> str:
 def _check(args) -> int:
     import datajoint as dj
 
-    from .connection import session_alive
+    from djsupervisor.worker.connection import session_alive
 
     _logging_for(args, context={"worker": "check"}, quiet=True)
     config, _ = _load(args)
@@ -277,13 +290,17 @@ def _check(args) -> int:
             worker.build_worker()
         except (TypeError, ValueError) as error:
             raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
-    print(f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
-          + ", ".join(f"{w.name}×{_pool_size(w)} ({w.target})" for w in config.workers))  # fmt: skip
+    print(
+        f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
+        + ", ".join(f"{w.name}×{_pool_size(w)} ({w.target})" for w in config.workers)
+    )
     try:
         connection = dj.conn()
         alive = session_alive(connection)
     except Exception as error:
-        raise UsageError(f"{args.config}: database: cannot connect: {error.__class__.__name__}: {error}".splitlines()[0]) from None
+        raise UsageError(
+            f"{args.config}: database: cannot connect: {error.__class__.__name__}: {error}".splitlines()[0]
+        ) from None
     if not alive:
         raise UsageError(f"{args.config}: database: connected but the server does not answer")
     info = connection.conn_info
@@ -292,7 +309,7 @@ def _check(args) -> int:
 
 
 def _run(args) -> int:
-    from .log import add_secret, setup_logging
+    from djsupervisor.log import add_secret, setup_logging
 
     early = _logging_for(args, context={"worker": args.worker})
     if early is not None:
@@ -300,8 +317,12 @@ def _run(args) -> int:
     config, _ = _load(args)
     add_secret(config.database.password)
     worker = config.worker_named(args.worker).build_worker()
-    setup_logging(args.log_level or config.log_level, args.log_format or config.log_format,
-                  supervisor=config.name, worker=worker.name)  # fmt: skip
+    setup_logging(
+        args.log_level or config.log_level,
+        args.log_format or config.log_format,
+        supervisor=config.name,
+        worker=worker.name,
+    )
     worker.run()
     return 0
 
@@ -311,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     # The CLI reads DJ_* variables and the config's [database]; DataJoint's hint about a missing
     # datajoint.json would only stand in front of the one-line answers.
     warnings.filterwarnings("ignore", message="No datajoint.json found")
-    from .config import ConfigError
-    from .fleet_cli import FleetError
+    from djsupervisor.fleet.cli import FleetError
+    from djsupervisor.supervisor.config import ConfigError
 
     try:
         args = _parser().parse_args(argv)
@@ -331,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command in ("drain", "resume"):
-            from . import fleet_cli
+            from djsupervisor.fleet import cli as fleet_cli
 
             _logging_for(args, context={"worker": args.command}, quiet=True)
             return getattr(fleet_cli, args.command)(args, _load)

@@ -116,8 +116,9 @@ def _log_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 def _route_standard_logging(level: str) -> None:
     root_level = logging.getLevelName(level)  # a library's debug records are only made when asked for
-    logging.basicConfig(handlers=[InterceptHandler()], level=root_level if isinstance(root_level, int) else logging.INFO,
-                        force=True)  # fmt: skip
+    logging.basicConfig(
+        handlers=[InterceptHandler()], level=root_level if isinstance(root_level, int) else logging.INFO, force=True
+    )
     warnings.showwarning = _log_warning
     try:  # DataJoint replaces its logger's handlers when imported: import it first, then take them over
         import datajoint  # noqa: F401
@@ -152,13 +153,20 @@ def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
     logger.configure(extra={"supervisor": "-", "worker": "-", **context}, patcher=_patch)
     journal = _stderr_is_journal()
     if fmt == "json":
-        logger.add(functools.partial(_json_sink, journal=journal), level=level, format="{message}", backtrace=False,
-                   diagnose=False)  # fmt: skip
+        logger.add(
+            functools.partial(_json_sink, journal=journal),
+            level=level,
+            format="{message}",
+            backtrace=False,
+            diagnose=False,
+        )
     else:
         text_format = TEXT_FORMAT + "\n{exception}"
 
         def line_format(record) -> str:
-            return f"\\<{_priority(record['level'].no)}>" + text_format if journal else text_format  # escaped: not a color tag
+            return (
+                f"\\<{_priority(record['level'].no)}>" + text_format if journal else text_format
+            )  # escaped: not a color tag
 
         colorize = sys.stderr.isatty() and not journal and "NO_COLOR" not in os.environ
         # diagnose=False: tracebacks never show local variables (they may hold credentials)

@@ -1,5 +1,6 @@
-"""A chained pipeline for fault tests: Source → Square → Cube (with a part table, written in two steps), with a slow make() and an optional
-populate(processes=2) pool. The prefix comes from DJS_TEST_PREFIX; DJS_TEST_DELAY sets make()'s time."""
+"""A chained pipeline for fault tests: Source → Square → Cube (with a part table, written in two steps), with a
+slow make() and an optional populate(processes=2) pool. The prefix comes from DJS_TEST_PREFIX;
+DJS_TEST_DELAY sets make()'s time."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datajoint as dj  # noqa: E402
+import datajoint as dj
+from pipeline import make_pipeline
 
-from djsupervisor import DataJointWorker  # noqa: E402
-from pipeline import make_pipeline  # noqa: E402
+from djsupervisor import DataJointWorker
 
 prefix, start_at, index = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 dj.conn()

@@ -14,10 +14,11 @@ import contextlib
 import json
 import selectors
 import socket
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from .config import split_host_port
-from .loop_server import LoopClient, LoopServer
+from djsupervisor.serve.loop_server import LoopClient, LoopServer
+from djsupervisor.supervisor.config import split_host_port
 
 MAX_HEAD_BYTES = 8 * 1024  # request line and headers
 IDLE_TIMEOUT = 5.0  # seconds a connection may live in all (slow or silent clients are dropped)
@@ -28,8 +29,14 @@ METHODS = ("GET", "HEAD")
 #: A page: a callable returning (content type, body).
 Page = Callable[[], tuple[str, bytes]]
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error"}  # fmt: skip
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+}
 
 
 class HttpError(Exception):
@@ -137,8 +144,9 @@ class StatusServer(LoopServer):
         extra = f"Allow: {', '.join(METHODS)}\r\n" if allow else ""
         self._respond(client, code, "text/plain; charset=utf-8", body, head_only=head_only, extra=extra)
 
-    def _respond(self, client: _Client, code: int, content_type: str, body: bytes, *, head_only: bool,
-                 extra: str = "") -> None:  # fmt: skip
+    def _respond(
+        self, client: _Client, code: int, content_type: str, body: bytes, *, head_only: bool, extra: str = ""
+    ) -> None:
         head = (
             f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
             "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
@@ -178,14 +186,15 @@ def supervisor_pages(supervisor: Any) -> dict[str, Page]:
     """The pages of a running `Supervisor`: /metrics, / (the status page) and /status.json."""
     import psutil
 
-    from . import __version__
-    from .metrics import CONTENT_TYPE, render_metrics
-    from .status_page import render_page
+    from djsupervisor import __version__
+    from djsupervisor.serve.metrics import CONTENT_TYPE, render_metrics
+    from djsupervisor.serve.status_page import render_page
 
     def metrics() -> tuple[str, bytes]:
         rss = psutil.Process().memory_info().rss
-        text = render_metrics(supervisor.status(), supervisor.pools, supervisor.fleet, version=__version__,
-                              parent_rss_bytes=rss)  # fmt: skip
+        text = render_metrics(
+            supervisor.status(), supervisor.pools, supervisor.fleet, version=__version__, parent_rss_bytes=rss
+        )
         return CONTENT_TYPE, text.encode()
 
     def page() -> tuple[str, bytes]:

@@ -7,7 +7,7 @@ import contextlib
 import selectors
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 class LoopClient:

@@ -31,15 +31,15 @@ import os
 import platform
 import time
 from collections import defaultdict
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import datajoint as dj
 import psutil
 from datajoint.blob import unpack
 from loguru import logger
 
-from . import identifiers
-from .connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
+from djsupervisor.worker import identifiers
+from djsupervisor.worker.connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
 #: nothing wrong, the database or the process around it did.
@@ -59,9 +59,23 @@ TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
 
 #: The bookkeeping columns of a DataJoint 2.x job table; every other column is the job's key.
 JOB_COLUMNS = frozenset(
-    {"status", "priority", "created_time", "scheduled_time", "reserved_time", "completed_time", "duration",
-     "error_message", "error_stack", "user", "host", "pid", "connection_id", "version"}
-)  # fmt: skip
+    {
+        "status",
+        "priority",
+        "created_time",
+        "scheduled_time",
+        "reserved_time",
+        "completed_time",
+        "duration",
+        "error_message",
+        "error_stack",
+        "user",
+        "host",
+        "pid",
+        "connection_id",
+        "version",
+    }
+)
 
 _SYSTEM_SCHEMAS = ("information_schema", "performance_schema", "mysql", "sys", "pg_catalog", "pg_toast")
 
@@ -112,15 +126,17 @@ _warned_names: set[tuple[str, str]] = set()  # unsafe catalog names already warn
 
 def _safe_names(schema: str, table: str, columns: Sequence[str]) -> bool:
     """Whether a job table's names are DataJoint's own; warns once about one that is not."""
-    if identifiers.is_schema_name(schema) and identifiers.is_job_table_name(table):
-        if all(identifiers.is_column_name(c) for c in columns):
-            return True
+    names_ok = identifiers.is_schema_name(schema) and identifiers.is_job_table_name(table)
+    if names_ok and all(identifiers.is_column_name(c) for c in columns):
+        return True
     if (schema, table) not in _warned_names:
         _warned_names.add((schema, table))
         logger.warning(
             "job recovery skips {!r}.{!r}: its schema, table or column names are not DataJoint's (a table "
-            "named to inject SQL, or not made by DataJoint)", schema, table,
-        )  # fmt: skip
+            "named to inject SQL, or not made by DataJoint)",
+            schema,
+            table,
+        )
     return False
 
 
@@ -152,13 +168,15 @@ def list_job_tables(
     for schema, table, column in rows:
         if schema in _SYSTEM_SCHEMAS:
             continue
-        if (schema, table) not in named and not (db_prefix and table.startswith("~~") and any(map(schema.startswith, db_prefix))):
+        if (schema, table) not in named and not (
+            db_prefix and table.startswith("~~") and any(map(schema.startswith, db_prefix))
+        ):
             continue
         columns[(schema, table)].append(column)
     return [
         JobTable(schema, table, tuple(c for c in cols if c not in JOB_COLUMNS))
         for (schema, table), cols in columns.items()
-        if JOB_COLUMNS <= set(cols)  # a DataJoint 2.x job table, not some other table named ~~x
+        if set(cols) >= JOB_COLUMNS  # a DataJoint 2.x job table, not some other table named ~~x
         and _safe_names(schema, table, cols)
     ]
 
@@ -278,8 +296,10 @@ class JobRecovery:
         if counts.stale or counts.orphaned or counts.cleared:
             logger.info(
                 "job recovery: {} stale and {} orphaned reservations re-pended, {} transient errors cleared",
-                counts.stale, counts.orphaned, counts.cleared,
-            )  # fmt: skip
+                counts.stale,
+                counts.orphaned,
+                counts.cleared,
+            )
         return counts
 
     def _candidate_condition(self) -> str:
@@ -318,8 +338,17 @@ class JobRecovery:
         ).fetchall()
         reserved, errors = [], []
         for status, host, pid, conn_id, user, old, message, completed, stack, *key_values in rows:
-            row = dict(host=host, pid=pid, connection_id=conn_id, user=user, old=bool(old), message=message,
-                       completed=completed, stack=stack, key=dict(zip(table.key_columns, key_values)))  # fmt: skip
+            row = dict(
+                host=host,
+                pid=pid,
+                connection_id=conn_id,
+                user=user,
+                old=bool(old),
+                message=message,
+                completed=completed,
+                stack=stack,
+                key=dict(zip(table.key_columns, key_values)),
+            )
             (reserved if status == "reserved" else errors).append(row)
         return reserved, errors
 

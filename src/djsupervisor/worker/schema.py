@@ -14,14 +14,15 @@ import json
 import random
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import datajoint as dj
 import psutil
 from loguru import logger
 
-from . import identifiers
-from .connection import is_connection_error
+from djsupervisor.worker import identifiers
+from djsupervisor.worker.connection import is_connection_error
 
 T = TypeVar("T")
 
@@ -136,8 +137,18 @@ def _define_tables(schema: dj.Schema) -> dict[str, type]:
     return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog, FleetFlag=FleetFlag)
 
 
-_HEARTBEAT_FIELDS = ("state", "current_table", "current_key", "cycles", "jobs_done", "jobs_failed",
-                     "heartbeat_window", "connection_id", "supervisor", "slot")  # fmt: skip
+_HEARTBEAT_FIELDS = (
+    "state",
+    "current_table",
+    "current_key",
+    "cycles",
+    "jobs_done",
+    "jobs_failed",
+    "heartbeat_window",
+    "connection_id",
+    "supervisor",
+    "slot",
+)
 _IDENTITY_FIELDS = ("worker_name", "host", "pid", "process_start")
 
 
@@ -158,8 +169,9 @@ def update_heartbeats(connection: dj.Connection, table: str, rows: list[dict]) -
     found = 0
     for row in rows:
         fields = [f for f in _HEARTBEAT_FIELDS if f in row]
-        values = [json.dumps(_json_safe(row[f])) if f == "current_key" and row[f] is not None else row[f]
-                  for f in fields]  # fmt: skip
+        values = [
+            json.dumps(_json_safe(row[f])) if f == "current_key" and row[f] is not None else row[f] for f in fields
+        ]
         assignments = ", ".join(f"{q(f)} = %s" for f in fields)
         where = " AND ".join(f"{q(f)} = %s" for f in _IDENTITY_FIELDS)
         cursor = connection.query(
@@ -195,18 +207,42 @@ class WorkerSchema:
     def register(self, identity: dict, settings: dict, state: str, placement: dict | None = None) -> bool:
         """Insert this process's RegisteredWorker row (True once it is there)."""
         self.tables["RegisteredWorker"].insert1(
-            dict(identity, settings=_json_safe(settings), connection_id=self.connection.connection_id,
-                 state=state, last_heartbeat=datetime.datetime.now(), **(placement or {})),  # fmt: skip
+            dict(
+                identity,
+                settings=_json_safe(settings),
+                connection_id=self.connection.connection_id,
+                state=state,
+                last_heartbeat=datetime.datetime.now(),
+                **(placement or {}),
+            ),
             skip_duplicates=True,
         )
         return True
 
-    def heartbeat(self, identity: dict, *, state: str, table: str | None, key: dict | None,
-                  cycles: int, jobs_done: int, jobs_failed: int, window: float | None = None) -> None:  # fmt: skip
+    def heartbeat(
+        self,
+        identity: dict,
+        *,
+        state: str,
+        table: str | None,
+        key: dict | None,
+        cycles: int,
+        jobs_done: int,
+        jobs_failed: int,
+        window: float | None = None,
+    ) -> None:
         """Update this process's RegisteredWorker row with what it is doing now (server clock); the
         heartbeat window is left as it is when `window` is None."""
-        row = dict(identity, state=state, current_table=table or "", current_key=key, cycles=cycles,
-                   jobs_done=jobs_done, jobs_failed=jobs_failed, connection_id=self.connection.connection_id)  # fmt: skip
+        row = dict(
+            identity,
+            state=state,
+            current_table=table or "",
+            current_key=key,
+            cycles=cycles,
+            jobs_done=jobs_done,
+            jobs_failed=jobs_failed,
+            connection_id=self.connection.connection_id,
+        )
         if window is not None:
             row["heartbeat_window"] = window
         update_heartbeats(self.connection, self.tables["RegisteredWorker"].full_table_name, [row])
@@ -216,22 +252,48 @@ class WorkerSchema:
         started = datetime.datetime.fromtimestamp(summary.started)
         rows = []
         for index, (process, counts) in enumerate(summary.processes.items()):
-            rows.append(dict(
-                log_id=uuid.uuid4().hex, worker_name=identity["worker_name"], host=identity["host"],
-                pid=identity["pid"], cycle=summary.cycle, process=process[:255], log_time=started,
-                jobs_done=counts.done, jobs_failed=counts.failed, duration=durations.get(process, 0.0),
-                recovered=(summary.recovered_stale + summary.recovered_orphaned) if index == 0 else 0,
-                cleared=summary.cleared_errors if index == 0 else 0,
-            ))  # fmt: skip
+            rows.append(
+                dict(
+                    log_id=uuid.uuid4().hex,
+                    worker_name=identity["worker_name"],
+                    host=identity["host"],
+                    pid=identity["pid"],
+                    cycle=summary.cycle,
+                    process=process[:255],
+                    log_time=started,
+                    jobs_done=counts.done,
+                    jobs_failed=counts.failed,
+                    duration=durations.get(process, 0.0),
+                    recovered=(summary.recovered_stale + summary.recovered_orphaned) if index == 0 else 0,
+                    cleared=summary.cleared_errors if index == 0 else 0,
+                )
+            )
         if rows:
             self.tables["WorkerLog"].insert(rows)
 
-    def log_error(self, identity: dict, *, kind: str, process: str, key: dict | None, message: str,
-                  stack: str | None, when: datetime.datetime | None = None) -> None:  # fmt: skip
+    def log_error(
+        self,
+        identity: dict,
+        *,
+        kind: str,
+        process: str,
+        key: dict | None,
+        message: str,
+        stack: str | None,
+        when: datetime.datetime | None = None,
+    ) -> None:
         """Insert an ErrorLog row."""
         self.tables["ErrorLog"].insert1(
-            dict(error_id=uuid.uuid4().hex, worker_name=identity["worker_name"], host=identity["host"],
-                 pid=identity["pid"], error_time=when or datetime.datetime.now(), kind=kind,
-                 process=process[:255], key=_json_safe(key), error_message=(message or "")[:2047],
-                 error_stack=stack)  # fmt: skip
+            dict(
+                error_id=uuid.uuid4().hex,
+                worker_name=identity["worker_name"],
+                host=identity["host"],
+                pid=identity["pid"],
+                error_time=when or datetime.datetime.now(),
+                kind=kind,
+                process=process[:255],
+                key=_json_safe(key),
+                error_message=(message or "")[:2047],
+                error_stack=stack,
+            )
         )

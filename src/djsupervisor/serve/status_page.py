@@ -5,10 +5,11 @@ from __future__ import annotations
 import html
 import json
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from .fleet_view import QUEUE_STATES, FleetView
-from .status_format import format_duration
+from djsupervisor.fleet.view import QUEUE_STATES, FleetView
+from djsupervisor.serve.status_format import format_duration
 
 REFRESH_SECONDS = 5
 
@@ -42,13 +43,18 @@ def _current(slot: Mapping[str, Any]) -> str:
 def _slot_row(slot: Mapping[str, Any]) -> str:
     rss, cpu = slot.get("rss_mb"), slot.get("cpu_percent")
     cells = [
-        _cell(slot.get("worker")), _cell(slot.get("slot"), True), _cell(slot.get("pid"), True),
-        _cell(slot.get("state"), css="state"), _cell(_current(slot)),
+        _cell(slot.get("worker")),
+        _cell(slot.get("slot"), True),
+        _cell(slot.get("pid"), True),
+        _cell(slot.get("state"), css="state"),
+        _cell(_current(slot)),
         _cell(slot.get("jobs_done_total", slot.get("jobs_done")), True),
-        _cell(slot.get("jobs_failed_total", slot.get("jobs_failed")), True), _cell(slot.get("restarts"), True),
-        _cell(None if rss is None else f"{rss:.0f}", True), _cell(None if cpu is None else f"{cpu:.1f}", True),
+        _cell(slot.get("jobs_failed_total", slot.get("jobs_failed")), True),
+        _cell(slot.get("restarts"), True),
+        _cell(None if rss is None else f"{rss:.0f}", True),
+        _cell(None if cpu is None else f"{cpu:.1f}", True),
         _cell(format_duration(slot.get("uptime")), True),
-    ]  # fmt: skip
+    ]
     state = html.escape(str(slot.get("state")), quote=True)
     return f'<tr class="{state}">{"".join(cells)}</tr>'
 
@@ -79,8 +85,7 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
     started = status.get("started")
     uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
     slots = status.get("workers") or []
-    summary = (f"pid {status.get('pid')}, {status.get('state')}, up {uptime}, {len(slots)} slots, "
-               f"djsupervisor {version}")  # fmt: skip
+    summary = f"pid {status.get('pid')}, {status.get('state')}, up {uptime}, {len(slots)} slots, djsupervisor {version}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -102,9 +107,10 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
         parts += [
             f"<p>Read {age:.0f} s ago.</p>",
             '<table id="queues"><thead><tr><th>Table</th><th>Workers</th>'
-            + "".join(f"<th>{s.capitalize()}</th>" for s in QUEUE_STATES) + "</tr></thead><tbody>",
+            + "".join(f"<th>{s.capitalize()}</th>" for s in QUEUE_STATES)
+            + "</tr></thead><tbody>",
             *_queue_rows(fleet),
             "</tbody></table>",
-        ]  # fmt: skip
+        ]
     parts.append('<p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a></p></body></html>')
     return "\n".join(parts) + "\n"

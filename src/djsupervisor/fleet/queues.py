@@ -6,7 +6,8 @@ never the supervisor's parent process (it does no database work).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 QUEUE_STATES = ("pending", "reserved", "success", "error", "ignore")
 

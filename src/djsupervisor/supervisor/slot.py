@@ -23,7 +23,7 @@ import random
 import time
 from typing import Any
 
-from .config import WorkerConfig
+from djsupervisor.supervisor.config import WorkerConfig
 
 
 class SlotState(str, enum.Enum):

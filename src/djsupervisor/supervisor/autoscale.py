@@ -164,8 +164,12 @@ class Autoscaler:
         if floor is not None and obs.available_mb is not None:
             needed = (obs.child_rss_mb or 0.0) * (target - obs.desired)
             if obs.available_mb - needed < floor:
-                return self._hold(obs, "memory", f"{over}, but {obs.available_mb:.0f} MB available - {needed:.0f} MB "
-                                                 f"for new children < min_available_memory_mb {floor:g}")  # fmt: skip
+                return self._hold(
+                    obs,
+                    "memory",
+                    f"{over}, but {obs.available_mb:.0f} MB available - {needed:.0f} MB "
+                    f"for new children < min_available_memory_mb {floor:g}",
+                )
         return Decision(target, "grow", "load", over)
 
     def _shrink(self, obs: Observation) -> Decision:

@@ -14,11 +14,11 @@ import dataclasses
 import datetime
 import getpass
 import platform
-from typing import Iterable
+from collections.abc import Iterable
 
 import datajoint as dj
 
-from .tables import WorkerSchema
+from djsupervisor.worker.schema import WorkerSchema
 
 ANY = "*"
 MODES = ("drain", "halt")
@@ -36,10 +36,12 @@ class Selector:
 
     def matches(self, host: str, supervisor: str, worker_name: str) -> bool:
         """Whether pool `worker_name` of supervisor `supervisor` on `host` is selected."""
-        return all(mine in (ANY, theirs) for mine, theirs in
-                   ((self.host, host), (self.supervisor, supervisor), (self.worker_name, worker_name)))  # fmt: skip
+        return all(
+            mine in (ANY, theirs)
+            for mine, theirs in ((self.host, host), (self.supervisor, supervisor), (self.worker_name, worker_name))
+        )
 
-    def covers(self, other: "Selector") -> bool:
+    def covers(self, other: Selector) -> bool:
         """Whether every pool `other` selects is selected by this one too."""
         return all(mine in (ANY, theirs) for mine, theirs in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
 
@@ -60,8 +62,9 @@ class Flag:
 def read_flags(schema: WorkerSchema) -> list[Flag]:
     """Every flag in the worker schema."""
     rows = schema.tables["FleetFlag"].to_dicts()
-    return [Flag(Selector(r["host"], r["supervisor"], r["worker_name"]), r["mode"], r["set_by"], r["set_at"])
-            for r in rows]  # fmt: skip
+    return [
+        Flag(Selector(r["host"], r["supervisor"], r["worker_name"]), r["mode"], r["set_by"], r["set_at"]) for r in rows
+    ]
 
 
 def flag_for(flags: Iterable[Flag], host: str, supervisor: str, worker_name: str) -> str | None:

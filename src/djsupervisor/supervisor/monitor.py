@@ -14,7 +14,7 @@ import os
 
 import psutil
 
-from .slot import Slot, SlotState
+from djsupervisor.supervisor.slot import Slot, SlotState
 
 
 def _proc_children_supported() -> bool:

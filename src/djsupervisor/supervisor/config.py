@@ -27,14 +27,21 @@ import importlib
 import math
 import sys
 import tomllib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .autoscale import AutoscaleSettings, HostBudget
+from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
 
 #: Keys of a worker's own settings that a [[worker]] entry may override (DataJointWorker.configure).
-WORKER_OVERRIDES = ("run_duration", "sleep_duration", "max_idled_cycle", "max_sleep_duration", "stale_timeout_hours",
-                    "recovery_scope")  # fmt: skip
+WORKER_OVERRIDES = (
+    "run_duration",
+    "sleep_duration",
+    "max_idled_cycle",
+    "max_sleep_duration",
+    "stale_timeout_hours",
+    "recovery_scope",
+)
 RESTART_POLICIES = ("always", "on-failure", "never")
 LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -99,8 +106,9 @@ class WorkerConfig:
         """The pool's autoscaling settings (None: fixed size)."""
         if self.max_replicas is None:
             return None
-        return AutoscaleSettings(self.max_replicas, self.scale_up_pending, self.scale_down_after,
-                                 self.scale_cooldown, self.scale_step)  # fmt: skip
+        return AutoscaleSettings(
+            self.max_replicas, self.scale_up_pending, self.scale_down_after, self.scale_cooldown, self.scale_step
+        )
 
     def resolve(self):
         """The DataJointWorker instance the target names (imported, so already loaded after validation)."""
@@ -211,8 +219,17 @@ _SUPERVISOR_KEYS = tuple(
 )
 _DATABASE_KEYS = tuple(f.name for f in dataclasses.fields(DatabaseConfig))
 _AUTOSCALE_KEYS = ("max_replicas", "scale_up_pending", "scale_down_after", "scale_cooldown", "scale_step")
-_WORKER_KEYS = ("name", "target", "replicas", "restart", "max_memory_mb", "max_jobs", "job_timeout", *_AUTOSCALE_KEYS,
-                *WORKER_OVERRIDES)  # fmt: skip
+_WORKER_KEYS = (
+    "name",
+    "target",
+    "replicas",
+    "restart",
+    "max_memory_mb",
+    "max_jobs",
+    "job_timeout",
+    *_AUTOSCALE_KEYS,
+    *WORKER_OVERRIDES,
+)
 
 
 def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
@@ -310,9 +327,13 @@ def _parse_database(source: str, table: Any) -> DatabaseConfig:
     if "password" in table and not isinstance(table["password"], str):
         c.fail("password", f"must be a string, got {_type_name(table['password'])}")  # value never shown
     return DatabaseConfig(
-        host=c.string("host"), port=port, user=c.string("user"), password=table.get("password"),
-        backend=c.string("backend", choices=BACKENDS), use_tls=c.boolean("use_tls"),
-    )  # fmt: skip
+        host=c.string("host"),
+        port=port,
+        user=c.string("user"),
+        password=table.get("password"),
+        backend=c.string("backend", choices=BACKENDS),
+        use_tls=c.boolean("use_tls"),
+    )
 
 
 def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
@@ -353,13 +374,15 @@ def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
 
 def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
     """Import the target, check it is a DataJointWorker and that it accepts the overrides."""
-    from .worker import DataJointWorker
+    from djsupervisor.worker.loop import DataJointWorker
 
     module_name, _, attribute = worker.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise ConfigError(source, f"{key}.target", f"cannot import {module_name!r}: {error.__class__.__name__}: {error}")
+        raise ConfigError(
+            source, f"{key}.target", f"cannot import {module_name!r}: {error.__class__.__name__}: {error}"
+        )
     if not hasattr(module, attribute):
         raise ConfigError(source, f"{key}.target", f"module {module_name!r} has no attribute {attribute!r}")
     value = getattr(module, attribute)
@@ -371,7 +394,9 @@ def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
         raise ConfigError(source, key, f"invalid worker setting: {error}")
 
 
-def parse_config(data: Mapping[str, Any], source: str, default_name: str, *, check_targets: bool = True) -> SupervisorConfig:
+def parse_config(
+    data: Mapping[str, Any], source: str, default_name: str, *, check_targets: bool = True
+) -> SupervisorConfig:
     """Validate parsed TOML `data` (from `source`, for messages) into a SupervisorConfig."""
     for key in data:
         if key not in ("supervisor", "database", "worker"):
@@ -387,7 +412,9 @@ def parse_config(data: Mapping[str, Any], source: str, default_name: str, *, che
     seen: dict[str, int] = {}
     for i, worker in enumerate(workers):
         if worker.name in seen:
-            raise ConfigError(source, f"worker[{i}].name", f"duplicate worker name {worker.name!r} (also worker[{seen[worker.name]}])")
+            raise ConfigError(
+                source, f"worker[{i}].name", f"duplicate worker name {worker.name!r} (also worker[{seen[worker.name]}])"
+            )
         seen[worker.name] = i
     if check_targets:
         database.apply()  # pipeline modules connect when imported
@@ -423,7 +450,7 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
     A module's DataJointWorker instances are its attributes that are instances; one bound to several
     names is run once. `settings` are SupervisorConfig fields (graceful_timeout=..., say).
     """
-    from .worker import DataJointWorker
+    from djsupervisor.worker.loop import DataJointWorker
 
     source = "modules " + ",".join(modules) if modules else "<no modules>"
     if not modules:

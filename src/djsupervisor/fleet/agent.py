@@ -24,17 +24,18 @@ import os
 import selectors
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
-from .child import EXIT_OK, _run_then_exit, _short_table, isolate, worker_connections
+from djsupervisor.supervisor.child import EXIT_OK, _run_then_exit, _short_table, isolate, worker_connections
 
 _RESTART_FIRST = 1.0  # seconds before restarting an agent that died, doubling up to _RESTART_MAX
 _RESTART_MAX = 60.0
-_STOP_WAIT = 3.0
-_PRUNE_INTERVAL = 600.0  # seconds between deletions of this supervisor's rows of processes that are gone  # seconds the parent waits for the agent's last write at shutdown
+_STOP_WAIT = 3.0  # seconds the parent waits for the agent's last write at shutdown
+_PRUNE_INTERVAL = 600.0  # seconds between deletions of this supervisor's rows of processes that are gone
 
 
 def heartbeat_window(fleet_interval: float) -> float:
@@ -63,7 +64,7 @@ class FleetAgent:
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
-        from .connection import reconnect_after_fork
+        from djsupervisor.worker.connection import reconnect_after_fork
 
         seen: set[int] = set()
         for worker in self.workers.values():
@@ -75,7 +76,7 @@ class FleetAgent:
 
     def schema(self, pool: str):
         """The WorkerSchema of pool `pool` (one per distinct schema name)."""
-        from .tables import WorkerSchema
+        from djsupervisor.worker.schema import WorkerSchema
 
         worker = self.workers[pool]
         if worker.worker_schema_name not in self._schemas:
@@ -83,7 +84,7 @@ class FleetAgent:
         return self._schemas[worker.worker_schema_name]
 
     def tables(self) -> dict[str, list[Any]]:
-        from .queues import worker_tables
+        from djsupervisor.fleet.queues import worker_tables
 
         return {pool: worker_tables(worker) for pool, worker in self.workers.items()}
 
@@ -95,7 +96,7 @@ class FleetAgent:
             return None
 
     def _process_start(self, pid: int):
-        from .tables import process_start
+        from djsupervisor.worker.schema import process_start
 
         if pid not in self._starts:
             self._starts[pid] = process_start(pid)
@@ -112,7 +113,7 @@ class FleetAgent:
         """Delete this supervisor's rows on this host whose process is gone (earlier runs' children)."""
         import psutil
 
-        from .tables import process_start
+        from djsupervisor.worker.schema import process_start
 
         for pool in self.workers:
             table = self.schema(pool).tables["RegisteredWorker"]
@@ -133,7 +134,7 @@ class FleetAgent:
         """Stamp the live children's rows; mark the gone ones exited."""
         import psutil
 
-        from .tables import update_heartbeats
+        from djsupervisor.worker.schema import update_heartbeats
 
         by_pool: dict[str, list[dict]] = {}
         for child in children:
@@ -143,19 +144,32 @@ class FleetAgent:
                 start = self._process_start(child["pid"])
             except psutil.Error:  # gone since the parent wrote the line
                 continue
-            by_pool.setdefault(child["worker"], []).append(dict(
-                self._identity(child["worker"], child["pid"], start), supervisor=self.supervisor,
-                slot=child["slot"], state=child["state"], current_table=(child.get("table") or "")[:255],
-                current_key=child.get("key"), cycles=child.get("cycles", 0), jobs_done=child.get("jobs_done", 0),
-                jobs_failed=child.get("jobs_failed", 0), heartbeat_window=self.window,
-            ))  # fmt: skip
+            by_pool.setdefault(child["worker"], []).append(
+                dict(
+                    self._identity(child["worker"], child["pid"], start),
+                    supervisor=self.supervisor,
+                    slot=child["slot"],
+                    state=child["state"],
+                    current_table=(child.get("table") or "")[:255],
+                    current_key=child.get("key"),
+                    cycles=child.get("cycles", 0),
+                    jobs_done=child.get("jobs_done", 0),
+                    jobs_failed=child.get("jobs_failed", 0),
+                    heartbeat_window=self.window,
+                )
+            )
         for child in gone:
             start = self._starts.pop(child["pid"], None)
             if child["worker"] in self.workers and start is not None:
-                by_pool.setdefault(child["worker"], []).append(dict(
-                    self._identity(child["worker"], child["pid"], start), state="exited", current_table="",
-                    current_key=None, heartbeat_window=0.0,
-                ))  # fmt: skip
+                by_pool.setdefault(child["worker"], []).append(
+                    dict(
+                        self._identity(child["worker"], child["pid"], start),
+                        state="exited",
+                        current_table="",
+                        current_key=None,
+                        heartbeat_window=0.0,
+                    )
+                )
         for pool, rows in by_pool.items():
             schema = self.schema(pool)
             table = schema.tables["RegisteredWorker"].full_table_name
@@ -163,7 +177,7 @@ class FleetAgent:
 
     def read(self) -> dict:
         """The report for the parent: tables per pool, their queue depths, the drain flags that apply."""
-        from .fleet import flag_for, read_flags
+        from djsupervisor.fleet.registry import flag_for, read_flags
 
         report: dict[str, Any] = {}
         tables = self.tables()
@@ -190,8 +204,17 @@ class FleetAgent:
         return report
 
 
-def run_agent(*, supervisor: str, host: str, worker_configs: list, fleet_interval: float, parent_pid: int,
-              command_fd: int, report_fd: int, close_fds: list[int]) -> None:  # fmt: skip
+def run_agent(
+    *,
+    supervisor: str,
+    host: str,
+    worker_configs: list,
+    fleet_interval: float,
+    parent_pid: int,
+    command_fd: int,
+    report_fd: int,
+    close_fds: list[int],
+) -> None:
     """The body of the fleet agent child; never returns."""
 
     def body() -> int:
@@ -199,8 +222,9 @@ def run_agent(*, supervisor: str, host: str, worker_configs: list, fleet_interva
 
         isolate(parent_pid, close_fds)
         setproctitle.setproctitle(f"djsupervisor: {supervisor} fleet agent")
-        agent = FleetAgent(supervisor=supervisor, host=host, worker_configs=worker_configs,
-                           fleet_interval=fleet_interval)  # fmt: skip
+        agent = FleetAgent(
+            supervisor=supervisor, host=host, worker_configs=worker_configs, fleet_interval=fleet_interval
+        )
         lines = _LineReader(command_fd)
         closed = False
         while not closed:  # once the parent closed the pipe: one last round for its last line, then exit
@@ -260,7 +284,7 @@ def _write_line(fd: int, message: dict) -> None:
     data = json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
     os.set_blocking(fd, True)
     while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
 
 
 # ----- in the parent process
@@ -297,10 +321,15 @@ class FleetAgentLink:
 
         def child(close_fds: list[int]) -> None:
             run_agent(
-                supervisor=sup.config.name, host=sup.config.host, worker_configs=configs,
-                fleet_interval=sup.config.fleet_interval, parent_pid=sup.pid, command_fd=command_r,
-                report_fd=report_w, close_fds=[*close_fds, self.command_w, self.report_r],
-            )  # fmt: skip
+                supervisor=sup.config.name,
+                host=sup.config.host,
+                worker_configs=configs,
+                fleet_interval=sup.config.fleet_interval,
+                parent_pid=sup.pid,
+                command_fd=command_r,
+                report_fd=report_w,
+                close_fds=[*close_fds, self.command_w, self.report_r],
+            )
 
         pid = sup._fork(child)
         os.close(command_r)
@@ -361,11 +390,19 @@ class FleetAgentLink:
                     continue  # not connected yet: its row does not exist before its first cycle anyway
                 report = slot.report
                 state = "stopping" if slot.state.value == "stopping" else (report.get("state") or slot.state.value)
-                children.append(dict(
-                    worker=slot.worker, slot=slot.index, pid=slot.pid, state=state, table=report.get("table"),
-                    key=report.get("key"), jobs_done=report.get("jobs_done", 0),
-                    jobs_failed=report.get("jobs_failed", 0), cycles=report.get("cycles_done", 0),
-                ))  # fmt: skip
+                children.append(
+                    dict(
+                        worker=slot.worker,
+                        slot=slot.index,
+                        pid=slot.pid,
+                        state=state,
+                        table=report.get("table"),
+                        key=report.get("key"),
+                        jobs_done=report.get("jobs_done", 0),
+                        jobs_failed=report.get("jobs_failed", 0),
+                        cycles=report.get("cycles_done", 0),
+                    )
+                )
         message = {"children": children, "gone": self.gone}
         line = json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
         try:
@@ -382,8 +419,12 @@ class FleetAgentLink:
 
     def exited(self, status: int) -> None:
         """The agent was reaped."""
-        self.log.warning("fleet agent (pid {}) exited ({}); restarting it in {:.0f} s", self.pid,
-                         os.waitstatus_to_exitcode(status), self.delay)  # fmt: skip
+        self.log.warning(
+            "fleet agent (pid {}) exited ({}); restarting it in {:.0f} s",
+            self.pid,
+            os.waitstatus_to_exitcode(status),
+            self.delay,
+        )
         self.pid = None
         self._close()
         self.restart_at = time.monotonic() + self.delay

@@ -212,8 +212,11 @@ class Reporter:
             self.sleep_seconds = event.seconds or 0.0
         elif kind == "stopped":
             self.state, self.table, self.key, self.job_started = "stopped", None, None, None
-        self.set_title(_short_table(self.table) if self.state == "populating" else
-                       ("sleeping" if self.state == "sleeping" else "idle"))  # fmt: skip
+        self.set_title(
+            _short_table(self.table)
+            if self.state == "populating"
+            else ("sleeping" if self.state == "sleeping" else "idle")
+        )
         if kind == "sleep" and self.sleep_seconds < self.interval:
             return
         first_cycle_done = kind == "cycle_end" and self.cycles_done == 1  # the parent's "got going": at once
@@ -237,10 +240,9 @@ class Reporter:
 
 def record_timed_out_job(connection, job: dict, log) -> None:
     """Turn the job the previous child was killed over into an error that says it timed out."""
-    from .jobs import record_job_error
+    from djsupervisor.worker.recovery import record_job_error
 
-    message = (f"TimeoutError: job timed out after {job['seconds']:g} s "
-               f"(killed by djsupervisor: job_timeout)")  # fmt: skip
+    message = f"TimeoutError: job timed out after {job['seconds']:g} s (killed by djsupervisor: job_timeout)"
     try:
         changed = record_job_error(connection, job["table"], job["key"], message)
     except Exception as error:
@@ -256,7 +258,7 @@ def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
     """Reconnect every connection after fork, retrying while the server is unreachable (1 s, doubling to
     30 s), so that a child started during an outage waits it out instead of exiting over and over into
     FATAL. Returns False if SIGTERM (blocked in the child, read here) came first."""
-    from .connection import is_connection_error, reconnect_after_fork
+    from djsupervisor.worker.connection import is_connection_error, reconnect_after_fork
 
     delay = _CONNECT_RETRY_FIRST
     pending = list(connections)
@@ -269,8 +271,12 @@ def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
         except Exception as error:
             if not is_connection_error(error):
                 raise
-            log.warning("database unreachable at start ({}: {}); retrying in {:.0f} s",
-                        error.__class__.__name__, str(error).splitlines()[0] if str(error) else "", delay)  # fmt: skip
+            log.warning(
+                "database unreachable at start ({}: {}); retrying in {:.0f} s",
+                error.__class__.__name__,
+                str(error).splitlines()[0] if str(error) else "",
+                delay,
+            )
             reporter.send({"event": "connecting"})
             if signal.sigtimedwait([signal.SIGTERM], delay) is not None:
                 return False
@@ -306,13 +312,14 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
     (after a fast stop, or when a slot gave up): one pass of `recover_jobs` per distinct worker scope, a
     second one a moment later for sessions the server had not yet seen close.
     """
+
     def body() -> int:
         isolate(parent_pid, close_fds)
         setproctitle.setproctitle(f"djsupervisor: {supervisor} recovery")
         from loguru import logger
 
-        from .connection import reconnect_after_fork
-        from .jobs import recover_jobs
+        from djsupervisor.worker.connection import reconnect_after_fork
+        from djsupervisor.worker.recovery import recover_jobs
 
         log = logger.bind(supervisor=supervisor, worker="recovery", slot="-")
         reconnected: set[int] = set()
@@ -331,8 +338,9 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
                 time.sleep(0.5)
             for tables, prefix, stale_timeout_hours, _ in scopes:
                 worker = scopes[tables, prefix, stale_timeout_hours, _]
-                counts = recover_jobs(worker.connection, tables=tables, db_prefix=prefix,
-                                      stale_timeout_hours=stale_timeout_hours)  # fmt: skip
+                counts = recover_jobs(
+                    worker.connection, tables=tables, db_prefix=prefix, stale_timeout_hours=stale_timeout_hours
+                )
                 if counts.orphaned or counts.stale:
                     log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
         return EXIT_OK
@@ -340,10 +348,21 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
     _run_then_exit(body)
 
 
-def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: int, report_fd: int,
-              close_fds: list[int], heartbeat_interval: float, timed_out_job: dict | None,
-              host: str = "", fleet_window: float = 0.0) -> None:  # fmt: skip
+def run_child(
+    *,
+    supervisor: str,
+    worker_config,
+    slot_index: int,
+    parent_pid: int,
+    report_fd: int,
+    close_fds: list[int],
+    heartbeat_interval: float,
+    timed_out_job: dict | None,
+    host: str = "",
+    fleet_window: float = 0.0,
+) -> None:
     """The body of a forked child; never returns."""
+
     def body() -> int:
         isolate(parent_pid, close_fds)
         from loguru import logger
@@ -368,6 +387,7 @@ def run_child(*, supervisor: str, worker_config, slot_index: int, parent_pid: in
 
         recycle = threading.Event()
         if worker_config.max_jobs:
+
             def enforce_max_jobs(event) -> None:
                 if event.kind == "job_end" and worker.jobs_done + worker.jobs_failed >= worker_config.max_jobs:
                     recycle.set()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import numbers
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
-from .events import ProcessCounts
-from .tables import declare_with_retry
+from djsupervisor.worker.events import ProcessCounts
+from djsupervisor.worker.schema import declare_with_retry
 
 if TYPE_CHECKING:
-    from .worker import DataJointWorker
+    from djsupervisor.worker.loop import DataJointWorker
 
 # DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
 # every forked child has them already and a replacement's first job starts that much sooner.

@@ -43,8 +43,10 @@ def _summary(data: dict, workers: list[dict]) -> str:
         states[str(slot.get("state"))] = states.get(str(slot.get("state")), 0) + 1
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items())) or "no children"
     jobs = sum(slot.get("jobs_done") or 0 for slot in workers)
-    return (f"supervisor {data.get('supervisor')} (pid {data.get('pid')}) {data.get('state')}, up {uptime}: "
-            f"{counts}; {jobs} jobs done")  # fmt: skip
+    return (
+        f"supervisor {data.get('supervisor')} (pid {data.get('pid')}) {data.get('state')}, up {uptime}: "
+        f"{counts}; {jobs} jobs done"
+    )
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -62,11 +64,18 @@ def format_status(data: dict) -> str:
     header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
     rows = [
         (
-            str(w.get("worker")), str(w.get("slot")), str(w.get("pid") or "-"), str(w.get("state")),
-            format_duration(w.get("uptime")), str(w.get("restarts", 0)), _number(w.get("rss_mb"), ".0f"),
-            _number(w.get("cpu_percent"), ".1f"), str(w.get("jobs_done", 0)), str(w.get("jobs_failed", 0)),
+            str(w.get("worker")),
+            str(w.get("slot")),
+            str(w.get("pid") or "-"),
+            str(w.get("state")),
+            format_duration(w.get("uptime")),
+            str(w.get("restarts", 0)),
+            _number(w.get("rss_mb"), ".0f"),
+            _number(w.get("cpu_percent"), ".1f"),
+            str(w.get("jobs_done", 0)),
+            str(w.get("jobs_failed", 0)),
             _current(w),
-        )  # fmt: skip
+        )
         for w in workers
     ]
     if rows:
@@ -94,8 +103,10 @@ def _autoscale_lines(pools: list[dict]) -> list[str]:
 def format_queues(queues: list[dict]) -> str:
     """Render each table's job queue (``status --queues``) as a table."""
     header = ("TABLE", "WORKER", "PENDING", "RESERVED", "SUCCESS", "ERROR", "IGNORE")
-    rows = [(str(q.get("table")), str(q.get("worker")), *(str(q.get(s, 0)) for s in header[2:] for s in [s.lower()]))
-            for q in queues]  # fmt: skip
+    rows = [
+        (str(q.get("table")), str(q.get("worker")), *(str(q.get(s, 0)) for s in header[2:] for s in [s.lower()]))
+        for q in queues
+    ]
     if not rows:
         return "(no tables)"
     return "\n".join(format_table(header, rows))

@@ -15,11 +15,11 @@ import selectors
 import socket
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from .loop_server import LoopClient, LoopServer
-from .status_format import format_status  # noqa: F401  (the status table belongs to this interface)
+from djsupervisor.serve.loop_server import LoopClient, LoopServer
+from djsupervisor.serve.status_format import format_status  # noqa: F401  (the status table belongs to this interface)
 
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT = 10.0  # seconds a client may stay connected without completing a request
@@ -226,8 +226,10 @@ def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
     if not stat.S_ISSOCK(info.st_mode):
         raise ControlError(f"{path} is not a socket")
     if info.st_uid != os.getuid():
-        raise ControlError(f"refusing {path}: owned by uid {info.st_uid}, not by us (uid {os.getuid()}); "
-                           "run the command as the supervisor's user")  # fmt: skip
+        raise ControlError(
+            f"refusing {path}: owned by uid {info.st_uid}, not by us (uid {os.getuid()}); "
+            "run the command as the supervisor's user"
+        )
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .fleet_view import QUEUE_STATES, FleetView
-from .slot import SlotState
+from djsupervisor.fleet.view import QUEUE_STATES, FleetView
+from djsupervisor.supervisor.slot import SlotState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 SUPERVISOR_STATES = ("starting", "running", "reloading", "stopping")

@@ -27,28 +27,39 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 from loguru import logger
 
-from .agent import FleetAgentLink, heartbeat_window
-from .autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
-from .child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
-from .config import ConfigError, SupervisorConfig, WorkerConfig, load_config
-from .fleet_view import FleetView
-from .monitor import ResourceSampler, judge
-from .slot import LIVE_STATES, Slot, SlotState, restart_delay
+from djsupervisor.fleet.agent import FleetAgentLink, heartbeat_window
+from djsupervisor.fleet.view import FleetView
+from djsupervisor.serve.control import ControlServer, default_socket_path
+from djsupervisor.supervisor.autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
+from djsupervisor.supervisor.child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
+from djsupervisor.supervisor.config import ConfigError, SupervisorConfig, WorkerConfig, load_config
+from djsupervisor.supervisor.monitor import ResourceSampler, judge
+from djsupervisor.supervisor.slot import LIVE_STATES, Slot, SlotState, restart_delay
+from djsupervisor.supervisor.systemd import SystemdNotifier
 
 HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1,
-)  # fmt: skip
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+    signal.SIGUSR1,
+)
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
 _STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
 _RECOVERY_TIMEOUT = 30.0
-_CONTROL_EXPIRY_INTERVAL = 5.0  # seconds between sweeps of idle control-socket clients  # seconds a recovery child may take
+_CONTROL_EXPIRY_INTERVAL = (
+    5.0  # seconds between sweeps of idle control-socket clients  # seconds a recovery child may take
+)
 _AFTER_STOP_RANK = {"respawn": 0, "retire": 1, "stay": 2}  # a stronger reason to stay down wins
 
 
@@ -113,24 +124,12 @@ def _describe_exit(status: int) -> str:
     return f"exit status {code}"
 
 
-def _load_optional(module: str, name: str):
-    """An attribute of a sibling module that may not exist yet (control socket, systemd notifier)."""
-    try:
-        return getattr(__import__(f"djsupervisor.{module}", fromlist=[name]), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-class _NoNotifier:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
 class Supervisor:
     """The supervisor of one configuration's worker pools; `run()` until stopped, returns the exit status."""
 
-    def __init__(self, config: SupervisorConfig, config_path: str | os.PathLike | None = None,
-                 host: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, config: SupervisorConfig, config_path: str | os.PathLike | None = None, host: str | None = None
+    ) -> None:
         self._host_override = host
         if host:
             config = dataclasses.replace(config, host=host)
@@ -148,7 +147,7 @@ class Supervisor:
         self.control = None
         self.http = None  # the metrics and status page endpoint (http_status.StatusServer), if configured
         self.agent: FleetAgentLink | None = None
-        self.notifier: Any = _NoNotifier()
+        self.notifier = SystemdNotifier()
         self._by_pid: dict[int, Slot] = {}
         self._recovery_pids: set[int] = set()
         self._to_recover: dict[str, WorkerConfig] = {}  # definitions whose dead children no one replaces
@@ -249,10 +248,13 @@ class Supervisor:
         if pool.autoscaler is not None:
             maximum = pool.autoscaler.settings.max_replicas
             if n > maximum:
-                raise ValueError(f"pool {worker} autoscales up to max_replicas {maximum}: scale sets its minimum, "
-                                 f"got {n} (raise max_replicas in the config and reload)")  # fmt: skip
-            self.log.info("pool {} minimum set to {} (autoscaling {}..{}, now {})", worker, n, n, maximum,
-                          max(n, pool.replicas))  # fmt: skip
+                raise ValueError(
+                    f"pool {worker} autoscales up to max_replicas {maximum}: scale sets its minimum, "
+                    f"got {n} (raise max_replicas in the config and reload)"
+                )
+            self.log.info(
+                "pool {} minimum set to {} (autoscaling {}..{}, now {})", worker, n, n, maximum, max(n, pool.replicas)
+            )
             pool.minimum = n
             pool.replicas = max(n, pool.replicas)
             return {"worker": worker, "replicas": pool.replicas, "min": n, "max": maximum}
@@ -288,9 +290,12 @@ class Supervisor:
             for worker in self.config.workers:
                 self.pools[worker.name] = self._new_pool(worker, self.config)
             self.log.info(
-                "supervisor {} (pid {}) starting {} pools: {}", self.config.name, self.pid, len(self.pools),
+                "supervisor {} (pid {}) starting {} pools: {}",
+                self.config.name,
+                self.pid,
+                len(self.pools),
                 ", ".join(f"{w.name}×{w.replicas}" for w in self.config.workers),
-            )  # fmt: skip
+            )
             self.state = "running"
             self._manage()
             self.agent = FleetAgentLink(self)
@@ -344,23 +349,12 @@ class Supervisor:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for signum in HANDLED_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, _note_signal)
-        notifier_class = _load_optional("systemd", "SystemdNotifier")
-        if notifier_class is not None:
-            self.notifier = notifier_class()
-        control_class = _load_optional("control", "ControlServer")
-        if control_class is not None:
-            path = self.config.control_socket
-            if path is None:
-                default_path = _load_optional("control", "default_socket_path")
-                path = default_path(self.config.name) if default_path else None
-            if path is not None:
-                self.control = control_class(str(path), self.handle_control)
-                self.control.register(self.selector)
-                self.log.info("control socket {}", path)
-        else:
-            self.log.warning("no control socket: djsupervisor.control is not available")
+        path = self.config.control_socket or default_socket_path(self.config.name)
+        self.control = ControlServer(str(path), self.handle_control)
+        self.control.register(self.selector)
+        self.log.info("control socket {}", path)
         if self.config.http:  # after the control socket: a bind error stops the start before any child
-            from .http_status import StatusServer, supervisor_pages
+            from djsupervisor.serve.http import StatusServer, supervisor_pages
 
             self.http = StatusServer(self.config.http, supervisor_pages(self))
             self.http.register(self.selector)
@@ -432,12 +426,17 @@ class Supervisor:
 
         def child(close_fds: list[int]) -> None:
             run_child(
-                supervisor=self.config.name, worker_config=slot.config, slot_index=slot.index,
-                parent_pid=self.pid, report_fd=write_fd, close_fds=[read_fd, *close_fds],
+                supervisor=self.config.name,
+                worker_config=slot.config,
+                slot_index=slot.index,
+                parent_pid=self.pid,
+                report_fd=write_fd,
+                close_fds=[read_fd, *close_fds],
                 heartbeat_interval=min(self.config.heartbeat_interval, self.config.heartbeat_timeout / 3),
-                timed_out_job=timed_out_job, host=self.config.host,
+                timed_out_job=timed_out_job,
+                host=self.config.host,
                 fleet_window=heartbeat_window(self.config.fleet_interval),
-            )  # fmt: skip
+            )
 
         pid = self._fork(child)
         os.close(write_fd)
@@ -452,8 +451,9 @@ class Supervisor:
         slot.change(SlotState.STARTING)
         self._by_pid[pid] = slot
         self.selector.register(read_fd, selectors.EVENT_READ, data=partial(self._on_report, slot, read_fd))
-        self._slot_log(slot).info("started {} (pid {}){}", slot.label, pid,
-                                  f", restart {slot.restarts}" if slot.restarts else "")  # fmt: skip
+        self._slot_log(slot).info(
+            "started {} (pid {}){}", slot.label, pid, f", restart {slot.restarts}" if slot.restarts else ""
+        )
 
     def _fork(self, child: Callable[[list[int]], None]) -> int | None:
         """Fork; the child runs `child(fds_to_close)` and never returns. Signals stay blocked across the
@@ -492,10 +492,14 @@ class Supervisor:
             return
         self._recovery_pids.add(pid)
         self.log.info("job recovery for {} (pid {})", why, pid)
-        self.timers.call_at(time.monotonic() + _RECOVERY_TIMEOUT, lambda: pid in self._recovery_pids and _killpg(pid, signal.SIGKILL))
+        self.timers.call_at(
+            time.monotonic() + _RECOVERY_TIMEOUT, lambda: pid in self._recovery_pids and _killpg(pid, signal.SIGKILL)
+        )
 
     def _run_recovery(self, worker_configs: list[WorkerConfig], close_fds: list[int]) -> None:
-        run_recovery(supervisor=self.config.name, worker_configs=worker_configs, parent_pid=self.pid, close_fds=close_fds)
+        run_recovery(
+            supervisor=self.config.name, worker_configs=worker_configs, parent_pid=self.pid, close_fds=close_fds
+        )
 
     def _on_report(self, slot: Slot, fd: int, mask: int) -> None:
         try:
@@ -621,8 +625,12 @@ class Supervisor:
         slot.early_exits = 0 if got_going else slot.early_exits + 1
         if slot.early_exits >= self.config.fatal_after:
             slot.change(SlotState.FATAL)
-            log.error("{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted",
-                      slot.label, what, slot.early_exits)  # fmt: skip
+            log.error(
+                "{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted",
+                slot.label,
+                what,
+                slot.early_exits,
+            )
             self._to_recover[slot.config.name] = slot.config
             return
         slot.crashes += 1
@@ -630,8 +638,13 @@ class Supervisor:
         slot.change(SlotState.BACKOFF)
         slot.next_start = time.monotonic() + delay
         self.timers.call_at(slot.next_start, lambda: None)  # wakes the loop; _manage spawns
-        log.warning("{} exited ({}){}; restarting in {:.2f} s", slot.label, what,
-                    "" if got_going else " before completing a cycle", delay)  # fmt: skip
+        log.warning(
+            "{} exited ({}){}; restarting in {:.2f} s",
+            slot.label,
+            what,
+            "" if got_going else " before completing a cycle",
+            delay,
+        )
 
     def _stop_slot(self, slot: Slot, reason: str, after: str, *, fast: bool = False) -> None:
         """Stop the slot's child: SIGTERM (graceful) or SIGKILL of its group (fast); then `after`."""
@@ -666,8 +679,9 @@ class Supervisor:
 
     def _stop_overdue(self, slot: Slot, pid: int) -> None:
         if slot.pid == pid and slot.state is SlotState.STOPPING:
-            self._slot_log(slot).warning("{} (pid {}) still running {:g} s after SIGTERM: SIGKILL",
-                                         slot.label, pid, self.config.graceful_timeout)  # fmt: skip
+            self._slot_log(slot).warning(
+                "{} (pid {}) still running {:g} s after SIGTERM: SIGKILL", slot.label, pid, self.config.graceful_timeout
+            )
             slot.kill_reason = f"graceful_timeout {self.config.graceful_timeout:g} s passed"
             _killpg(pid, signal.SIGKILL)
 
@@ -715,7 +729,9 @@ class Supervisor:
             self._roll(pool)
         self._halt_if_flagged()
         if not self._ready_sent and all(
-            "connection_ids" in s.report or s.state not in LIVE_STATES for p in self.pools.values() for s in p.slots.values()
+            "connection_ids" in s.report or s.state not in LIVE_STATES
+            for p in self.pools.values()
+            for s in p.slots.values()
         ):
             self._ready_sent = True
             self.notifier.ready()
@@ -739,7 +755,8 @@ class Supervisor:
                 slot.early_exits = slot.crashes = 0
                 self._spawn(slot)  # nothing to lose: start it on the new definition now
         busy = any(
-            (s.rolled and s.state is not SlotState.RUNNING) or (s.state is SlotState.STOPPING and s.after_stop == "respawn")
+            (s.rolled and s.state is not SlotState.RUNNING)
+            or (s.state is SlotState.STOPPING and s.after_stop == "respawn")
             for s in pool.slots.values()
         )
         if busy:
@@ -793,8 +810,9 @@ class Supervisor:
             pool.autoscaler = Autoscaler(worker.autoscale, config.budget)
         return pool
 
-    def _resize_autoscaled(self, pool: Pool, old: WorkerConfig | None, worker: WorkerConfig,
-                           new: SupervisorConfig) -> None:  # fmt: skip
+    def _resize_autoscaled(
+        self, pool: Pool, old: WorkerConfig | None, worker: WorkerConfig, new: SupervisorConfig
+    ) -> None:
         """Reload of a pool that autoscales (before, after or both): a changed `replicas` sets the minimum,
         otherwise the runtime one (from `scale`) stays; the size is brought inside the new bounds; a pool
         that no longer autoscales takes its `replicas`."""
@@ -811,8 +829,9 @@ class Supervisor:
             pool.autoscaler = Autoscaler(settings, new.budget)
         pool.autoscaler.settings, pool.autoscaler.budget = settings, new.budget
         size = min(max(pool.replicas, pool.minimum), settings.max_replicas)
-        self.log.info("reload: worker {} autoscales {}..{}, now {}", worker.name, pool.minimum,
-                      settings.max_replicas, size)  # fmt: skip
+        self.log.info(
+            "reload: worker {} autoscales {}..{}, now {}", worker.name, pool.minimum, settings.max_replicas, size
+        )
         pool.replicas = size
 
     # ----- autoscaling
@@ -836,12 +855,21 @@ class Supervisor:
             active = pool.active()
             live = sum(1 for s in active if s.pid is not None and s.state in (SlotState.STARTING, SlotState.RUNNING))
             rss = [s.rss_mb for s in active if s.pid is not None and s.rss_mb is not None]
-            decision = pool.autoscaler.decide(Observation(
-                now=now, reading_time=self.fleet.updated, pending=self.fleet.pending(pool.name),
-                desired=pool.replicas, minimum=pool.minimum, live=live, drained=self.fleet.drained.get(pool.name),
-                stale_after=STALE_INTERVALS * self.config.fleet_interval, cpu_percent=self._host_cpu,
-                available_mb=available_mb, child_rss_mb=statistics.median(rss) if rss else None,
-            ))  # fmt: skip
+            decision = pool.autoscaler.decide(
+                Observation(
+                    now=now,
+                    reading_time=self.fleet.updated,
+                    pending=self.fleet.pending(pool.name),
+                    desired=pool.replicas,
+                    minimum=pool.minimum,
+                    live=live,
+                    drained=self.fleet.drained.get(pool.name),
+                    stale_after=STALE_INTERVALS * self.config.fleet_interval,
+                    cpu_percent=self._host_cpu,
+                    available_mb=available_mb,
+                    child_rss_mb=statistics.median(rss) if rss else None,
+                )
+            )
             self._apply_decision(pool, decision)
 
     def _apply_decision(self, pool: Pool, decision: Decision) -> None:
@@ -850,8 +878,14 @@ class Supervisor:
                 self.log.info("autoscale {}: hold at {}: {}", pool.name, pool.replicas, decision.reason)
             pool.hold_logged = decision.kind
             return
-        self.log.info("autoscale {}: {} from {} to {}: {}", pool.name, decision.action, pool.replicas,
-                      decision.replicas, decision.reason)  # fmt: skip
+        self.log.info(
+            "autoscale {}: {} from {} to {}: {}",
+            pool.name,
+            decision.action,
+            pool.replicas,
+            decision.replicas,
+            decision.reason,
+        )
         pool.hold_logged = None
         pool.replicas = decision.replicas
 
@@ -861,8 +895,9 @@ class Supervisor:
         self._reap()  # a safety net: SIGCHLDs coalesce
         now = time.monotonic()
         for slot in list(self._by_pid.values()):
-            verdict = judge(slot, now, heartbeat_timeout=self.config.heartbeat_timeout,
-                            hang_timeout=self.config.hang_timeout)  # fmt: skip
+            verdict = judge(
+                slot, now, heartbeat_timeout=self.config.heartbeat_timeout, hang_timeout=self.config.hang_timeout
+            )
             if verdict is None:
                 continue
             log = self._slot_log(slot)
@@ -871,7 +906,9 @@ class Supervisor:
                 slot.timed_out_job = verdict.timed_out_job
                 self._stop_slot(slot, verdict.reason, "respawn", fast=True)
             elif not self._stop_mode:
-                log.warning("{} (pid {}): {}; recycling it after its job in flight", slot.label, slot.pid, verdict.reason)
+                log.warning(
+                    "{} (pid {}): {}; recycling it after its job in flight", slot.label, slot.pid, verdict.reason
+                )
                 self._stop_slot(slot, verdict.reason, "respawn")
 
     def _sample(self) -> None:
@@ -908,30 +945,3 @@ def _killpg(pid: int, signum: int) -> None:
             os.kill(pid, signum)
         except OSError:
             pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Development entry: ``python -m djsupervisor.supervisor [start] (-c CONFIG.toml | MODULE...)``.
-
-    `djsupervisor start` (djsupervisor.cli) is the real one."""
-    from .config import config_from_modules
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["start"]:
-        args = args[1:]
-    try:
-        if len(args) == 2 and args[0] in ("-c", "--config"):
-            config, path = load_config(args[1]), args[1]
-        else:
-            config, path = config_from_modules(args), None
-    except ConfigError as error:
-        print(f"djsupervisor: {error}", file=sys.stderr)
-        return 2
-    setup = _load_optional("log", "setup_logging")
-    if setup is not None:
-        setup(config.log_level, config.log_format)
-    return Supervisor(config, path).run()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

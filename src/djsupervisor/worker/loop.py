@@ -3,7 +3,7 @@
 Each cycle:
 
 1. recovers jobs: stale and orphaned reservations go back to pending, transient errors are cleared
-   (see `djsupervisor.jobs`). This runs first, so a worker that replaces a crashed one re-pends and
+   (see `djsupervisor.worker.recovery`). This runs first, so a worker that replaces a crashed one re-pends and
    then works its predecessor's jobs in the same cycle;
 2. runs every registered process in registration order: tables with
    ``populate(reserve_jobs=True, suppress_errors=True, **kwargs)``, callables with ``func(**kwargs)``;
@@ -32,23 +32,24 @@ import platform
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import datajoint as dj
 from loguru import logger
 
-from . import identifiers
-from .connection import (
+from djsupervisor.worker import identifiers
+from djsupervisor.worker.connection import (
     is_connection_error,
     keep_connection_id_current,
     note_server,
     refresh_connection_id,
     session_alive,
 )
-from .events import Activity, CycleSummary, WorkerEvent
-from .jobs import JobRecovery
-from .steps import CallableStep, TableStep, make_step
-from .tables import WorkerSchema, process_start
+from djsupervisor.worker.events import Activity, CycleSummary, WorkerEvent
+from djsupervisor.worker.recovery import JobRecovery
+from djsupervisor.worker.schema import WorkerSchema, process_start
+from djsupervisor.worker.steps import CallableStep, TableStep, make_step
 
 _SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
@@ -82,7 +83,7 @@ class DataJointWorker:
         Age after which a reservation whose connection is gone goes back to pending.
     autoclear_error_patterns : iterable of str
         SQL LIKE patterns (case-insensitive) of error messages to re-pend, besides the built-in
-        transient ones (`djsupervisor.jobs.TRANSIENT_ERROR_PATTERNS`).
+        transient ones (`djsupervisor.worker.recovery.TRANSIENT_ERROR_PATTERNS`).
     db_prefix : str or sequence of str, optional
         The prefixes of the lab's schemas. Job recovery reaches into them only with
         ``recovery_scope="db_prefix"``.
@@ -106,9 +107,15 @@ class DataJointWorker:
     """
 
     SETTINGS = (
-        "run_duration", "sleep_duration", "max_idled_cycle", "stale_timeout_hours",
-        "autoclear_error_patterns", "db_prefix", "max_sleep_duration", "recovery_scope",
-    )  # fmt: skip
+        "run_duration",
+        "sleep_duration",
+        "max_idled_cycle",
+        "stale_timeout_hours",
+        "autoclear_error_patterns",
+        "db_prefix",
+        "max_sleep_duration",
+        "recovery_scope",
+    )
     RECOVERY_SCOPES = ("own", "db_prefix")
 
     def __init__(
@@ -130,7 +137,8 @@ class DataJointWorker:
             raise ValueError(f"worker_name must be a non-empty string, got {worker_name!r}")
         if not isinstance(worker_schema_name, str) or not identifiers.is_schema_name(worker_schema_name):
             raise ValueError(
-                f"worker_schema_name must be a schema name of letters, digits, '_', '-' or '$', got {worker_schema_name!r}"
+                "worker_schema_name must be a schema name of letters, digits, '_', '-' or '$', "
+                f"got {worker_schema_name!r}"
             )
         self.name = worker_name
         self.worker_schema_name = worker_schema_name
@@ -181,7 +189,7 @@ class DataJointWorker:
 
     # ----- registration
 
-    def __call__(self, process: Any, **kwargs: Any) -> "DataJointWorker":
+    def __call__(self, process: Any, **kwargs: Any) -> DataJointWorker:
         """Register a table (class or instance) or a callable; returns the worker (so it decorates)."""
         self._steps.append(make_step(process, kwargs))
         return self
@@ -206,7 +214,7 @@ class DataJointWorker:
         """The overridable settings (those `configure` accepts)."""
         return {name: getattr(self, name) for name in self.SETTINGS}
 
-    def configure(self, **overrides: Any) -> "DataJointWorker":
+    def configure(self, **overrides: Any) -> DataJointWorker:
         """A copy of this worker with the same processes and some settings overridden."""
         unknown = sorted(set(overrides) - set(self.SETTINGS))
         if unknown:
@@ -327,8 +335,7 @@ class DataJointWorker:
         `host` replaces the machine's host name in RegisteredWorker, WorkerLog and ErrorLog (a pod's or
         a Slurm node's name, say). `heartbeat_window`: seconds within which the supervisor's fleet agent
         stamps this process's row again; it owns the window from then on."""
-        self._placement = {"supervisor": supervisor, "slot": slot, "host": host,
-                           "heartbeat_window": heartbeat_window}  # fmt: skip
+        self._placement = {"supervisor": supervisor, "slot": slot, "host": host, "heartbeat_window": heartbeat_window}
         self._identity = None
 
     def _process_identity(self) -> dict:
@@ -352,8 +359,9 @@ class DataJointWorker:
         identity = self._process_identity()
         settings = dict(self.settings, processes=[s.describe() for s in self._steps])
         placement = {k: v for k, v in self._placement.items() if k in ("supervisor", "slot", "heartbeat_window")}
-        if self._bookkeeping("registering the worker",
-                             lambda: self.schema.register(identity, settings, "running", placement)):  # fmt: skip
+        if self._bookkeeping(
+            "registering the worker", lambda: self.schema.register(identity, settings, "running", placement)
+        ):
             self._registered_pid = identity["pid"]
 
     def _heartbeat(self, window: float | None = None) -> None:
@@ -374,17 +382,31 @@ class DataJointWorker:
         self._bookkeeping(
             "heartbeat",
             lambda: self.schema.heartbeat(
-                self._process_identity(), state=activity.state, table=activity.table, key=activity.key,
-                cycles=self.cycles, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed, window=window,
+                self._process_identity(),
+                state=activity.state,
+                table=activity.table,
+                key=activity.key,
+                cycles=self.cycles,
+                jobs_done=self.jobs_done,
+                jobs_failed=self.jobs_failed,
+                window=window,
             ),
-        )  # fmt: skip
+        )
 
-    def _log_error(self, kind: str, process: str, key: dict | None, message: str, stack: str | None,
-                   when: datetime.datetime | None = None) -> None:  # fmt: skip
+    def _log_error(
+        self,
+        kind: str,
+        process: str,
+        key: dict | None,
+        message: str,
+        stack: str | None,
+        when: datetime.datetime | None = None,
+    ) -> None:
         self._bookkeeping(
             "writing ErrorLog",
-            lambda: self.schema.log_error(self._process_identity(), kind=kind, process=process, key=key,
-                                          message=message, stack=stack, when=when),  # fmt: skip
+            lambda: self.schema.log_error(
+                self._process_identity(), kind=kind, process=process, key=key, message=message, stack=stack, when=when
+            ),
         )
 
     def _record_cleared_error(self, table: str, key: dict, message: str, stack: str, when) -> None:
@@ -394,10 +416,13 @@ class DataJointWorker:
         self._process_identity()
         if self._recovery is None:
             self._recovery = JobRecovery(
-                self.connection, tables=self.job_tables, stale_timeout_hours=self.stale_timeout_hours,
+                self.connection,
+                tables=self.job_tables,
+                stale_timeout_hours=self.stale_timeout_hours,
                 db_prefix=self.db_prefix if self.recovery_scope == "db_prefix" else None,
-                autoclear_error_patterns=self.autoclear_error_patterns, on_cleared_error=self._record_cleared_error,
-            )  # fmt: skip
+                autoclear_error_patterns=self.autoclear_error_patterns,
+                on_cleared_error=self._record_cleared_error,
+            )
         own = [step.job_table_id for step in self._steps if isinstance(step, TableStep) and step.job_table_id]
         counts = self._bookkeeping("job recovery", lambda: self._recovery.run(own))
         if counts is not None:
@@ -432,11 +457,17 @@ class DataJointWorker:
         log = logger.bind(worker=self.name)
         log.info(
             "cycle {} done in {:.2f} s: {} jobs done, {} failed, {} re-pended, {} errors cleared{}",
-            summary.cycle, summary.duration, summary.jobs_done, summary.jobs_failed,
-            summary.recovered_stale + summary.recovered_orphaned, summary.cleared_errors,
+            summary.cycle,
+            summary.duration,
+            summary.jobs_done,
+            summary.jobs_failed,
+            summary.recovered_stale + summary.recovered_orphaned,
+            summary.cleared_errors,
             " (stopped early)" if summary.stopped_early else "",
-        )  # fmt: skip
-        self._bookkeeping("writing WorkerLog", lambda: self.schema.log_cycle(self._process_identity(), summary, durations))
+        )
+        self._bookkeeping(
+            "writing WorkerLog", lambda: self.schema.log_cycle(self._process_identity(), summary, durations)
+        )
         self._heartbeat()
         self._track_outage()
         self._emit(WorkerEvent("cycle_end", summary=summary))
@@ -462,8 +493,9 @@ class DataJointWorker:
             self._outage_backoff = min(max(self._outage_backoff * 2, _OUTAGE_BACKOFF_FIRST), _OUTAGE_BACKOFF_MAX)
             logger.bind(worker=self.name).warning(
                 "database unreachable ({} failed calls this cycle); next cycle in at least {:.0f} s",
-                self._connection_errors, self._outage_backoff,
-            )  # fmt: skip
+                self._connection_errors,
+                self._outage_backoff,
+            )
         elif self._outage_backoff:
             logger.bind(worker=self.name).info("database reachable again")
             self._outage_backoff = 0.0
@@ -505,7 +537,9 @@ class DataJointWorker:
                     break
                 elapsed = time.monotonic() - began
                 if self.run_duration > 0 and elapsed > self.run_duration:
-                    log.info("worker {} stopping: ran {:.0f} s > run_duration {}", self.name, elapsed, self.run_duration)
+                    log.info(
+                        "worker {} stopping: ran {:.0f} s > run_duration {}", self.name, elapsed, self.run_duration
+                    )
                     break
                 if self.max_idled_cycle > 0 and idle_cycles > self.max_idled_cycle:
                     log.info("worker {} stopping: {} consecutive idle cycles", self.name, idle_cycles)
@@ -552,5 +586,3 @@ class DataJointWorker:
 
     def __repr__(self) -> str:
         return f"DataJointWorker({self.name!r}, {self.worker_schema_name!r}, processes={self.processes!r})"
-
-

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .fleet import ANY, Selector, clear_flags, fleet_rows, read_flags, set_flag
-from .status_format import format_table
+from djsupervisor.fleet.registry import ANY, Selector, clear_flags, fleet_rows, read_flags, set_flag
+from djsupervisor.serve.status_format import format_table
 
 
 class FleetError(Exception):
@@ -20,8 +20,10 @@ class FleetError(Exception):
 
 def add_arguments(parsers, source_options) -> None:
     """Add `drain` and `resume` to the subcommand parsers (`status --fleet` is an option of `status`)."""
-    for name, text in (("drain", "stop matching pools on every host after their jobs in flight (database flag)"),
-                       ("resume", "clear the drain/halt flags a selector covers")):  # fmt: skip
+    for name, text in (
+        ("drain", "stop matching pools on every host after their jobs in flight (database flag)"),
+        ("resume", "clear the drain/halt flags a selector covers"),
+    ):
         command = parsers.add_parser(name, help=text)
         source_options(command)
         command.add_argument("--host", default=ANY, help="a host name (default: every host)")
@@ -29,20 +31,28 @@ def add_arguments(parsers, source_options) -> None:
         command.add_argument("--worker", default=ANY, help="a worker definition name (default: every worker)")
         command.add_argument("--all", action="store_true", help="every pool of every host (no selector needed)")
         if name == "drain":
-            command.add_argument("--halt", action="store_true",
-                                 help="also make the matching supervisors exit once every pool of theirs is halted")  # fmt: skip
+            command.add_argument(
+                "--halt",
+                action="store_true",
+                help="also make the matching supervisors exit once every pool of theirs is halted",
+            )
 
 
 def add_schema_option(command) -> None:
-    command.add_argument("--schema", action="append", default=[], metavar="NAME",
-                         help="a worker schema (repeatable; default: those of the -c FILE's workers)")  # fmt: skip
+    command.add_argument(
+        "--schema",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a worker schema (repeatable; default: those of the -c FILE's workers)",
+    )
 
 
 def _schemas(args, load) -> list[Any]:
     """The WorkerSchemas named by --schema, or those of the config's worker definitions."""
     import datajoint as dj
 
-    from .tables import WorkerSchema
+    from djsupervisor.worker.schema import WorkerSchema
 
     names = list(dict.fromkeys(args.schema or []))
     connection = None
@@ -107,12 +117,16 @@ def fleet_status(args, load) -> int:
     for schema in _schemas(args, load):
         rows = _guarded(f"schema {schema.schema_name}", lambda s=schema: fleet_rows(s))
         flags = _guarded(f"schema {schema.schema_name}", lambda s=schema: read_flags(s))
-        report.append({
-            "schema": schema.schema_name,
-            "workers": rows,
-            "flags": [{**flag.selector.__dict__, "mode": flag.mode, "set_by": flag.set_by, "set_at": flag.set_at}
-                      for flag in flags],
-        })  # fmt: skip
+        report.append(
+            {
+                "schema": schema.schema_name,
+                "workers": rows,
+                "flags": [
+                    {**flag.selector.__dict__, "mode": flag.mode, "set_by": flag.set_by, "set_at": flag.set_at}
+                    for flag in flags
+                ],
+            }
+        )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
@@ -141,12 +155,25 @@ def format_fleet(report: list[dict]) -> str:
                 key = row["current_key"]
                 doing += " " + (json.dumps(key, default=str) if not isinstance(key, str) else key)
             seen = _ago(row["age"]) + ("  OVERDUE" if row["overdue"] else "")
-            rows.append((row["host"], row["supervisor"] or "-", row["worker_name"],
-                          str(row["slot"]) if row["slot"] >= 0 else "-", str(row["pid"]), row["state"],
-                          doing[:60], str(row["jobs_done"]), str(row["jobs_failed"]), seen))  # fmt: skip
+            rows.append(
+                (
+                    row["host"],
+                    row["supervisor"] or "-",
+                    row["worker_name"],
+                    str(row["slot"]) if row["slot"] >= 0 else "-",
+                    str(row["pid"]),
+                    row["state"],
+                    doing[:60],
+                    str(row["jobs_done"]),
+                    str(row["jobs_failed"]),
+                    seen,
+                )
+            )
         out.extend(format_table(header, rows))
         for flag in entry["flags"]:
-            out.append(f"flag {flag['mode']}: host={flag['host']} supervisor={flag['supervisor']} "
-                       f"worker={flag['worker_name']} (set by {flag['set_by']} at {flag['set_at']})")  # fmt: skip
+            out.append(
+                f"flag {flag['mode']}: host={flag['host']} supervisor={flag['supervisor']} "
+                f"worker={flag['worker_name']} (set by {flag['set_by']} at {flag['set_at']})"
+            )
         out.append("")
     return "\n".join(out).rstrip()

@@ -1,6 +1,6 @@
 """What the parent knows of the database: queue depths of its pools' tables and the drain flags set for it.
 
-The parent does no database work. A long-lived *fleet agent* child (see `agent.py`) holds one connection,
+The parent does no database work. A long-lived *fleet agent* child (see `djsupervisor.fleet.agent`) holds one connection,
 writes the children's heartbeats into RegisteredWorker, and reads back, every `fleet_interval` seconds,
 the job-queue depth of every table the pools populate and the drain/halt flags that match this supervisor.
 It reports them on its pipe; the parent keeps the latest reading here. The metrics endpoint and the
@@ -27,7 +27,7 @@ class TableDepth:
     ignore: int = 0
 
     @classmethod
-    def from_counts(cls, counts: dict) -> "TableDepth":
+    def from_counts(cls, counts: dict) -> TableDepth:
         """From a ``{state: count}`` mapping (states not listed count 0, unknown states are ignored)."""
         return cls(**{state: int(counts.get(state, 0) or 0) for state in QUEUE_STATES})
 
