@@ -44,7 +44,7 @@ from djsupervisor.supervisor.settings import (
     defaults,
     names,
 )
-from djsupervisor.worker.settings import Setting
+from djsupervisor.worker.settings import Setting, type_name
 
 _SUPERVISOR_DEFAULTS = defaults(SUPERVISOR_SETTINGS)
 _POOL_DEFAULTS = defaults(POOL_SETTINGS)
@@ -83,7 +83,9 @@ class DatabaseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    """One worker definition: a pool of `replicas` children running the `target` DataJointWorker."""
+    """One worker definition: a pool of `replicas` children running the `target` DataJointWorker.
+
+    Each field's meaning, default and bounds: `POOL_SETTINGS`; `overrides` are those of `WORKER_OVERRIDES` given."""
 
     name: str
     target: str
@@ -126,7 +128,9 @@ class WorkerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SupervisorConfig:
-    """The whole configuration: supervisor settings, database settings, and the worker definitions."""
+    """The whole configuration: supervisor settings, database settings, and the worker definitions.
+
+    Each setting's meaning, default and bounds: `SUPERVISOR_SETTINGS` (`name` defaults to the file's stem)."""
 
     name: str
     workers: tuple[WorkerConfig, ...]
@@ -165,10 +169,6 @@ class SupervisorConfig:
 
 
 # ----- validation: every key is read with its declaration (supervisor.settings)
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -240,7 +240,7 @@ class _Table:
 
 def _table(source: str, key: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(source, key, f"must be a table, got {_type_name(value)}")
+        raise ConfigError(source, key, f"must be a table, got {type_name(value)}")
     return value
 
 
@@ -284,7 +284,7 @@ def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
         raise ConfigError(source, f"{key}.target", f"module {module_name!r} has no attribute {attribute!r}")
     value = getattr(module, attribute)
     if not isinstance(value, DataJointWorker):
-        raise ConfigError(source, f"{key}.target", f"{worker.target!r} is a {_type_name(value)}, not a DataJointWorker")
+        raise ConfigError(source, f"{key}.target", f"{worker.target!r} is a {type_name(value)}, not a DataJointWorker")
     try:
         worker.build_worker()
     except (TypeError, ValueError) as error:

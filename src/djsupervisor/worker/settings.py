@@ -81,13 +81,13 @@ class Setting:
         """`value` if this setting allows it; ValueError whose text is the problem otherwise."""
         if self.secret:
             if not isinstance(value, str):
-                raise ValueError(f"must be a string, got {_type_name(value)}")  # the value never shows
+                raise ValueError(f"must be a string, got {type_name(value)}")  # the value never shows
             return value
         if self.kind is str:
             return self._check_string(value)
         if self.kind is bool:
             if not isinstance(value, bool):
-                raise ValueError(f"must be true or false, got {_type_name(value)} {value!r}")
+                raise ValueError(f"must be true or false, got {type_name(value)} {value!r}")
             return value
         if self.kind in (int, float):
             return self._check_number(value)
@@ -95,7 +95,7 @@ class Setting:
 
     def _check_string(self, value: Any) -> str:
         if not isinstance(value, str) or not value:
-            raise ValueError(f"must be a non-empty string, got {_type_name(value)} {value!r}")
+            raise ValueError(f"must be a non-empty string, got {type_name(value)} {value!r}")
         if self.choices and value not in self.choices:
             raise ValueError(f"must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
         if self.max_length is not None and (value == "*" or len(value) > self.max_length):
@@ -106,7 +106,7 @@ class Setting:
         integer = self.kind is int
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
-            raise ValueError(f"must be {'an integer' if integer else 'a number'}, got {_type_name(value)} {value!r}")
+            raise ValueError(f"must be {'an integer' if integer else 'a number'}, got {type_name(value)} {value!r}")
         if value < self.minimum or (self.exclusive and value == self.minimum):
             raise ValueError(f"must be {'>' if self.exclusive else '>='} {self.minimum}, got {value!r}")
         if self.maximum is not None and value > self.maximum:
@@ -115,7 +115,8 @@ class Setting:
         return value
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """The name of `value`'s type, as problems show it (``got str 'two'``)."""
     return type(value).__name__
 
 
