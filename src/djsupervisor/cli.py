@@ -14,8 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
+from djsupervisor.supervisor.settings import LOG_FORMATS, LOG_LEVELS
+
 EXIT_USAGE = 2
-LOG_LEVELS = ["TRACE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class UsageError(Exception):
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     start = commands.add_parser("start", help="start the supervisor in the foreground")
     source_options(start, modules=True)
     start.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
-    start.add_argument("--log-format", choices=["text", "json"])
+    start.add_argument("--log-format", choices=LOG_FORMATS)
     start.add_argument("--host", help="the host name in the fleet registry (overrides the config's host)")
 
     status = commands.add_parser("status", help="what every child is doing")
@@ -124,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("worker")
     source_options(run, modules=True)
     run.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
-    run.add_argument("--log-format", choices=["text", "json"])
+    run.add_argument("--log-format", choices=LOG_FORMATS)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-QUEUE_STATES = ("pending", "reserved", "success", "error", "ignore")
+from djsupervisor.fleet.view import QUEUE_STATES
 
 
 def worker_tables(worker: Any) -> list[Any]:

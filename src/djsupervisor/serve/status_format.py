@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 
 def format_duration(seconds) -> str:
@@ -24,15 +26,16 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def _current(slot: dict) -> str:
-    """The table (and key) a child works on; otherwise what it does (sleeping, idle, ...)."""
+def current_work(slot: Mapping[str, Any], width: int | None = None) -> str:
+    """The table (and key) a child works on; otherwise what it does (sleeping, idle, ...).
+
+    Longer than `width` characters: cut, ending in "..." (the status table's column stays readable)."""
     table = slot.get("table")
     if not table:
         return slot.get("activity") or "-"
     key = slot.get("key")
-    if key:
-        table += " " + json.dumps(key, default=str, separators=(",", ":"))
-    return table if len(table) <= 60 else table[:57] + "..."
+    text = f"{table} {json.dumps(key, default=str, separators=(',', ':'))}" if key else str(table)
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def _summary(data: dict, workers: list[dict]) -> str:
@@ -74,7 +77,7 @@ def format_status(data: dict) -> str:
             _number(w.get("cpu_percent"), ".1f"),
             str(w.get("jobs_done", 0)),
             str(w.get("jobs_failed", 0)),
-            _current(w),
+            current_work(w, 60),
         )
         for w in workers
     ]

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import html
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from djsupervisor.fleet.view import QUEUE_STATES, FleetView
-from djsupervisor.serve.status_format import format_duration
+from djsupervisor.serve.status_format import current_work, format_duration
 
 REFRESH_SECONDS = 5
 
@@ -30,16 +29,6 @@ def _cell(value: Any, numeric: bool = False, css: str = "") -> str:
     return f"<td{attribute}>{html.escape('-' if value is None else str(value))}</td>"
 
 
-def _current(slot: Mapping[str, Any]) -> str:
-    if slot.get("pid") is None:  # what the last child reported is history
-        return "-"
-    table = slot.get("table")
-    if not table:
-        return slot.get("activity") or "-"
-    key = slot.get("key")
-    return f"{table} {json.dumps(key, default=str, separators=(',', ':'))}" if key else str(table)
-
-
 def _slot_row(slot: Mapping[str, Any]) -> str:
     rss, cpu = slot.get("rss_mb"), slot.get("cpu_percent")
     cells = [
@@ -47,7 +36,7 @@ def _slot_row(slot: Mapping[str, Any]) -> str:
         _cell(slot.get("slot"), True),
         _cell(slot.get("pid"), True),
         _cell(slot.get("state"), css="state"),
-        _cell(_current(slot)),
+        _cell("-" if slot.get("pid") is None else current_work(slot)),  # a dead child's report is history
         _cell(slot.get("jobs_done_total", slot.get("jobs_done")), True),
         _cell(slot.get("jobs_failed_total", slot.get("jobs_failed")), True),
         _cell(slot.get("restarts"), True),

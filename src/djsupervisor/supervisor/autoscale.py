@@ -21,10 +21,16 @@ from __future__ import annotations
 
 import dataclasses
 
+from djsupervisor.supervisor.settings import POOL_SETTINGS, SUPERVISOR_SETTINGS, defaults
+
 #: Consecutive fleet readings above the threshold before a pool grows.
 HYSTERESIS_READINGS = 2
 #: A reading older than this many fleet intervals is stale: the autoscaler holds.
 STALE_INTERVALS = 3
+
+# the defaults of the [[worker]] and [supervisor] keys of the same names (declared in supervisor.settings)
+_POOL_DEFAULTS = defaults(POOL_SETTINGS)
+_SUPERVISOR_DEFAULTS = defaults(SUPERVISOR_SETTINGS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +38,18 @@ class AutoscaleSettings:
     """One pool's autoscaling settings (the `[[worker]]` keys of the same names)."""
 
     max_replicas: int
-    scale_up_pending: float = 2.0
-    scale_down_after: float = 60.0
-    scale_cooldown: float = 30.0
-    scale_step: int = 1
+    scale_up_pending: float = _POOL_DEFAULTS["scale_up_pending"]
+    scale_down_after: float = _POOL_DEFAULTS["scale_down_after"]
+    scale_cooldown: float = _POOL_DEFAULTS["scale_cooldown"]
+    scale_step: int = _POOL_DEFAULTS["scale_step"]
 
 
 @dataclasses.dataclass(frozen=True)
 class HostBudget:
     """Host limits above which no pool grows; None: no limit."""
 
-    max_cpu_percent: float | None = None
-    min_available_memory_mb: float | None = None
+    max_cpu_percent: float | None = _SUPERVISOR_DEFAULTS["max_cpu_percent"]
+    min_available_memory_mb: float | None = _SUPERVISOR_DEFAULTS["min_available_memory_mb"]
 
 
 @dataclasses.dataclass(frozen=True)

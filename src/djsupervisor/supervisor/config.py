@@ -5,6 +5,11 @@ worker names, and each worker's target, which is imported and must be a `DataJoi
 setting overrides it accepts. Every problem raises `ConfigError`, whose message is one line naming the
 file, the key and the problem.
 
+Each key's type, default, bounds and meaning are declared once, in `djsupervisor.supervisor.settings` (the
+worker's own settings in `djsupervisor.worker.settings`): the tables are read with those declarations and
+the dataclasses below take their defaults from them. Checks across keys (max_replicas >= replicas) and of
+targets (imported) are here.
+
 Example::
 
     [supervisor]
@@ -24,28 +29,26 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import sys
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
-
-#: Keys of a worker's own settings that a [[worker]] entry may override (DataJointWorker.configure).
-WORKER_OVERRIDES = (
-    "run_duration",
-    "sleep_duration",
-    "max_idled_cycle",
-    "max_sleep_duration",
-    "stale_timeout_hours",
-    "recovery_scope",
+from djsupervisor.supervisor.settings import (
+    DATABASE_SETTINGS,
+    POOL_SETTINGS,
+    SUPERVISOR_SETTINGS,
+    WORKER_OVERRIDES,
+    defaults,
+    names,
 )
-RESTART_POLICIES = ("always", "on-failure", "never")
-LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
-LOG_FORMATS = ("text", "json")
-BACKENDS = ("mysql", "postgresql")
+from djsupervisor.worker.settings import Setting, type_name
+
+_SUPERVISOR_DEFAULTS = defaults(SUPERVISOR_SETTINGS)
+_POOL_DEFAULTS = defaults(POOL_SETTINGS)
+_DATABASE_DEFAULTS = defaults(DATABASE_SETTINGS)
 
 
 class ConfigError(Exception):
@@ -61,12 +64,12 @@ class ConfigError(Exception):
 class DatabaseConfig:
     """Connection settings given to DataJoint's config; unset ones leave DataJoint's own (DJ_*) alone."""
 
-    host: str | None = None
-    port: int | None = None
-    user: str | None = None
-    password: str | None = dataclasses.field(default=None, repr=False)  # never in logs or reprs
-    backend: str | None = None
-    use_tls: bool | None = None
+    host: str | None = _DATABASE_DEFAULTS["host"]
+    port: int | None = _DATABASE_DEFAULTS["port"]
+    user: str | None = _DATABASE_DEFAULTS["user"]
+    password: str | None = dataclasses.field(default=_DATABASE_DEFAULTS["password"], repr=False)  # never in logs
+    backend: str | None = _DATABASE_DEFAULTS["backend"]
+    use_tls: bool | None = _DATABASE_DEFAULTS["use_tls"]
 
     def apply(self) -> None:
         """Set the given values in `datajoint.config` (they win over DJ_* variables and datajoint.json)."""
@@ -80,21 +83,23 @@ class DatabaseConfig:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerConfig:
-    """One worker definition: a pool of `replicas` children running the `target` DataJointWorker."""
+    """One worker definition: a pool of `replicas` children running the `target` DataJointWorker.
+
+    Each field's meaning, default and bounds: `POOL_SETTINGS`; `overrides` are those of `WORKER_OVERRIDES` given."""
 
     name: str
     target: str
-    replicas: int = 1
-    restart: str = "always"
-    max_memory_mb: float | None = None
-    max_jobs: int | None = None
-    job_timeout: float | None = None
-    overrides: tuple[tuple[str, Any], ...] = ()
-    max_replicas: int | None = None  # set: the pool autoscales between `replicas` and this
-    scale_up_pending: float = 2.0  # pending jobs per live child above which an autoscaled pool grows
-    scale_down_after: float = 60.0  # seconds of zero pending before it shrinks by one
-    scale_cooldown: float = 30.0  # seconds between two changes of its size
-    scale_step: int = 1  # children added per growth
+    replicas: int = _POOL_DEFAULTS["replicas"]
+    restart: str = _POOL_DEFAULTS["restart"]
+    max_memory_mb: float | None = _POOL_DEFAULTS["max_memory_mb"]
+    max_jobs: int | None = _POOL_DEFAULTS["max_jobs"]
+    job_timeout: float | None = _POOL_DEFAULTS["job_timeout"]
+    overrides: tuple[tuple[str, Any], ...] = ()  # (key, value) of the worker settings this entry sets
+    max_replicas: int | None = _POOL_DEFAULTS["max_replicas"]  # set: the pool autoscales between `replicas` and this
+    scale_up_pending: float = _POOL_DEFAULTS["scale_up_pending"]
+    scale_down_after: float = _POOL_DEFAULTS["scale_down_after"]
+    scale_cooldown: float = _POOL_DEFAULTS["scale_cooldown"]
+    scale_step: int = _POOL_DEFAULTS["scale_step"]
 
     @property
     def definition(self) -> tuple:
@@ -112,7 +117,7 @@ class WorkerConfig:
 
     def resolve(self):
         """The DataJointWorker instance the target names (imported, so already loaded after validation)."""
-        module_name, _, attribute = self.target.partition(":")
+        module_name, attribute = _split_target(self.target)
         return getattr(importlib.import_module(module_name), attribute)
 
     def build_worker(self):
@@ -123,28 +128,30 @@ class WorkerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SupervisorConfig:
-    """The whole configuration: supervisor settings, database settings, and the worker definitions."""
+    """The whole configuration: supervisor settings, database settings, and the worker definitions.
+
+    Each setting's meaning, default and bounds: `SUPERVISOR_SETTINGS` (`name` defaults to the file's stem)."""
 
     name: str
     workers: tuple[WorkerConfig, ...]
     source: str = "<config>"
-    graceful_timeout: float = 30.0
-    control_socket: str | None = None
-    backoff_initial: float = 0.25  # seconds before the first restart after a crash
-    backoff_max: float = 60.0  # cap of the doubling restart delay
-    stable_after: float = 60.0  # up this long and the restart delay starts over
-    fatal_after: int = 5  # consecutive exits before completing a cycle that make a slot FATAL
-    heartbeat_interval: float = 5.0  # how often a child reports while nothing else happens
-    heartbeat_timeout: float = 30.0  # silence after which a child counts as hung (SIGSTOP, deadlock)
-    hang_timeout: float = 600.0  # no progress outside a job for this long counts as hung
-    sample_interval: float = 5.0  # psutil sampling period
-    host: str = ""  # the host name in the fleet registry ("" = the machine's host name)
-    fleet_interval: float = 5.0  # seconds between fleet heartbeats and readings (queue depths, drain flags)
-    max_cpu_percent: float | None = None  # host CPU use at or above which no pool grows
-    min_available_memory_mb: float | None = None  # host available memory below which no pool grows
-    log_level: str = "INFO"
-    log_format: str = "text"
-    http: str | None = None  # "host:port" of the metrics and status page endpoint; None: off
+    graceful_timeout: float = _SUPERVISOR_DEFAULTS["graceful_timeout"]
+    control_socket: str | None = _SUPERVISOR_DEFAULTS["control_socket"]
+    backoff_initial: float = _SUPERVISOR_DEFAULTS["backoff_initial"]
+    backoff_max: float = _SUPERVISOR_DEFAULTS["backoff_max"]
+    stable_after: float = _SUPERVISOR_DEFAULTS["stable_after"]
+    fatal_after: int = _SUPERVISOR_DEFAULTS["fatal_after"]
+    heartbeat_interval: float = _SUPERVISOR_DEFAULTS["heartbeat_interval"]
+    heartbeat_timeout: float = _SUPERVISOR_DEFAULTS["heartbeat_timeout"]
+    hang_timeout: float = _SUPERVISOR_DEFAULTS["hang_timeout"]
+    sample_interval: float = _SUPERVISOR_DEFAULTS["sample_interval"]
+    host: str = _SUPERVISOR_DEFAULTS["host"]
+    fleet_interval: float = _SUPERVISOR_DEFAULTS["fleet_interval"]
+    max_cpu_percent: float | None = _SUPERVISOR_DEFAULTS["max_cpu_percent"]
+    min_available_memory_mb: float | None = _SUPERVISOR_DEFAULTS["min_available_memory_mb"]
+    log_level: str = _SUPERVISOR_DEFAULTS["log_level"]
+    log_format: str = _SUPERVISOR_DEFAULTS["log_format"]
+    http: str | None = _SUPERVISOR_DEFAULTS["http"]
     database: DatabaseConfig = DatabaseConfig()
 
     @property
@@ -161,105 +168,7 @@ class SupervisorConfig:
         raise ConfigError(self.source, "worker", f"no worker named {name!r} (defined: {known})")
 
 
-# ----- validation helpers
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-class _Checker:
-    """Reads typed values out of one TOML table, raising ConfigError that names file and key."""
-
-    def __init__(self, source: str, table: Mapping[str, Any], prefix: str, known: Iterable[str]) -> None:
-        self.source, self.table, self.prefix = source, table, prefix
-        known = tuple(known)
-        for key in table:
-            if key not in known:
-                self.fail(key, f"unknown key (known: {', '.join(known)})")
-
-    def fail(self, key: str, problem: str):
-        raise ConfigError(self.source, f"{self.prefix}.{key}" if self.prefix else key, problem)
-
-    def string(self, key: str, default: Any = None, choices: Iterable[str] | None = None, required=False):
-        if key not in self.table:
-            if required:
-                self.fail(key, "missing (required)")
-            return default
-        value = self.table[key]
-        if not isinstance(value, str) or not value:
-            self.fail(key, f"must be a non-empty string, got {_type_name(value)} {value!r}")
-        if choices is not None and value not in choices:
-            self.fail(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-
-    def number(self, key: str, default: Any = None, *, minimum: float = 0, integer=False, exclusive=False):
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
-            kind = "an integer" if integer else "a number"
-            self.fail(key, f"must be {kind}, got {_type_name(value)} {value!r}")
-        if value < minimum or (exclusive and value == minimum):
-            self.fail(key, f"must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: Any = None):
-        if key not in self.table:
-            return default
-        value = self.table[key]
-        if not isinstance(value, bool):
-            self.fail(key, f"must be true or false, got {_type_name(value)} {value!r}")
-        return value
-
-
-_SUPERVISOR_KEYS = tuple(
-    f.name for f in dataclasses.fields(SupervisorConfig) if f.name not in ("workers", "source", "database")
-)
-_DATABASE_KEYS = tuple(f.name for f in dataclasses.fields(DatabaseConfig))
-_AUTOSCALE_KEYS = ("max_replicas", "scale_up_pending", "scale_down_after", "scale_cooldown", "scale_step")
-_WORKER_KEYS = (
-    "name",
-    "target",
-    "replicas",
-    "restart",
-    "max_memory_mb",
-    "max_jobs",
-    "job_timeout",
-    *_AUTOSCALE_KEYS,
-    *WORKER_OVERRIDES,
-)
-
-
-def _parse_supervisor(source: str, table: Any, default_name: str) -> dict:
-    if not isinstance(table, dict):
-        raise ConfigError(source, "supervisor", f"must be a table, got {_type_name(table)}")
-    c = _Checker(source, table, "supervisor", _SUPERVISOR_KEYS)
-    for key, longest in (("name", 64), ("host", 255)):
-        value = table.get(key)
-        if isinstance(value, str) and (value == "*" or len(value) > longest):
-            c.fail(key, f"must be a name of at most {longest} characters other than '*', got {value!r}")
-    return dict(
-        name=c.string("name", default_name),
-        graceful_timeout=float(c.number("graceful_timeout", 30.0)),
-        control_socket=c.string("control_socket"),
-        backoff_initial=float(c.number("backoff_initial", 0.25)),
-        backoff_max=float(c.number("backoff_max", 60.0)),
-        stable_after=float(c.number("stable_after", 60.0)),
-        fatal_after=c.number("fatal_after", 5, minimum=1, integer=True),
-        heartbeat_interval=float(c.number("heartbeat_interval", 5.0, exclusive=True)),
-        heartbeat_timeout=float(c.number("heartbeat_timeout", 30.0, exclusive=True)),
-        hang_timeout=float(c.number("hang_timeout", 600.0, exclusive=True)),
-        sample_interval=float(c.number("sample_interval", 5.0, exclusive=True)),
-        host=c.string("host", ""),
-        fleet_interval=float(c.number("fleet_interval", 5.0, exclusive=True)),
-        max_cpu_percent=_cpu_percent(c),
-        min_available_memory_mb=c.number("min_available_memory_mb"),
-        log_level=c.string("log_level", "INFO", choices=LOG_LEVELS),
-        log_format=c.string("log_format", "text", choices=LOG_FORMATS),
-        http=_http_address(c),
-    )
+# ----- validation: every key is read with its declaration (supervisor.settings)
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -281,102 +190,90 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _http_address(c: _Checker) -> str | None:
-    text = c.string("http")
-    if text is not None:
-        try:
-            split_host_port(text)
-        except ValueError as error:
-            c.fail("http", str(error))
-    return text
+def _split_target(text: str) -> tuple[str, str]:
+    """``"module:attribute"`` as (module, attribute); ValueError saying what is wrong."""
+    if text.count(":") != 1 or not all(text.split(":")):
+        raise ValueError(f"must be 'module:attribute', got {text!r}")
+    module, _, attribute = text.partition(":")
+    return module, attribute
 
 
-def _cpu_percent(c: _Checker) -> float | None:
-    value = c.number("max_cpu_percent", exclusive=True)
-    if value is not None and value > 100:
-        c.fail("max_cpu_percent", f"must be <= 100 (host-wide CPU use), got {value!r}")
+#: The checks of a string setting's `form`, beyond its type: each raises ValueError with the problem.
+_FORMS: dict[str, Callable[[str], object]] = {"host:port": split_host_port, "module:attribute": _split_target}
+
+
+class _Table:
+    """One TOML table read with its settings' declarations; ConfigError naming file and key on any problem.
+
+    Unknown keys are refused first (the message lists the known ones), then each declared key is checked
+    in declaration order. `read` returns only the keys given: the config dataclasses hold the defaults.
+    """
+
+    def __init__(self, source: str, prefix: str, table: Mapping[str, Any], settings: tuple[Setting, ...]) -> None:
+        self.source, self.prefix, self.table, self.settings = source, prefix, table, settings
+        known = names(settings)
+        for key in table:
+            if key not in known:
+                self.fail(key, f"unknown key (known: {', '.join(known)})")
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(self.source, f"{self.prefix}.{key}", problem)
+
+    def read(self) -> dict[str, Any]:
+        """``{key: value}`` of every key given, checked."""
+        values = {}
+        for setting in self.settings:
+            if setting.name not in self.table:
+                if setting.required:
+                    self.fail(setting.name, "missing (required)")
+                continue
+            if setting.requires and setting.requires not in self.table:
+                self.fail(setting.name, f"only applies to an autoscaled pool: set {setting.requires} too")
+            try:
+                values[setting.name] = setting.check(self.table[setting.name])
+                if setting.form:
+                    _FORMS[setting.form](values[setting.name])
+            except ValueError as error:
+                self.fail(setting.name, str(error))
+        return values
+
+
+def _table(source: str, key: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(source, key, f"must be a table, got {type_name(value)}")
     return value
 
 
-def _autoscale_settings(c: _Checker, table: Mapping[str, Any], replicas: int) -> dict:
-    """The autoscaling keys of one [[worker]] entry (only with max_replicas)."""
-    max_replicas = c.number("max_replicas", integer=True, minimum=1)
-    if max_replicas is None:
-        for key in _AUTOSCALE_KEYS[1:]:
-            if key in table:
-                c.fail(key, "only applies to an autoscaled pool: set max_replicas too")
-        return {}
-    if max_replicas < replicas:
-        c.fail("max_replicas", f"must be >= replicas ({replicas}), got {max_replicas!r}")
-    return dict(
-        max_replicas=max_replicas,
-        scale_up_pending=c.number("scale_up_pending", 2.0),
-        scale_down_after=c.number("scale_down_after", 60.0),
-        scale_cooldown=c.number("scale_cooldown", 30.0),
-        scale_step=c.number("scale_step", 1, integer=True, minimum=1),
-    )
+def _parse_supervisor(source: str, table: Any, default_name: str) -> dict[str, Any]:
+    values = _Table(source, "supervisor", _table(source, "supervisor", table), SUPERVISOR_SETTINGS).read()
+    values.setdefault("name", default_name)
+    floats = {setting.name for setting in SUPERVISOR_SETTINGS if setting.kind is float}
+    return {key: float(value) if key in floats else value for key, value in values.items()}  # 30 s -> 30.0
 
 
 def _parse_database(source: str, table: Any) -> DatabaseConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(source, "database", f"must be a table, got {_type_name(table)}")
-    c = _Checker(source, table, "database", _DATABASE_KEYS)
-    port = c.number("port", integer=True, minimum=1)
-    if port is not None and port > 65535:
-        c.fail("port", f"must be <= 65535, got {port!r}")
-    if "password" in table and not isinstance(table["password"], str):
-        c.fail("password", f"must be a string, got {_type_name(table['password'])}")  # value never shown
-    return DatabaseConfig(
-        host=c.string("host"),
-        port=port,
-        user=c.string("user"),
-        password=table.get("password"),
-        backend=c.string("backend", choices=BACKENDS),
-        use_tls=c.boolean("use_tls"),
-    )
+    return DatabaseConfig(**_Table(source, "database", _table(source, "database", table), DATABASE_SETTINGS).read())
 
 
 def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
     where = f"worker[{index}]"
-    if not isinstance(table, dict):
-        raise ConfigError(source, where, f"must be a table, got {_type_name(table)}")
+    table = _table(source, where, table)
     if isinstance(table.get("name"), str) and table["name"]:
         where = f"worker[{index}] ({table['name']})"
-    c = _Checker(source, table, where, _WORKER_KEYS)
-    name = c.string("name", required=True)
-    target = c.string("target", required=True)
-    if target.count(":") != 1 or not all(target.split(":")):
-        c.fail("target", f"must be 'module:attribute', got {target!r}")
-    overrides = []
-    for key in WORKER_OVERRIDES:
-        if key not in table:
-            continue
-        if key == "recovery_scope":
-            overrides.append((key, c.string(key, choices=("own", "db_prefix"))))
-            continue
-        integer = key == "max_idled_cycle"
-        # run_duration and max_idled_cycle accept -1 (no limit), as DataJointWorker does
-        minimum = -1 if key in ("run_duration", "max_idled_cycle") else 0
-        overrides.append((key, c.number(key, integer=integer, minimum=minimum)))
-    replicas = c.number("replicas", 1, integer=True)
-    return WorkerConfig(
-        name=name,
-        target=target,
-        replicas=replicas,
-        restart=c.string("restart", "always", choices=RESTART_POLICIES),
-        max_memory_mb=c.number("max_memory_mb", exclusive=True),
-        max_jobs=c.number("max_jobs", integer=True, minimum=1),
-        job_timeout=c.number("job_timeout", exclusive=True),
-        overrides=tuple(overrides),
-        **_autoscale_settings(c, table, replicas),
-    )
+    reader = _Table(source, where, table, POOL_SETTINGS + WORKER_OVERRIDES)
+    values = reader.read()
+    overrides = tuple((key, values.pop(key)) for key in names(WORKER_OVERRIDES) if key in values)
+    replicas, max_replicas = values.get("replicas", _POOL_DEFAULTS["replicas"]), values.get("max_replicas")
+    if max_replicas is not None and max_replicas < replicas:
+        reader.fail("max_replicas", f"must be >= replicas ({replicas}), got {max_replicas!r}")
+    return WorkerConfig(**values, overrides=overrides)
 
 
 def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
     """Import the target, check it is a DataJointWorker and that it accepts the overrides."""
     from djsupervisor.worker.loop import DataJointWorker
 
-    module_name, _, attribute = worker.target.partition(":")
+    module_name, attribute = _split_target(worker.target)
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
@@ -387,7 +284,7 @@ def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
         raise ConfigError(source, f"{key}.target", f"module {module_name!r} has no attribute {attribute!r}")
     value = getattr(module, attribute)
     if not isinstance(value, DataJointWorker):
-        raise ConfigError(source, f"{key}.target", f"{worker.target!r} is a {_type_name(value)}, not a DataJointWorker")
+        raise ConfigError(source, f"{key}.target", f"{worker.target!r} is a {type_name(value)}, not a DataJointWorker")
     try:
         worker.build_worker()
     except (TypeError, ValueError) as error:

@@ -49,6 +49,7 @@ from djsupervisor.worker.connection import (
 from djsupervisor.worker.events import Activity, CycleSummary, WorkerEvent
 from djsupervisor.worker.recovery import JobRecovery
 from djsupervisor.worker.schema import WorkerSchema, process_start
+from djsupervisor.worker.settings import RECOVERY_SCOPES, WORKER_SETTING_NAMES
 from djsupervisor.worker.steps import CallableStep, TableStep, make_step
 
 _SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
@@ -106,17 +107,8 @@ class DataJointWorker:
         worker.run()
     """
 
-    SETTINGS = (
-        "run_duration",
-        "sleep_duration",
-        "max_idled_cycle",
-        "stale_timeout_hours",
-        "autoclear_error_patterns",
-        "db_prefix",
-        "max_sleep_duration",
-        "recovery_scope",
-    )
-    RECOVERY_SCOPES = ("own", "db_prefix")
+    SETTINGS = WORKER_SETTING_NAMES  # declared in djsupervisor.worker.settings
+    RECOVERY_SCOPES = RECOVERY_SCOPES
 
     def __init__(
         self,
