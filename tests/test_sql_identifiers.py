@@ -128,7 +128,7 @@ def test_record_job_error_refuses_names_datajoint_would_not_make(db):
         connection_id=dead_connection_id(db),
         hours_ago=0,
     )
-    for bad in ("`x`.`__a` WHERE 1=1 #`", '"x"."a";DROP TABLE y;--"', "x.y", "`x`.`a b`"):
+    for bad in ("`x`.`__a` WHERE 1=1 #`", '"x"."a";DROP TABLE y;--"', "x.Y", "x.y;--", "`x`.`a b`"):
         with pytest.raises(identifiers.UnsafeIdentifier):
             record_job_error(db.connection, bad, dict(source_id=1), "boom")
     with pytest.raises(identifiers.UnsafeIdentifier):
@@ -142,6 +142,10 @@ def test_identifier_rules():
     assert identifiers.quote("postgresql", 'a"b') == '"a""b"'
     assert identifiers.split_full_name("`lab_x`.`__spikes`") == ("lab_x", "__spikes")
     assert identifiers.split_full_name('"lab_x"."#lookup"') == ("lab_x", "#lookup")
+    assert identifiers.split_full_name("lab_x.__spikes") == ("lab_x", "__spikes")  # as the children report it
+    for bad in ("`lab_x`.__spikes", "lab`x.y", "a.b.c", "lab_x.`__s`"):
+        with pytest.raises(identifiers.UnsafeIdentifier):
+            identifiers.split_full_name(bad)
     assert identifiers.is_job_table_name("~~spikes") and not identifiers.is_job_table_name("~~a`b")
     assert not identifiers.is_column_name("a b") and identifiers.is_column_name("session_id")
     with pytest.raises(identifiers.UnsafeIdentifier):

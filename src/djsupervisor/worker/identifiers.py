@@ -26,8 +26,9 @@ _TABLE = re.compile(r"[~#_]{0,2}[a-z][a-z0-9_]*", re.ASCII)
 #: Schema names: DataJoint itself does not restrict them further than the server; letters, digits, ``_``,
 #: ``-`` and ``$`` cover every name seen in lab pipelines and exclude every quote, space and comment marker.
 _SCHEMA = re.compile(r"[A-Za-z0-9_$-]+", re.ASCII)
-#: A full table name as DataJoint writes it, with either backend's quote character around plain names.
-_FULL_NAME = re.compile(r"""(?P<q>[`"])(?P<schema>[^`"]+)(?P=q)\.(?P=q)(?P<table>[^`"]+)(?P=q)""")
+#: A full table name as DataJoint writes it (either backend's quote character around both parts) or as the
+#: supervisor's reports abbreviate it (no quotes).
+_FULL_NAME = re.compile(r"""(?P<q>[`"]?)(?P<schema>[^`".]+)(?P=q)\.(?P=q)(?P<table>[^`".]+)(?P=q)""")
 
 
 class UnsafeIdentifier(ValueError):
@@ -73,7 +74,8 @@ def is_schema_name(name: str) -> bool:
 
 
 def split_full_name(full: str) -> tuple[str, str]:
-    """(schema, table) of a full table name as DataJoint writes it (`` `s`.`t` `` or ``"s"."t"``).
+    """(schema, table) of a full table name as DataJoint writes it (`` `s`.`t` `` or ``"s"."t"``) or unquoted
+    (``s.t``, as the children's reports give it).
 
     Raises `UnsafeIdentifier` unless both parts are plain DataJoint names.
     """
