@@ -55,8 +55,6 @@ from djsupervisor.worker.schema import WorkerSchema
 from djsupervisor.worker.steps import CallableStep, TableStep, make_step
 from djsupervisor.worker.stop import StopSignal
 
-_SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
-
 
 def _positive_or_disabled(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -259,9 +257,8 @@ class DataJointWorker:
         return self._connection
 
     def held_connections(self) -> list[dj.Connection]:
-        """Every distinct connection open now: DataJoint's global one, the worker's own and its tables'.
-
-        Opens none (what a forked child must reconnect, and what an outage may have cut)."""
+        """Every distinct connection open now, opening none: DataJoint's global one, the worker's own and its
+        tables' (what a forked child must reconnect, and what an outage may have cut)."""
         tables = [step.table.connection for step in self._steps if isinstance(step, TableStep)]
         return distinct_connections(compat.global_connection(), self._connection, *tables)
 
@@ -368,7 +365,7 @@ class DataJointWorker:
                     wait = max(sleep, self._outage.backoff)
                     if self.run_duration > 0:
                         wait = min(wait, max(self.run_duration - (time.monotonic() - began), 0) + 0.001)
-                    self._sleep(wait)
+                    self._progress.sleep(wait)
                     if summary.idle and self.max_sleep_duration is not None:
                         sleep = min(sleep * 2 if sleep > 0 else 1, self.max_sleep_duration)
                     reason = self._why_stop(began, idle_cycles, slept=True)
@@ -393,16 +390,6 @@ class DataJointWorker:
         if not slept and self.max_idled_cycle > 0 and idle_cycles > self.max_idled_cycle:
             return f"{idle_cycles} consecutive idle cycles"
         return None
-
-    def _sleep(self, seconds: float) -> None:
-        """Sleep between cycles, waking at once for a stop or SIGTERM."""
-        if seconds <= 0:
-            return
-        self._progress.set_activity("sleeping")
-        self._progress.emit(WorkerEvent("sleep", seconds=seconds))
-        self._progress.heartbeat(window=seconds + _SLEEP_HEARTBEAT_GRACE)
-        self._stop_signal.wait(seconds)
-        self._progress.set_activity("running")
 
     def __repr__(self) -> str:
         return f"DataJointWorker({self.name!r}, {self.worker_schema_name!r}, processes={self.processes!r})"

@@ -16,6 +16,8 @@ from djsupervisor.worker.events import Activity, State, WorkerEvent
 from djsupervisor.worker.record import WorkerRecord
 from djsupervisor.worker.stop import StopSignal
 
+_SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
+
 
 class Progress:
     """The activity and counters of worker `worker_name`, updated by its steps and its loop.
@@ -58,6 +60,17 @@ class Progress:
         self.record.heartbeat(
             self.activity, cycles=self.cycles, jobs_done=self.jobs_done, jobs_failed=self.jobs_failed, window=window
         )
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep between cycles, saying so to the listeners and in RegisteredWorker (with the window in which
+        the next heartbeat is due), waking at once for a stop or SIGTERM."""
+        if seconds <= 0:
+            return
+        self.set_activity("sleeping")
+        self.emit(WorkerEvent("sleep", seconds=seconds))
+        self.heartbeat(window=seconds + _SLEEP_HEARTBEAT_GRACE)
+        self.stop_signal.wait(seconds)
+        self.set_activity("running")
 
     # ----- StepHost
 

@@ -2,7 +2,8 @@
 
 A step knows the worker that runs it only as a `StepHost`: the few questions and reports a step has
 (is a stop requested? a job started, ended; a step failed), so this module does not depend on the loop
-(`djsupervisor.worker.loop`), and the loop decides alone what a report does (counters, events, ErrorLog).
+(`djsupervisor.worker.loop`); `djsupervisor.worker.progress.Progress` decides what a report does (counters,
+events, ErrorLog).
 """
 
 from __future__ import annotations
@@ -134,11 +135,11 @@ class TableStep:
             return ProcessCounts("table", errors=1)
         return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
 
-    def _job_table(self):
+    def _job_table(self) -> Any:
         """The table's job queue, declared (by whichever worker gets there first) on first use."""
         if not self._job_table_ready:
 
-            def declare():
+            def declare() -> None:
                 jobs = self.table.jobs  # DataJoint builds and declares it on first access
                 if not jobs.is_declared:
                     jobs.declare()
@@ -149,7 +150,7 @@ class TableStep:
 
     def _populate(self, host: StepHost) -> dict:
         connection = self.table.connection
-        if compat.transaction_left_open(connection):
+        if compat.transaction_left_open(connection):  # populate would refuse this connection forever after
             logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
             compat.clear_transaction(connection)
         with compat.observed_jobs(
