@@ -158,6 +158,7 @@ class Setup:
         from djsupervisor.worker import recovery as djs_jobs
         from djsupervisor.worker import schema as tables
         from djsupervisor.worker import steps
+        from djsupervisor.worker.record import WorkerRecord
 
         p = self.probe
         p.wrap(djs_jobs.JobRecovery, "run", "recovery")
@@ -166,7 +167,7 @@ class Setup:
         p.wrap(Job, "complete", "complete")
         p.wrap(self.Work, "make", "make")
         p.wrap(steps.TableStep, "run", "populate")
-        p.wrap(worker.DataJointWorker, "_heartbeat", "heartbeat")
+        p.wrap(WorkerRecord, "heartbeat", "heartbeat")
         p.wrap(tables.WorkerSchema, "log_cycle", "WorkerLog")
         p.wrap(worker.DataJointWorker, "run_once", "other")
         p.count_statements(self.connection)
@@ -239,7 +240,7 @@ class Setup:
             summary = self.worker.run_once()
         finally:
             self.probe.active = False
-            self.worker._stop_event.clear()
+            self.worker._stop_signal.clear()
         return dict(
             seconds=dict(self.probe.seconds),
             statements=dict(self.probe.statements),

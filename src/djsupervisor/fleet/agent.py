@@ -30,7 +30,8 @@ from typing import Any
 
 from loguru import logger
 
-from djsupervisor.supervisor.child import EXIT_OK, _run_then_exit, _short_table, isolate, worker_connections
+from djsupervisor.supervisor.child import _short_table, worker_connections
+from djsupervisor.supervisor.fork import EXIT_OK, isolate, run_then_exit
 
 _RESTART_FIRST = 1.0  # seconds before restarting an agent that died, doubling up to _RESTART_MAX
 _RESTART_MAX = 60.0
@@ -243,7 +244,7 @@ def run_agent(
                 _write_line(report_fd, agent.read())
         return EXIT_OK
 
-    _run_then_exit(body)
+    run_then_exit(body)
 
 
 class _LineReader:

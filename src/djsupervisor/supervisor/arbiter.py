@@ -25,7 +25,6 @@ import platform
 import selectors
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -38,8 +37,9 @@ from djsupervisor.fleet.agent import FleetAgentLink, heartbeat_window
 from djsupervisor.fleet.view import FleetView
 from djsupervisor.serve.control import ControlServer, default_socket_path
 from djsupervisor.supervisor.autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
-from djsupervisor.supervisor.child import EXIT_ORPHANED, EXIT_RECYCLE, run_child, run_recovery
+from djsupervisor.supervisor.child import run_child, run_recovery
 from djsupervisor.supervisor.config import ConfigError, SupervisorConfig, WorkerConfig, load_config
+from djsupervisor.supervisor.fork import EXIT_RECYCLE, fork_child
 from djsupervisor.supervisor.monitor import ResourceSampler, judge
 from djsupervisor.supervisor.slot import LIVE_STATES, Slot, SlotState, restart_delay
 from djsupervisor.supervisor.systemd import SystemdNotifier
@@ -456,32 +456,11 @@ class Supervisor:
         )
 
     def _fork(self, child: Callable[[list[int]], None]) -> int | None:
-        """Fork; the child runs `child(fds_to_close)` and never returns. Signals stay blocked across the
-        fork: a signal meant for the child must not run the parent's handlers in it."""
+        """Fork; the child runs `child(fds_to_close)` and never returns (see `fork.fork_child`)."""
         close_in_child = [self._wake_r, self._wake_w, self.selector.fileno(), *self.selector.get_map()]
         if self.agent is not None:
             close_in_child += self.agent.fds()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError as error:
-            self.log.error("fork failed: {}", error)
-            return None
-        finally:
-            if os.getpid() == self.pid:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if pid == 0:
-            try:
-                child(close_in_child)
-            finally:
-                os._exit(EXIT_ORPHANED)
-        try:
-            os.setpgid(pid, pid)  # also done by the child; whichever runs first wins the race to killpg
-        except OSError:
-            pass
-        return pid
+        return fork_child(child, close_in_child, HANDLED_SIGNALS, log=self.log)
 
     def _recover(self, worker_configs: list[WorkerConfig], why: str) -> None:
         """Fork a short-lived child that puts the jobs of dead children back to pending (none will replace them)."""

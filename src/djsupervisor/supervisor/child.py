@@ -1,21 +1,18 @@
 """Everything a supervisor's child does after fork: isolate itself, reconnect, run its worker, report.
 
-`run_child` never returns: the child ends with `os._exit` (the parent's atexit handlers and buffers are
-not the child's business). The order matters:
+`run_child` never returns: the child ends with `os._exit` (`djsupervisor.supervisor.fork.run_then_exit`).
+The order matters:
 
-1. SIGTERM is already blocked: the parent blocks every signal it handles around `fork()`, so the child
-   starts with them blocked and a signal meant for the child can never run the parent's handlers (they
-   would write into the parent's wakeup pipe). The child resets those handlers to their defaults and
-   unblocks all but SIGTERM. SIGTERM stays blocked for good, in every thread created later too (the
-   mask is inherited), so DataJoint's populate handler never sees it and `DataJointWorker.run()` reads
-   it at job boundaries: the job in flight finishes, no new one starts.
-2. Own process group (a terminal's Ctrl+C reaches only the parent; the parent can kill the child together
-   with what it started), and PR_SET_PDEATHSIG so that it dies with the parent.
-3. Close the parent's descriptors, reseed `random`, set the process title, start reporting.
-4. Reconnect every DataJoint connection the worker uses (fork-safe: the parent's session is untouched).
-5. If the previous child of this slot was killed for running past `job_timeout`, record that job as an
+1. Isolate (`djsupervisor.supervisor.fork.isolate`): the parent's signal handlers reset, every signal but
+   SIGTERM unblocked (SIGTERM stays blocked for good, in every thread created later too, so DataJoint's
+   populate handler never sees it and `DataJointWorker.run()` reads it at job boundaries: the job in
+   flight finishes, no new one starts), own process group, death with the parent, the parent's
+   descriptors closed, `random` reseeded.
+2. Set the process title, start reporting.
+3. Reconnect every DataJoint connection the worker uses (fork-safe: the parent's session is untouched).
+4. If the previous child of this slot was killed for running past `job_timeout`, record that job as an
    error (before this worker's first cycle, whose recovery would otherwise put it back to pending).
-6. Run the worker; stop it after `max_jobs` jobs.
+5. Run the worker; stop it after `max_jobs` jobs.
 
 Reporting: newline-delimited JSON snapshots on a pipe to the parent, sent on worker events (throttled)
 and every `heartbeat_interval` seconds by a small daemon thread, so the parent hears from the child while
@@ -30,28 +27,24 @@ uses ``populate(processes=N)`` forks while this thread exists; the forked pool p
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import random
 import signal
-import sys
 import threading
 import time
-import traceback
-from typing import Any
+from typing import TYPE_CHECKING
 
 import setproctitle
 
+from djsupervisor.supervisor.fork import EXIT_OK, EXIT_ORPHANED, EXIT_RECYCLE, isolate, run_then_exit
+
+if TYPE_CHECKING:
+    import datajoint as dj
+
+    from djsupervisor.worker.loop import DataJointWorker
+
 setproctitle.getproctitle()  # initialise before anything changes the environment (gunicorn #3430)
 
-#: Exit statuses of a child, as the parent reads them.
-EXIT_OK = 0  # the worker's loop ended by itself (run_duration, max_idled_cycle) or was stopped
-EXIT_RECYCLE = 99  # max_jobs reached: replace me
-EXIT_ERROR = 70  # the worker raised, or the child could not get going
-EXIT_ORPHANED = 71  # the parent was already gone
-
-PR_SET_PDEATHSIG = 1
 _CONNECT_RETRY_FIRST = 1.0  # seconds before retrying to connect at start, doubling up to _CONNECT_RETRY_MAX
 _CONNECT_RETRY_MAX = 30.0
 _THROTTLE = 0.1  # seconds between event-driven reports (heartbeats and key events are never throttled)
@@ -61,64 +54,13 @@ _ALWAYS_REPORTED = {"sleep", "stopped"}
 # sleep shorter than the heartbeat interval is carried the same way.
 _CARRIED = {"cycle_start", "cycle_end"}
 
-#: Signals whose handlers the parent installs; the child puts them back to their defaults.
-RESET_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in ("SIGINT", "SIGHUP", "SIGCHLD", "SIGQUIT", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2", "SIGALRM")
-    if hasattr(signal, name)
-)
 
-
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies; exit now if the parent is already gone."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the reporter thread watches getppid() instead
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(EXIT_ORPHANED)
-
-
-def isolate(parent_pid: int, close_fds: list[int]) -> None:
-    """Process group, death with the parent, default signal handlers, parent's fds closed, fresh random."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # already so; stated for the reader
-    try:
-        os.setpgid(0, 0)
-    except OSError:  # the parent did it first
-        pass
-    die_with_parent(parent_pid)
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-    for signum in RESET_SIGNALS:
-        signal.signal(signum, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # blocked anyway; never the parent's handler
-    signal.pthread_sigmask(signal.SIG_SETMASK, {signal.SIGTERM})
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    random.seed()
-
-
-def worker_connections(worker) -> list:
-    """Every distinct DataJoint connection the worker and its tables use (the global one included)."""
+def worker_connections(worker: DataJointWorker) -> list[dj.Connection]:
+    """Every distinct DataJoint connection the worker and its tables use (the global one included); DataJoint's
+    global connection, opened now, when none is open yet."""
     import datajoint as dj
 
-    found: dict[int, Any] = {}
-    candidates = [getattr(dj.conn, "connection", None), worker._connection]
-    for step in getattr(worker, "_steps", ()):
-        table = getattr(step, "table", None)
-        candidates.append(getattr(table, "connection", None))
-    for connection in candidates:
-        if connection is not None:
-            found.setdefault(id(connection), connection)
-    if not found:
-        found[0] = dj.conn()
-    return list(found.values())
+    return worker.held_connections() or [dj.conn()]
 
 
 def _short_table(table: str | None) -> str | None:
@@ -213,7 +155,7 @@ class Reporter:
         elif kind == "stopped":
             self.state, self.table, self.key, self.job_started = "stopped", None, None, None
         self.set_title(
-            _short_table(self.table)
+            str(_short_table(self.table))
             if self.state == "populating"
             else ("sleeping" if self.state == "sleeping" else "idle")
         )
@@ -283,28 +225,6 @@ def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
             delay = min(delay * 2, _CONNECT_RETRY_MAX)
 
 
-def _run_then_exit(body) -> None:
-    """Run a forked child's `body` and end the process with its exit status, whatever happens: an
-    exception is printed and gives EXIT_ERROR; output is flushed; `os._exit` skips the parent's atexit
-    handlers and buffers."""
-    code = EXIT_ERROR
-    try:
-        code = body()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
-    except BaseException:
-        try:
-            traceback.print_exc()
-        except Exception:
-            pass
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
 def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, close_fds: list[int]) -> None:
     """The body of a short-lived recovery child; never returns.
 
@@ -323,7 +243,7 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
 
         log = logger.bind(supervisor=supervisor, worker="recovery", slot="-")
         reconnected: set[int] = set()
-        scopes = {}
+        scopes: dict[tuple, DataJointWorker] = {}
         for worker_config in worker_configs:
             worker = worker_config.build_worker()
             for connection in worker_connections(worker):
@@ -345,7 +265,7 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
                     log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
         return EXIT_OK
 
-    _run_then_exit(body)
+    run_then_exit(body)
 
 
 def run_child(
@@ -400,4 +320,4 @@ def run_child(
         reporter.close()
         return EXIT_RECYCLE if recycle.is_set() else EXIT_OK
 
-    _run_then_exit(body)
+    run_then_exit(body)

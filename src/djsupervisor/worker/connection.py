@@ -3,7 +3,7 @@
 DataJoint records `connection.connection_id` on every job it reserves, and stale-job detection compares
 that id with the server's live sessions, so the id must always be the one of the session in use. DataJoint
 sets it once, in `Connection.__init__`; `connect()` and automatic reconnects leave it stale. The functions
-here keep it right.
+here keep it right (through `djsupervisor.worker.compat`, which holds every DataJoint internal they touch).
 """
 
 from __future__ import annotations
@@ -15,41 +15,32 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
+from djsupervisor.worker import compat
+from djsupervisor.worker.compat import session_alive as session_alive  # the command line's `check` asks here
+
 # Inherited driver connections a child abandoned. Kept referenced so that no destructor ever runs on them:
 # psycopg2's would send a Terminate message on the socket it shares with the parent.
 _abandoned: list[Any] = []
 
 
-def _raw_socket_fd(raw: Any) -> int | None:
-    """The file descriptor of a driver connection (pymysql or psycopg2), or None if unknown/closed."""
-    try:
-        if hasattr(raw, "fileno"):  # psycopg2
-            return raw.fileno()
-        sock = getattr(raw, "_sock", None)  # pymysql
-        return sock.fileno() if sock is not None else None
-    except Exception:
-        return None
-
-
 def refresh_connection_id(connection: dj.Connection) -> int:
     """Set `connection.connection_id` to the id of the session it is using now, and return it."""
-    connection.connection_id = connection.adapter.get_connection_id(connection._conn)
+    connection.connection_id = compat.session_id(connection)
     return connection.connection_id
 
 
 def keep_connection_id_current(connection: dj.Connection) -> None:
     """Make every later (re)connect of `connection`, automatic ones included, refresh its connection_id."""
-    if getattr(connection.connect, "_djs_refreshes_id", False):
-        return
-    original = connection.connect
+    compat.call_after_every_connect(connection, functools.partial(refresh_connection_id, connection))
 
-    @functools.wraps(original)
-    def connect_and_refresh() -> None:
-        original()
-        refresh_connection_id(connection)
 
-    connect_and_refresh._djs_refreshes_id = True
-    connection.connect = connect_and_refresh
+def distinct_connections(*candidates: dj.Connection | None) -> list[dj.Connection]:
+    """The connections among `candidates`, each once (by identity), in order; None left out."""
+    found: dict[int, dj.Connection] = {}
+    for connection in candidates:
+        if connection is not None:
+            found.setdefault(id(connection), connection)
+    return list(found.values())
 
 
 def reconnect_after_fork(connection: dj.Connection | None = None) -> dj.Connection:
@@ -63,9 +54,9 @@ def reconnect_after_fork(connection: dj.Connection | None = None) -> dj.Connecti
     """
     if connection is None:
         connection = dj.conn()
-    raw = connection._conn
+    raw = compat.driver_connection(connection)
     if raw is not None:
-        fd = _raw_socket_fd(raw)
+        fd = compat.driver_socket_fd(raw)
         if fd is not None and fd >= 0:
             devnull = os.open(os.devnull, os.O_RDWR)
             try:
@@ -73,8 +64,7 @@ def reconnect_after_fork(connection: dj.Connection | None = None) -> dj.Connecti
             finally:
                 os.close(devnull)
         _abandoned.append(raw)
-    connection._conn = None
-    connection._in_transaction = False
+    compat.forget_session(connection)
     keep_connection_id_current(connection)
     connection.connect()
     logger.debug("reconnected after fork: connection id {}", connection.connection_id)
@@ -88,7 +78,9 @@ _MYSQL_CONNECTION_ERRORS = {2002, 2003, 2005, 2006, 2013, 2055}
 def is_connection_error(error: BaseException) -> bool:
     """Whether `error` says the database server is unreachable or the session was lost (not a bad query)."""
     seen = set()
-    while error is not None and id(error) not in seen:
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        error = current
         seen.add(id(error))
         if isinstance(error, (dj.errors.LostConnectionError, ConnectionError, TimeoutError)):
             return True
@@ -99,24 +91,13 @@ def is_connection_error(error: BaseException) -> bool:
                 return True
         if module.startswith("psycopg2") and type(error).__name__ in ("OperationalError", "InterfaceError"):
             return True
-        error = error.__cause__ or error.__context__
+        current = error.__cause__ or error.__context__
     return False
-
-
-def session_alive(connection: dj.Connection) -> bool:
-    """Whether `connection`'s session answers a ping. (DataJoint's `is_connected` cannot tell on PostgreSQL:
-    that adapter's ping returns False instead of raising, which `is_connected` takes for success.)"""
-    if connection._conn is None:
-        return False
-    try:
-        return connection.adapter.ping(connection._conn) is not False
-    except Exception:
-        return False
 
 
 def live_connection_ids(connection: dj.Connection) -> set[int]:
     """Ids of the sessions the server reports as alive (those this user may see, on MySQL)."""
-    if connection.adapter.backend == "postgresql":
+    if compat.backend(connection) == "postgresql":
         rows = connection.query("SELECT pid FROM pg_stat_activity").fetchall()
     else:
         rows = connection.query("SELECT ID FROM information_schema.PROCESSLIST").fetchall()
@@ -131,7 +112,7 @@ def sees_all_connections(connection: dj.Connection) -> bool:
     through a role are not seen here; such a user is treated as unprivileged (safe: nothing is re-pended
     wrongly, foreign reservations are just left to their owners).
     """
-    if connection.adapter.backend == "postgresql":
+    if compat.backend(connection) == "postgresql":
         return True
     for (grant,) in connection.query("SHOW GRANTS").fetchall():
         head = grant.upper().split(" TO ")[0]
@@ -151,7 +132,7 @@ _noted_servers: set[str] = set()
 def note_server(connection: dj.Connection) -> None:
     """Log, once per server and at debug level, that a MariaDB server is best-effort in DataJoint 2.x."""
     key = f"{connection.conn_info['host']}:{connection.conn_info['port']}"
-    if connection.adapter.backend != "mysql" or key in _noted_servers:
+    if compat.backend(connection) != "mysql" or key in _noted_servers:
         return
     _noted_servers.add(key)
     version = connection.query("SELECT @@version").fetchone()[0]

@@ -9,9 +9,8 @@ Each cycle:
    ``populate(reserve_jobs=True, suppress_errors=True, **kwargs)``, callables with ``func(**kwargs)``;
    a failing ``make()`` or callable is logged and recorded in ErrorLog, and the loop goes on;
 3. logs the cycle (WorkerLog) and heartbeats (RegisteredWorker);
-4. checks the stop conditions, then sleeps. After a cycle that could not reach the database server, the
-   sleep is at least an outage backoff that starts at 1 s and doubles per such cycle up to 30 s, so a
-   worker neither spins nor gives up while the server is away; DataJoint reconnects on the next query.
+4. checks the stop conditions, then sleeps; after a cycle that could not reach the database server, at
+   least an outage backoff of 1 s doubling up to 30 s (`djsupervisor.worker.outage`).
 
 A cycle is **idle** when no table completed or failed a job and no callable reported work. A
 callable reports work by returning a truthy value or a positive number (``0``, negatives, ``None``,
@@ -22,15 +21,17 @@ passed since `run()` started, when `max_idled_cycle` > 0 and more than `max_idle
 cycles were idle, or when `stop()` was called (or SIGTERM arrived, see `run()`); then the cycle in
 progress finishes its job in flight, starts no new job, and still logs. No new cycle begins once
 `run_duration` has passed, even mid-sleep.
+
+`DataJointWorker` holds the settings, the registered steps and the loop; the rest is delegated, one
+concern per module, so that none of them needs the worker's private state: `stop` (how a stop and SIGTERM
+reach the loop), `progress` (the activity and counters the steps report to, their `StepHost`), `record`
+(the worker's rows), `outage` (backoff and reconnects), `recovery` (the job queues).
 """
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import signal
-import threading
+import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -38,25 +39,22 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
-from djsupervisor.worker import identifiers
+from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import (
-    is_connection_error,
+    distinct_connections,
     keep_connection_id_current,
     note_server,
     refresh_connection_id,
-    session_alive,
 )
 from djsupervisor.worker.events import Activity, CycleSummary, WorkerEvent
+from djsupervisor.worker.outage import OutageTracker
+from djsupervisor.worker.progress import Progress
+from djsupervisor.worker.record import WorkerRecord
 from djsupervisor.worker.recovery import JobRecovery
-from djsupervisor.worker.schema import WorkerSchema, process_start
+from djsupervisor.worker.schema import WorkerSchema
 from djsupervisor.worker.settings import RECOVERY_SCOPES, WORKER_SETTING_NAMES
 from djsupervisor.worker.steps import CallableStep, TableStep, make_step
-
-_SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
-_DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
-_STOP_POLL_INTERVAL = 0.25  # how often a sleep looks for a stop requested from another thread
-_OUTAGE_BACKOFF_FIRST = 1.0  # seconds to wait after a cycle that could not reach the server...
-_OUTAGE_BACKOFF_MAX = 30.0  # ...doubling per such cycle up to this
+from djsupervisor.worker.stop import StopSignal
 
 
 def _positive_or_disabled(name: str, value: float) -> float:
@@ -163,21 +161,20 @@ class DataJointWorker:
         self._connection = connection
         self._steps: list[TableStep | CallableStep] = []
         self._listeners: list[Callable[[WorkerEvent], None]] = []
-        self._stop_event = threading.Event()
-        self._stop_reason = ""
-        self._sigterm_mode: str | None = None  # how SIGTERM reaches run(): "blocked", "handler" or None
-        self._activity = Activity("idle")
-        self._schema: WorkerSchema | None = None
+        self._outage = OutageTracker(worker_name)
+        self._stop_signal = StopSignal()
+        self._record = WorkerRecord(
+            worker_name,
+            worker_schema_name,
+            connection=lambda: self.connection,
+            settings=lambda: dict(self.settings, processes=[s.describe() for s in self._steps]),
+            outage=self._outage,
+        )
+        self._progress = Progress(
+            worker_name, record=self._record, stop_signal=self._stop_signal, listeners=lambda: self._listeners
+        )
         self._recovery: JobRecovery | None = None
-        self._identity: dict | None = None
-        self._placement: dict = {}
-        self._registered_pid: int | None = None
-        self._last_db_heartbeat = 0.0
-        self._connection_errors = 0  # in the current cycle
-        self._outage_backoff = 0.0  # extra wait while the server is unreachable
-        self.cycles = 0
-        self.jobs_done = 0
-        self.jobs_failed = 0
+        self._recovery_identity: dict | None = None  # the process identity `_recovery` was made for
 
     # ----- registration
 
@@ -227,7 +224,22 @@ class DataJointWorker:
     @property
     def activity(self) -> Activity:
         """What the worker is doing now: idle, running, populating (which table, which key), sleeping, stopped."""
-        return self._activity
+        return self._progress.activity
+
+    @property
+    def cycles(self) -> int:
+        """Cycles started since the worker was made."""
+        return self._progress.cycles
+
+    @property
+    def jobs_done(self) -> int:
+        """Jobs completed (and work reported by callables) since the worker was made."""
+        return self._progress.jobs_done
+
+    @property
+    def jobs_failed(self) -> int:
+        """Jobs failed, and steps that raised, since the worker was made."""
+        return self._progress.jobs_failed
 
     @property
     def connection(self) -> dj.Connection:
@@ -236,16 +248,16 @@ class DataJointWorker:
             self._connection = dj.conn()
         return self._connection
 
+    def held_connections(self) -> list[dj.Connection]:
+        """Every distinct connection open now, opening none: DataJoint's global one, the worker's own and its
+        tables' (what a forked child must reconnect, and what an outage may have cut)."""
+        tables = [step.table.connection for step in self._steps if isinstance(step, TableStep)]
+        return distinct_connections(compat.global_connection(), self._connection, *tables)
+
     @property
     def stop_requested(self) -> bool:
         """True once `stop()` was called or (while SIGTERM is blocked in this thread) SIGTERM arrived."""
-        if self._stop_event.is_set():
-            return True
-        if self._sigterm_mode == "blocked" and signal.SIGTERM in signal.sigpending():
-            signal.sigtimedwait([signal.SIGTERM], 0)  # consume it: it has been turned into this stop
-            self.stop("SIGTERM")
-            return True
-        return False
+        return self._stop_signal.requested
 
     def stop(self, reason: str = "") -> None:
         """Ask the loop to stop at the next job boundary; safe from other threads and signal handlers.
@@ -253,73 +265,9 @@ class DataJointWorker:
         The job in flight finishes, no new job starts, the cycle's logging still happens, and `run()`
         returns without sleeping.
         """
-        if not self._stop_event.is_set():
-            self._stop_reason = reason or "stop requested"
-            self._stop_event.set()
+        self._stop_signal.request(reason)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.stop("SIGTERM")
-
-    def _guard_sigterm(self) -> None:
-        """Put our SIGTERM handler back if DataJoint's populate replaced it (called at each job boundary)."""
-        if self._sigterm_mode == "handler" and signal.getsignal(signal.SIGTERM) is not self._on_sigterm:
-            signal.signal(signal.SIGTERM, self._on_sigterm)
-
-    def _emit(self, event: WorkerEvent) -> None:
-        for listener in self._listeners:
-            try:
-                listener(event)
-            except Exception:
-                logger.opt(exception=True).warning("worker listener {!r} failed", listener)
-
-    def _set_activity(self, state: str, table: str | None = None, key: dict | None = None) -> None:
-        self._activity = Activity(state, table, dict(key) if key is not None else None)
-
-    # ----- callbacks from the steps
-
-    def _job_started(self, table: str, key: dict) -> None:
-        self._set_activity("populating", table, key)
-        self._emit(WorkerEvent("job_start", table=table, key=dict(key)))
-        if time.monotonic() - self._last_db_heartbeat >= _DB_HEARTBEAT_INTERVAL:
-            self._heartbeat()
-
-    def _job_ended(self, table: str, key: dict, ok: bool, message: str = "", stack: str | None = None) -> None:
-        if ok:
-            self.jobs_done += 1
-        else:
-            self.jobs_failed += 1
-            logger.bind(worker=self.name).error("job {} {} failed: {}", table, key, message)
-            self._log_error("job", table, key, message, stack)
-            if message.startswith("KeyboardInterrupt"):
-                self.stop("KeyboardInterrupt")
-        self._set_activity("populating", table, None)
-        self._emit(WorkerEvent("job_end", table=table, key=dict(key), ok=ok))
-
-    def _callable_started(self, name: str) -> None:
-        self._set_activity("populating", name)
-        self._emit(WorkerEvent("callable_start", table=name))
-
-    def _callable_ended(self, name: str, ok: bool) -> None:
-        self._emit(WorkerEvent("callable_end", table=name, ok=ok))
-
-    def _step_failed(self, kind: str, name: str, error: BaseException, stack: str) -> None:
-        self.jobs_failed += 1
-        if is_connection_error(error):
-            self._connection_errors += 1
-        message = f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
-        logger.bind(worker=self.name).error("{} failed: {}", name, message)
-        self._log_error(kind, name, None, message, stack)
-
-    # ----- bookkeeping (never allowed to end the loop)
-
-    def _bookkeeping(self, what: str, action: Callable[[], Any]) -> Any:
-        try:
-            return action()
-        except Exception as error:
-            if is_connection_error(error):
-                self._connection_errors += 1
-            logger.bind(worker=self.name).warning("{} failed: {}: {}", what, error.__class__.__name__, error)
-            return None
+    # ----- bookkeeping (never allowed to end the loop; see `djsupervisor.worker.record`)
 
     def place(self, *, supervisor: str, slot: int, host: str | None = None, heartbeat_window: float = 0.0) -> None:
         """Record where this worker runs, for the fleet registry (djsupervisor's children call this).
@@ -327,114 +275,43 @@ class DataJointWorker:
         `host` replaces the machine's host name in RegisteredWorker, WorkerLog and ErrorLog (a pod's or
         a Slurm node's name, say). `heartbeat_window`: seconds within which the supervisor's fleet agent
         stamps this process's row again; it owns the window from then on."""
-        self._placement = {"supervisor": supervisor, "slot": slot, "host": host, "heartbeat_window": heartbeat_window}
-        self._identity = None
-
-    def _process_identity(self) -> dict:
-        pid = os.getpid()
-        if self._identity is None or self._identity["pid"] != pid:
-            host = self._placement.get("host") or platform.node()
-            self._identity = dict(worker_name=self.name, host=host, pid=pid, process_start=process_start(pid))
-            self._schema = None
-            self._recovery = None
-        return self._identity
+        self._record.place(supervisor=supervisor, slot=slot, host=host, heartbeat_window=heartbeat_window)
 
     @property
     def schema(self) -> WorkerSchema:
         """The worker tables (declared on first use)."""
-        self._process_identity()
-        if self._schema is None:
-            self._schema = WorkerSchema(self.worker_schema_name, self.connection)
-        return self._schema
-
-    def _register(self) -> None:
-        identity = self._process_identity()
-        settings = dict(self.settings, processes=[s.describe() for s in self._steps])
-        placement = {k: v for k, v in self._placement.items() if k in ("supervisor", "slot", "heartbeat_window")}
-        if self._bookkeeping(
-            "registering the worker", lambda: self.schema.register(identity, settings, "running", placement)
-        ):
-            self._registered_pid = identity["pid"]
-
-    def _heartbeat(self, window: float | None = None) -> None:
-        """Update RegisteredWorker. `window`: seconds by which the next heartbeat is due. Unknown (None)
-        means 0 ("cannot tell": a job may run for hours) for a worker run by hand. A supervised worker
-        (placed) only registers and reports its stop: its supervisor's fleet agent stamps its row, with
-        the window, on a fixed period, from what the child reports to the parent."""
-        self._last_db_heartbeat = time.monotonic()
-        if self._registered_pid != os.getpid():
-            self._register()
-        activity = self._activity
-        if self._placement:
-            if activity.state != "stopped":
-                return  # the fleet agent stamps the row every fleet_interval: no statements of our own
-            window = None
-        elif window is None:
-            window = 0.0
-        self._bookkeeping(
-            "heartbeat",
-            lambda: self.schema.heartbeat(
-                self._process_identity(),
-                state=activity.state,
-                table=activity.table,
-                key=activity.key,
-                cycles=self.cycles,
-                jobs_done=self.jobs_done,
-                jobs_failed=self.jobs_failed,
-                window=window,
-            ),
-        )
-
-    def _log_error(
-        self,
-        kind: str,
-        process: str,
-        key: dict | None,
-        message: str,
-        stack: str | None,
-        when: datetime.datetime | None = None,
-    ) -> None:
-        self._bookkeeping(
-            "writing ErrorLog",
-            lambda: self.schema.log_error(
-                self._process_identity(), kind=kind, process=process, key=key, message=message, stack=stack, when=when
-            ),
-        )
-
-    def _record_cleared_error(self, table: str, key: dict, message: str, stack: str, when) -> None:
-        self._log_error("cleared", table, key, message, stack, when)
+        return self._record.schema
 
     def _recover(self, summary: CycleSummary) -> None:
-        self._process_identity()
-        if self._recovery is None:
+        identity = self._record.identity()
+        if self._recovery is None or self._recovery_identity is not identity:  # first cycle, or forked since
+            self._recovery_identity = identity
             self._recovery = JobRecovery(
                 self.connection,
                 tables=self.job_tables,
                 stale_timeout_hours=self.stale_timeout_hours,
                 db_prefix=self.db_prefix if self.recovery_scope == "db_prefix" else None,
                 autoclear_error_patterns=self.autoclear_error_patterns,
-                on_cleared_error=self._record_cleared_error,
+                on_cleared_error=functools.partial(self._record.log_error, "cleared"),
             )
         own = [step.job_table_id for step in self._steps if isinstance(step, TableStep) and step.job_table_id]
-        counts = self._bookkeeping("job recovery", lambda: self._recovery.run(own))
+        counts = self._record.attempt("job recovery", functools.partial(self._recovery.run, own))
         if counts is not None:
-            summary.recovered_stale = counts.stale
-            summary.recovered_orphaned = counts.orphaned
-            summary.cleared_errors = counts.cleared
+            summary.recovered_stale, summary.recovered_orphaned, summary.cleared_errors = dataclasses.astuple(counts)
 
     # ----- the loop
 
     def run_once(self) -> CycleSummary:
         """Run one cycle (recovery, every process, logging) and return what it did."""
-        self.cycles += 1
-        self._connection_errors = 0
-        summary = CycleSummary(cycle=self.cycles, started=time.time())
+        progress = self._progress
+        progress.cycles += 1
+        self._outage.start_cycle()
+        summary = CycleSummary(cycle=progress.cycles, started=time.time())
         started = time.monotonic()
-        self._set_activity("running")
-        self._emit(WorkerEvent("cycle_start"))
-        if self._outage_backoff:
-            self._reconnect_lost_connections()
-        self._heartbeat()
+        progress.set_activity("running")
+        progress.emit(WorkerEvent("cycle_start"))
+        self._outage.reconnect_lost(self.held_connections(), self._record.attempt)
+        progress.heartbeat()
         self._recover(summary)
         durations: dict[str, float] = {}
         for step in self._steps:
@@ -442,78 +319,29 @@ class DataJointWorker:
                 summary.stopped_early = True
                 break
             step_started = time.monotonic()
-            summary.processes[step.name] = step.run(self)
+            summary.processes[step.name] = step.run(progress)
             durations[step.name] = time.monotonic() - step_started
-            self._set_activity("running")
+            progress.set_activity("running")
         summary.duration = time.monotonic() - started
-        log = logger.bind(worker=self.name)
-        log.info(
-            "cycle {} done in {:.2f} s: {} jobs done, {} failed, {} re-pended, {} errors cleared{}",
-            summary.cycle,
-            summary.duration,
-            summary.jobs_done,
-            summary.jobs_failed,
-            summary.recovered_stale + summary.recovered_orphaned,
-            summary.cleared_errors,
-            " (stopped early)" if summary.stopped_early else "",
-        )
-        self._bookkeeping(
-            "writing WorkerLog", lambda: self.schema.log_cycle(self._process_identity(), summary, durations)
-        )
-        self._heartbeat()
-        self._track_outage()
-        self._emit(WorkerEvent("cycle_end", summary=summary))
+        self._record.log_cycle(summary, durations)
+        progress.heartbeat()
+        self._outage.end_cycle()
+        progress.emit(WorkerEvent("cycle_end", summary=summary))
         return summary
-
-    def _connections(self) -> list[dj.Connection]:
-        """The worker's connection and those of its tables, each once."""
-        found = {id(self.connection): self.connection}
-        for step in self._steps:
-            if isinstance(step, TableStep):
-                found.setdefault(id(step.table.connection), step.table.connection)
-        return list(found.values())
-
-    def _reconnect_lost_connections(self) -> None:
-        """After an outage, reconnect sessions the driver has given up on (psycopg2 does not reconnect)."""
-        for connection in self._connections():
-            if not session_alive(connection):
-                self._bookkeeping("reconnecting", connection.connect)
-
-    def _track_outage(self) -> None:
-        """Grow the outage backoff after a cycle that could not reach the server; reset it after one that did."""
-        if self._connection_errors:
-            self._outage_backoff = min(max(self._outage_backoff * 2, _OUTAGE_BACKOFF_FIRST), _OUTAGE_BACKOFF_MAX)
-            logger.bind(worker=self.name).warning(
-                "database unreachable ({} failed calls this cycle); next cycle in at least {:.0f} s",
-                self._connection_errors,
-                self._outage_backoff,
-            )
-        elif self._outage_backoff:
-            logger.bind(worker=self.name).info("database reachable again")
-            self._outage_backoff = 0.0
 
     def run(self) -> None:
         """Run cycles until a stop condition holds (see the module docstring), then return.
 
         SIGTERM asks for a graceful stop, like `stop()`: the job in flight finishes and no new one starts.
-        Where SIGTERM is blocked when `run()` starts (a supervisor's child blocks it right after fork, so
-        that every thread inherits the block), a pending SIGTERM is read at each job boundary and during
-        the sleep. Otherwise, in the main thread, `run()` installs a SIGTERM handler that calls `stop()`,
-        and puts it back each time DataJoint's populate replaces it with its own (which would abort the
-        job in flight and record it as an error); the previous handler is restored when `run()` returns.
-        Elsewhere only `stop()` stops the loop.
+        How SIGTERM reaches the loop (blocked in a supervisor's child, a handler in a main thread, not at
+        all in other threads) is told in `djsupervisor.worker.stop`.
         """
-        previous_handler = None
-        if signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []):
-            self._sigterm_mode = "blocked"
-        elif threading.current_thread() is threading.main_thread():
-            self._sigterm_mode = "handler"
-            previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._stop_signal.listen()
         log = logger.bind(worker=self.name)
         try:
             keep_connection_id_current(self.connection)
-            self._bookkeeping("reading the connection id", lambda: refresh_connection_id(self.connection))
-            self._bookkeeping("reading the server version", lambda: note_server(self.connection))
+            self._record.attempt("reading the connection id", lambda: refresh_connection_id(self.connection))
+            self._record.attempt("reading the server version", lambda: note_server(self.connection))
             log.info("worker {} running {} processes: {}", self.name, len(self._steps), ", ".join(self.processes))
             began = time.monotonic()
             idle_cycles = 0
@@ -524,57 +352,36 @@ class DataJointWorker:
                     idle_cycles += 1
                 else:
                     idle_cycles, sleep = 0, self.sleep_duration
-                if self.stop_requested:
-                    log.info("worker {} stopping: {}", self.name, self._stop_reason)
-                    break
-                elapsed = time.monotonic() - began
-                if self.run_duration > 0 and elapsed > self.run_duration:
-                    log.info(
-                        "worker {} stopping: ran {:.0f} s > run_duration {}", self.name, elapsed, self.run_duration
-                    )
-                    break
-                if self.max_idled_cycle > 0 and idle_cycles > self.max_idled_cycle:
-                    log.info("worker {} stopping: {} consecutive idle cycles", self.name, idle_cycles)
-                    break
-                wait = max(sleep, self._outage_backoff)
-                if self.run_duration > 0:
-                    wait = min(wait, max(self.run_duration - elapsed, 0) + 0.001)
-                self._sleep(wait)
-                if summary.idle and self.max_sleep_duration is not None:
-                    sleep = min(sleep * 2 if sleep > 0 else 1, self.max_sleep_duration)
-                if self.stop_requested:
-                    log.info("worker {} stopping: {}", self.name, self._stop_reason)
-                    break
-                if self.run_duration > 0 and time.monotonic() - began > self.run_duration:
-                    log.info("worker {} stopping: run_duration {} s reached", self.name, self.run_duration)
+                reason = self._why_stop(began, idle_cycles, slept=False)
+                if reason is None:
+                    wait = max(sleep, self._outage.backoff)
+                    if self.run_duration > 0:
+                        wait = min(wait, max(self.run_duration - (time.monotonic() - began), 0) + 0.001)
+                    self._progress.sleep(wait)
+                    if summary.idle and self.max_sleep_duration is not None:
+                        sleep = min(sleep * 2 if sleep > 0 else 1, self.max_sleep_duration)
+                    reason = self._why_stop(began, idle_cycles, slept=True)
+                if reason is not None:
+                    log.info("worker {} stopping: {}", self.name, reason)
                     break
         finally:
-            self._set_activity("stopped")
-            self._heartbeat()
-            self._emit(WorkerEvent("stopped"))
-            if self._sigterm_mode == "handler":
-                signal.signal(signal.SIGTERM, previous_handler)
-            self._sigterm_mode = None
-            self._stop_event.clear()
+            self._progress.set_activity("stopped")
+            self._progress.heartbeat()
+            self._progress.emit(WorkerEvent("stopped"))
+            self._stop_signal.close()
 
-    def _sleep(self, seconds: float) -> None:
-        """Sleep between cycles, waking at once for a stop or SIGTERM."""
-        if seconds <= 0:
-            return
-        self._set_activity("sleeping")
-        self._emit(WorkerEvent("sleep", seconds=seconds))
-        self._heartbeat(window=seconds + _SLEEP_HEARTBEAT_GRACE)
-        deadline = time.monotonic() + seconds
-        while not self.stop_requested:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            if self._sigterm_mode == "blocked":
-                if signal.sigtimedwait([signal.SIGTERM], min(remaining, _STOP_POLL_INTERVAL)) is not None:
-                    self.stop("SIGTERM")
-            else:
-                self._stop_event.wait(min(remaining, _STOP_POLL_INTERVAL))
-        self._set_activity("running")
+    def _why_stop(self, began: float, idle_cycles: int, *, slept: bool) -> str | None:
+        """Why the loop stops now (as its log line says), or None; after the sleep, idleness is not asked again."""
+        if self.stop_requested:
+            return self._stop_signal.reason
+        elapsed = time.monotonic() - began
+        if self.run_duration > 0 and elapsed > self.run_duration:
+            if slept:
+                return f"run_duration {self.run_duration} s reached"
+            return f"ran {elapsed:.0f} s > run_duration {self.run_duration}"
+        if not slept and self.max_idled_cycle > 0 and idle_cycles > self.max_idled_cycle:
+            return f"{idle_cycles} consecutive idle cycles"
+        return None
 
     def __repr__(self) -> str:
         return f"DataJointWorker({self.name!r}, {self.worker_schema_name!r}, processes={self.processes!r})"

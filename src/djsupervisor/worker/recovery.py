@@ -15,9 +15,9 @@ another lab's reservations and errors are theirs to handle.
   worker's `autoclear_error_patterns` or of `TRANSIENT_ERROR_PATTERNS` go back to pending, after being
   copied to the worker's ErrorLog. Other errors stay.
 
-Every name read from the catalog is checked against DataJoint's naming and quoted by `identifiers`
-(never by DataJoint's adapter, which does not escape quotes inside a name); a job table with any other name
-is skipped with one warning.
+The job tables are found by `djsupervisor.worker.job_tables`, which keeps only names DataJoint would have
+made; every name is quoted by `identifiers` (never by DataJoint's adapter, which does not escape quotes
+inside a name).
 
 On MySQL/MariaDB a user without the PROCESS privilege sees only its own account's sessions; reservations of
 other accounts are then skipped (with one warning) rather than judged dead.
@@ -30,16 +30,15 @@ import datetime
 import os
 import platform
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 
 import datajoint as dj
 import psutil
-from datajoint.blob import unpack
 from loguru import logger
 
-from djsupervisor.worker import identifiers
+from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
+from djsupervisor.worker.job_tables import SYSTEM_SCHEMAS, JobTable, list_job_tables
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
 #: nothing wrong, the database or the process around it did.
@@ -56,28 +55,6 @@ TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
     "SystemExit: SIGTERM received%",  # DataJoint's own SIGTERM handler aborted the job
     "KeyboardInterrupt%",  # Ctrl+C or SIGINT during make()
 )
-
-#: The bookkeeping columns of a DataJoint 2.x job table; every other column is the job's key.
-JOB_COLUMNS = frozenset(
-    {
-        "status",
-        "priority",
-        "created_time",
-        "scheduled_time",
-        "reserved_time",
-        "completed_time",
-        "duration",
-        "error_message",
-        "error_stack",
-        "user",
-        "host",
-        "pid",
-        "connection_id",
-        "version",
-    }
-)
-
-_SYSTEM_SCHEMAS = ("information_schema", "performance_schema", "mysql", "sys", "pg_catalog", "pg_toast")
 
 #: Seconds a `JobRecovery` trusts its list of job tables before reading the catalog again. Listing reads
 #: information_schema.columns, the dearest query of an idle cycle on a server with many tables; a table
@@ -96,89 +73,9 @@ class RecoveryCounts:
     cleared: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class JobTable:
-    """A job table on the server: its schema, name and key columns."""
-
-    schema: str
-    name: str
-    key_columns: tuple[str, ...]
-
-    @property
-    def target_candidates(self) -> tuple[str, str]:
-        """Possible names of the table this queue serves: DataJoint drops the leading underscores of a
-        computed (``__x``) or imported (``_x``) table's name to name its queue ``~~x``."""
-        return f"__{self.name[2:]}", f"_{self.name[2:]}"
-
-
 #: Called for each cleared error before it is re-pended: (target table's full name, key, message, stack,
 #: error time).
 ClearedErrorSink = Callable[[str, dict, str, str, "datetime.datetime | None"], None]
-
-
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching names that start with `prefix` (its wildcards escaped)."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-_warned_names: set[tuple[str, str]] = set()  # unsafe catalog names already warned about (once per process)
-
-
-def _safe_names(schema: str, table: str, columns: Sequence[str]) -> bool:
-    """Whether a job table's names are DataJoint's own; warns once about one that is not."""
-    names_ok = identifiers.is_schema_name(schema) and identifiers.is_job_table_name(table)
-    if names_ok and all(identifiers.is_column_name(c) for c in columns):
-        return True
-    if (schema, table) not in _warned_names:
-        _warned_names.add((schema, table))
-        logger.warning(
-            "job recovery skips {!r}.{!r}: its schema, table or column names are not DataJoint's (a table "
-            "named to inject SQL, or not made by DataJoint)",
-            schema,
-            table,
-        )
-    return False
-
-
-def list_job_tables(
-    connection: dj.Connection,
-    db_prefix: Sequence[str] | None = None,
-    *,
-    tables: Iterable[tuple[str, str]] = (),
-) -> list[JobTable]:
-    """The job tables named in `tables` ((schema, job table) pairs), and every job table in schemas whose
-    names start with one of `db_prefix`. Neither given: none (recovery is never server-wide)."""
-    named = set(tables)
-    clauses, args = [], []
-    if named:
-        clauses += ["(table_schema = %s AND table_name = %s)"] * len(named)
-        args += [name for pair in sorted(named) for name in pair]
-    if db_prefix:  # lets the server skip other schemas instead of sending their columns
-        clauses += ["(table_schema LIKE %s AND table_name LIKE %s)"] * len(db_prefix)
-        args += [value for p in db_prefix for value in (_like_prefix(p), "~~%")]
-    if not clauses:
-        return []
-    where = " OR ".join(clauses)
-    rows = connection.query(
-        "SELECT table_schema, table_name, column_name FROM information_schema.columns "
-        f"WHERE {where} ORDER BY table_schema, table_name, ordinal_position",
-        args=tuple(args),
-    ).fetchall()
-    columns: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for schema, table, column in rows:
-        if schema in _SYSTEM_SCHEMAS:
-            continue
-        if (schema, table) not in named and not (
-            db_prefix and table.startswith("~~") and any(map(schema.startswith, db_prefix))
-        ):
-            continue
-        columns[(schema, table)].append(column)
-    return [
-        JobTable(schema, table, tuple(c for c in cols if c not in JOB_COLUMNS))
-        for (schema, table), cols in columns.items()
-        if set(cols) >= JOB_COLUMNS  # a DataJoint 2.x job table, not some other table named ~~x
-        and _safe_names(schema, table, cols)
-    ]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -199,7 +96,7 @@ def _decode_stack(value) -> str:
         value = value.tobytes()
     if isinstance(value, (bytes, bytearray)):
         try:
-            return str(unpack(bytes(value)))
+            return str(compat.unpack_blob(bytes(value)))
         except Exception:
             return bytes(value).decode("utf-8", "replace")
     return str(value)
@@ -235,10 +132,10 @@ class JobRecovery:
         self._missing: set[tuple[str, str]] = set()  # named by the caller, absent from the last listing
 
     def _q(self, name: str) -> str:
-        return identifiers.quote(self.connection.adapter.backend, name)
+        return identifiers.quote(compat.backend(self.connection), name)
 
     def _full_name(self, table: JobTable) -> str:
-        return identifiers.full_name(self.connection.adapter.backend, table.schema, table.name)
+        return identifiers.full_name(compat.backend(self.connection), table.schema, table.name)
 
     def _pending_assignments(self) -> str:
         q = self._q
@@ -251,7 +148,7 @@ class JobRecovery:
     def _in_scope(self, pair: tuple[str, str]) -> bool:
         schema = pair[0]
         return pair in self.tables or (
-            self.db_prefix is not None and schema not in _SYSTEM_SCHEMAS and any(map(schema.startswith, self.db_prefix))
+            self.db_prefix is not None and schema not in SYSTEM_SCHEMAS and any(map(schema.startswith, self.db_prefix))
         )
 
     def job_tables(self, known: Iterable[tuple[str, str]] = ()) -> list[JobTable]:
@@ -326,7 +223,7 @@ class JobRecovery:
     def _candidates(self, table: JobTable) -> tuple[list[dict], list[dict]]:
         """Reserved jobs (holder and age) and error jobs whose message matches a clearing pattern."""
         q = self._q
-        interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
+        interval = compat.interval_sql(self.connection, int(self.stale_timeout_hours * 3600))
         keys = "".join(f", {q(c)}" for c in table.key_columns)
         stack = q("error_stack") if self.on_cleared_error is not None else "NULL"
         rows = self.connection.query(
@@ -336,7 +233,8 @@ class JobRecovery:
             f"WHERE {self._candidate_condition()}",
             args=self.error_patterns,
         ).fetchall()
-        reserved, errors = [], []
+        reserved: list[dict] = []
+        errors: list[dict] = []
         for status, host, pid, conn_id, user, old, message, completed, stack, *key_values in rows:
             row = dict(
                 host=host,
@@ -378,7 +276,7 @@ class JobRecovery:
             holder = (row["host"], row["pid"], row["connection_id"])
             holders[holder] = holders.get(holder, False) or row["old"]
         stale = orphaned = 0
-        interval = self.connection.adapter.interval_expr(int(self.stale_timeout_hours * 3600), "second")
+        interval = compat.interval_sql(self.connection, int(self.stale_timeout_hours * 3600))
         where_holder = f"{q('status')}='reserved' AND {q('host')}=%s AND {q('pid')}=%s AND {q('connection_id')}=%s"
         for (host, pid, conn_id), any_old in holders.items():
             if host == self.host and (pid == os.getpid() or not _pid_alive(pid)):
@@ -403,7 +301,7 @@ class JobRecovery:
             args=(table.schema, *table.target_candidates),
         ).fetchall()
         name = min((r[0] for r in found), key=len, default=table.target_candidates[0])
-        return identifiers.full_name(self.connection.adapter.backend, table.schema, name)
+        return identifiers.full_name(compat.backend(self.connection), table.schema, name)
 
     def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
         """Copy each error to the sink, then re-pend them, `_CLEAR_BATCH` keys per statement."""
@@ -451,7 +349,7 @@ def record_job_error(connection: dj.Connection, table_full_name: str, key: dict,
     Used by the supervisor when it killed a job that ran past its `job_timeout`. Returns True if a
     reservation was turned into an error (False if the job was no longer reserved).
     """
-    backend = connection.adapter.backend
+    backend = compat.backend(connection)
     schema, name = identifiers.split_full_name(table_full_name)
     if not all(identifiers.is_column_name(k) for k in key):
         raise identifiers.UnsafeIdentifier(f"not DataJoint attribute names: {sorted(key)!r}")
@@ -459,7 +357,7 @@ def record_job_error(connection: dj.Connection, table_full_name: str, key: dict,
     def q(name: str) -> str:
         return identifiers.quote(backend, name)
 
-    job_table = identifiers.full_name(backend, schema, "~~" + name.lstrip("_"))
+    job_table = identifiers.full_name(backend, schema, compat.job_table_name(name))
     message = message[:2047]
     where = " AND ".join(f"{q(k)}=%s" for k in key)
     cursor = connection.query(

@@ -21,7 +21,7 @@ import datajoint as dj
 import psutil
 from loguru import logger
 
-from djsupervisor.worker import identifiers
+from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import is_connection_error
 
 T = TypeVar("T")
@@ -52,14 +52,14 @@ def declare_with_retry(action: Callable[[], T], what: str) -> T:
 
 
 def _declare_schema(connection: dj.Connection, schema_name: str) -> None:
-    quoted = identifiers.quote(connection.adapter.backend, schema_name)
-    if connection.adapter.backend == "postgresql":
+    quoted = identifiers.quote(compat.backend(connection), schema_name)
+    if compat.backend(connection) == "postgresql":
         connection.query(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
     else:
         connection.query(f"CREATE DATABASE IF NOT EXISTS {quoted}")
 
 
-def _define_tables(schema: dj.Schema) -> dict[str, type]:
+def _define_tables(schema: dj.Schema) -> dict[str, Any]:
     @schema
     class RegisteredWorker(dj.Manual):
         definition = """
@@ -165,7 +165,7 @@ def update_heartbeats(connection: dj.Connection, table: str, rows: list[dict]) -
     LOCALTIMESTAMP is the server's time in the session's zone, the same on every host that reads it back
     (client clocks and time zones may differ). Returns how many rows existed.
     """
-    q = functools.partial(identifiers.quote, connection.adapter.backend)
+    q = functools.partial(identifiers.quote, compat.backend(connection))
     found = 0
     for row in rows:
         fields = [f for f in _HEARTBEAT_FIELDS if f in row]
@@ -188,17 +188,17 @@ class WorkerSchema:
     def __init__(self, schema_name: str, connection: dj.Connection) -> None:
         self.schema_name = schema_name
         self.connection = connection
-        self._tables: dict[str, type] | None = None
+        self._tables: dict[str, Any] | None = None
 
     @property
-    def tables(self) -> dict[str, type]:
+    def tables(self) -> dict[str, Any]:
         """The table classes by name, declaring schema and tables if needed."""
         if self._tables is None:
             self._tables = self._declare()
         return self._tables
 
-    def _declare(self) -> dict[str, type]:
-        def declare() -> dict[str, type]:
+    def _declare(self) -> dict[str, Any]:
+        def declare() -> dict[str, Any]:
             _declare_schema(self.connection, self.schema_name)
             return _define_tables(dj.Schema(self.schema_name, connection=self.connection))
 

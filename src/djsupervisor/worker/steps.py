@@ -1,4 +1,10 @@
-"""The processes a worker runs each cycle: auto-populated tables and plain callables."""
+"""The processes a worker runs each cycle: auto-populated tables and plain callables.
+
+A step knows the worker that runs it only as a `StepHost`: the few questions and reports a step has
+(is a stop requested? a job started, ended; a step failed), so this module does not depend on the loop
+(`djsupervisor.worker.loop`); `djsupervisor.worker.progress.Progress` decides what a report does (counters,
+events, ErrorLog).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +12,55 @@ import numbers
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from datajoint.autopopulate import AutoPopulate
 from loguru import logger
 
+from djsupervisor.worker import compat
 from djsupervisor.worker.events import ProcessCounts
 from djsupervisor.worker.schema import declare_with_retry
 
-if TYPE_CHECKING:
-    from djsupervisor.worker.loop import DataJointWorker
-
-# DataJoint's populate imports deepdiff and tqdm on its first job (~20 ms); imported here, in the parent,
-# every forked child has them already and a replacement's first job starts that much sooner.
-try:
-    import deepdiff  # noqa: F401
-    import tqdm  # noqa: F401
-except ImportError:  # a later DataJoint may not need them: then there is nothing to preload
-    pass
+compat.preload_populate_imports()  # here, in a supervisor's parent: every forked child has them already
 
 #: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
+
+
+class StepHost(Protocol):
+    """What a step asks of and reports to the worker that runs it (`djsupervisor.worker.progress.Progress`)."""
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once the worker was asked to stop: a step starts no new job."""
+        ...
+
+    def stop(self, reason: str = "") -> None:
+        """Ask the worker to stop at the next job boundary."""
+        ...
+
+    def may_reserve(self) -> bool:
+        """At a job boundary, just before reserving the next job: False when no new job may start."""
+        ...
+
+    def job_started(self, table: str, key: dict) -> None:
+        """A job of `table` was reserved and its make() is about to run."""
+        ...
+
+    def job_ended(self, table: str, key: dict, ok: bool, message: str = "", stack: str | None = None) -> None:
+        """A job of `table` completed (`ok`) or failed with `message` and `stack`."""
+        ...
+
+    def callable_started(self, name: str) -> None:
+        """Callable `name` is about to be called."""
+        ...
+
+    def callable_ended(self, name: str, ok: bool) -> None:
+        """Callable `name` returned (`ok`) or raised."""
+        ...
+
+    def step_failed(self, kind: str, name: str, error: BaseException, stack: str) -> None:
+        """Step `name` raised outside a job (`kind`: ``populate`` or ``callable``)."""
+        ...
 
 
 def callable_name(func: Callable) -> str:
@@ -44,7 +78,7 @@ def reported_work(result: Any) -> int:
     if isinstance(result, numbers.Integral):
         return max(int(result), 0)
     if isinstance(result, numbers.Real):
-        return 1 if result > 0 else 0
+        return 1 if float(result) > 0 else 0
     try:
         return 1 if result else 0
     except Exception:  # objects whose truth is ambiguous (numpy arrays) report work
@@ -80,7 +114,7 @@ class TableStep:
     def job_table_key(self) -> tuple[str, str]:
         """(schema, name) of the table's job queue, declared or not (DataJoint names it ``~~`` and the
         table's name without its tier underscores)."""
-        return self.table.database, "~~" + self.table.table_name.lstrip("_")
+        return self.table.database, compat.job_table_name(self.table.table_name)
 
     @property
     def job_table_id(self) -> tuple[str, str] | None:
@@ -89,23 +123,23 @@ class TableStep:
             return None
         return self.table.database, self.table.jobs.table_name
 
-    def run(self, worker: DataJointWorker) -> ProcessCounts:
+    def run(self, host: StepHost) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
         try:
-            result = self._populate(worker)
+            result = self._populate(host)
         except SystemExit as error:  # DataJoint's SIGTERM handler, outside our own SIGTERM handling
-            worker.stop(f"populate of {self.name} interrupted: {error}")
+            host.stop(f"populate of {self.name} interrupted: {error}")
             return ProcessCounts("table", errors=1)
         except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
-            worker._step_failed("populate", self.name, error, traceback.format_exc())
+            host.step_failed("populate", self.name, error, traceback.format_exc())
             return ProcessCounts("table", errors=1)
         return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
 
-    def _job_table(self):
+    def _job_table(self) -> Any:
         """The table's job queue, declared (by whichever worker gets there first) on first use."""
         if not self._job_table_ready:
 
-            def declare():
+            def declare() -> None:
                 jobs = self.table.jobs  # DataJoint builds and declares it on first access
                 if not jobs.is_declared:
                     jobs.declare()
@@ -114,45 +148,21 @@ class TableStep:
             self._job_table_ready = True
         return self.table.jobs
 
-    def _populate(self, worker: DataJointWorker) -> dict:
+    def _populate(self, host: StepHost) -> dict:
         connection = self.table.connection
-        if connection._in_transaction:
-            # A make() whose connection died mid-transaction and could not reconnect leaves DataJoint's
-            # flag set (the server rolled the transaction back when the session ended); populate would
-            # refuse to run on this connection forever after.
+        if compat.transaction_left_open(connection):  # populate would refuse this connection forever after
             logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
-            try:
-                connection.cancel_transaction()
-            finally:
-                connection._in_transaction = False
-        jobs = self._job_table()
-        original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
+            compat.clear_transaction(connection)
+        with compat.observed_jobs(
+            self._job_table(),
+            may_reserve=host.may_reserve,
+            reserved=lambda key: host.job_started(self.name, key),
+            completed=lambda key: host.job_ended(self.name, key, ok=True),
+            failed=lambda key, message, stack: host.job_ended(self.name, key, ok=False, message=message, stack=stack),
+        ):
+            return self._populate_batches(host)
 
-        def reserve(key):
-            worker._guard_sigterm()
-            if worker.stop_requested:
-                return False
-            if not original["reserve"](key):
-                return False
-            worker._job_started(self.name, key)
-            return True
-
-        def complete(key, duration=None):
-            original["complete"](key, duration=duration)
-            worker._job_ended(self.name, key, ok=True)
-
-        def error(key, error_message, error_stack=None):
-            original["error"](key, error_message=error_message, error_stack=error_stack)
-            worker._job_ended(self.name, key, ok=False, message=error_message, stack=error_stack)
-
-        jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
-        try:
-            return self._populate_batches(worker)
-        finally:
-            for name in original:
-                delattr(jobs, name)
-
-    def _populate_batches(self, worker: DataJointWorker) -> dict:
+    def _populate_batches(self, host: StepHost) -> dict:
         """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
         only the first call refreshes the queue. One plain call fetches every pending key before its first
         job (100k keys: a third of a second), which a replacement child's first job would wait for.
@@ -169,7 +179,7 @@ class TableStep:
             batch = {}
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
-            if not (result["success_count"] or result["error_list"]) or worker.stop_requested:
+            if not (result["success_count"] or result["error_list"]) or host.stop_requested:
                 return total
 
 
@@ -185,25 +195,24 @@ class CallableStep:
         """A JSON-ready description for the worker's registration."""
         return dict(kind="callable", name=self.name, kwargs={k: repr(v) for k, v in self.kwargs.items()})
 
-    def run(self, worker: DataJointWorker) -> ProcessCounts:
+    def run(self, host: StepHost) -> ProcessCounts:
         """Call it; a raised exception is logged and recorded, never propagated."""
-        worker._callable_started(self.name)
+        host.callable_started(self.name)
         started = time.monotonic()
         try:
             result = self.func(**self.kwargs)
         except Exception as error:
-            worker._step_failed("callable", self.name, error, traceback.format_exc())
-            worker._callable_ended(self.name, ok=False)
+            host.step_failed("callable", self.name, error, traceback.format_exc())
+            host.callable_ended(self.name, ok=False)
             return ProcessCounts("callable", errors=1)
         logger.debug("{} returned {!r} in {:.3f} s", self.name, result, time.monotonic() - started)
-        worker._callable_ended(self.name, ok=True)
+        host.callable_ended(self.name, ok=True)
         return ProcessCounts("callable", done=reported_work(result))
 
 
 def make_step(process: Any, kwargs: dict) -> TableStep | CallableStep:
     """The step for a registered process: a table class or instance, or any callable."""
-    is_table = (isinstance(process, type) and issubclass(process, AutoPopulate)) or isinstance(process, AutoPopulate)
-    if is_table:
+    if compat.is_auto_populated(process):
         return TableStep(process, dict(kwargs))
     if callable(process):
         return CallableStep(process, dict(kwargs))

@@ -1,0 +1,260 @@
+"""Every use of DataJoint's internals, in one place, and the check that the installed DataJoint is one they fit.
+
+djsupervisor needs a few things DataJoint does not offer as API: the driver connection under a
+`Connection` (to abandon a forked child's copy without a byte on the parent's socket, and to read the
+server's id of the session in use), the transaction flag a lost connection leaves set, a hook on every
+(re)connect, the job table's `reserve`/`complete`/`error` calls during ``populate()``, the blob decoder for
+error stacks, the global connection, the SQL adapter, and the naming and columns of job tables. Each is one
+function or constant here, so that a new DataJoint release is checked against this module alone.
+
+Everything here was read from DataJoint 2.3.x (2.3.5 installed: ``datajoint/connection.py``,
+``instance.py``, ``autopopulate.py``, ``jobs.py``, ``blob.py``, ``adapters/``). DataJoint 2.x keeps these
+within a major version; a different major version changes them (1.x had no ``~~`` job tables and no
+adapters), so importing this module on one fails at once with `UnsupportedDataJointVersion`, one line
+that names the installed version and the tested one, rather than later, mid-job, with an AttributeError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import datajoint
+
+#: The DataJoint major version djsupervisor runs on, and the releases it was tested with.
+SUPPORTED_MAJOR = 2
+TESTED_RANGE = "2.3.x"
+
+
+class UnsupportedDataJointVersion(ImportError):
+    """The installed DataJoint is of a major version djsupervisor was not written for."""
+
+
+def check_datajoint_version() -> None:
+    """Fail with one clear line unless the installed DataJoint is of the supported major version.
+
+    Reads ``datajoint.__version__`` (DataJoint writes ``0.0.0+unknown`` when it cannot tell, in a source
+    tree without metadata: that passes, there is nothing to judge).
+    """
+    version = str(getattr(datajoint, "__version__", ""))
+    if version.endswith("+unknown"):
+        return
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        return
+    if major != SUPPORTED_MAJOR:
+        raise UnsupportedDataJointVersion(
+            f"djsupervisor needs DataJoint {SUPPORTED_MAJOR}.x (tested with {TESTED_RANGE}); "
+            f"the installed datajoint is {version}"
+        )
+
+
+check_datajoint_version()
+
+# ----- connections (connection.py, instance.py)
+
+
+def global_connection() -> datajoint.Connection | None:
+    """DataJoint's global connection if one was opened (by ``dj.conn()`` or a ``dj.Schema`` without one),
+    else None; opens none. 2.3 keeps it in ``datajoint.instance._singleton_connection`` (``dj.conn.connection``
+    before 2.0)."""
+    from datajoint import instance
+
+    found = getattr(instance, "_singleton_connection", None)
+    return found if found is not None else getattr(datajoint.conn, "connection", None)
+
+
+def backend(connection: datajoint.Connection) -> str:
+    """``"mysql"`` (MySQL and MariaDB) or ``"postgresql"``: ``connection.adapter.backend``."""
+    return connection.adapter.backend
+
+
+def interval_sql(connection: datajoint.Connection, seconds: int) -> str:
+    """An SQL interval of `seconds` for the connection's server (the adapter's ``interval_expr``)."""
+    return connection.adapter.interval_expr(seconds, "second")
+
+
+def driver_connection(connection: datajoint.Connection) -> Any | None:
+    """The pymysql or psycopg2 connection under `connection` (``Connection._conn``), None when closed."""
+    return connection._conn
+
+
+def driver_socket_fd(raw: Any) -> int | None:
+    """The file descriptor of a driver connection (psycopg2's ``fileno()``, pymysql's ``_sock``), or None if
+    unknown or closed."""
+    try:
+        if hasattr(raw, "fileno"):  # psycopg2
+            return raw.fileno()
+        sock = getattr(raw, "_sock", None)  # pymysql
+        return sock.fileno() if sock is not None else None
+    except Exception:
+        return None
+
+
+def forget_session(connection: datajoint.Connection) -> None:
+    """Make `connection` forget its driver connection and any transaction on it, sending nothing; the next
+    ``connect()`` opens a new session on the same object."""
+    connection._conn = None
+    connection._in_transaction = False
+
+
+def session_id(connection: datajoint.Connection) -> int:
+    """The server's id of the session `connection` uses now (what DataJoint records on every reservation)."""
+    return connection.adapter.get_connection_id(connection._conn)
+
+
+def session_alive(connection: datajoint.Connection) -> bool:
+    """Whether `connection`'s session answers a ping. (DataJoint's `is_connected` cannot tell on PostgreSQL:
+    that adapter's ping returns False instead of raising, which `is_connected` takes for success.)"""
+    if connection._conn is None:
+        return False
+    try:
+        return connection.adapter.ping(connection._conn) is not False
+    except Exception:
+        return False
+
+
+def call_after_every_connect(connection: datajoint.Connection, after: Callable[[], object]) -> None:
+    """Call `after()` after every ``connect()`` of `connection`, DataJoint's automatic reconnects included.
+
+    ``Connection.query`` reconnects through ``self.connect()``, so replacing ``connect`` on the instance
+    catches every reconnect. A connection is hooked once: a second call leaves the first hook in place.
+    """
+    if getattr(connection.connect, "_djs_hooked", False):
+        return
+    original = connection.connect
+
+    @functools.wraps(original)
+    def connect_then_call() -> None:
+        original()
+        after()
+
+    connect_then_call._djs_hooked = True  # type: ignore[attr-defined]
+    connection.connect = connect_then_call  # type: ignore[method-assign]
+
+
+def transaction_left_open(connection: datajoint.Connection) -> bool:
+    """Whether DataJoint's transaction flag is set, read without the ping of ``in_transaction``.
+
+    A ``make()`` whose connection died mid-transaction and could not reconnect leaves the flag set (the
+    server rolled the transaction back when the session ended); ``populate()`` then refuses to run on this
+    connection forever after.
+    """
+    return bool(connection._in_transaction)
+
+
+def clear_transaction(connection: datajoint.Connection) -> None:
+    """Roll back the transaction DataJoint believes open, and clear its flag even if the rollback fails."""
+    try:
+        connection.cancel_transaction()
+    finally:
+        connection._in_transaction = False
+
+
+# ----- populate and its job table (autopopulate.py, jobs.py)
+
+#: The bookkeeping columns of a DataJoint 2.x job table; every other column is the job's key.
+JOB_TABLE_COLUMNS = frozenset(
+    {
+        "status",
+        "priority",
+        "created_time",
+        "scheduled_time",
+        "reserved_time",
+        "completed_time",
+        "duration",
+        "error_message",
+        "error_stack",
+        "user",
+        "host",
+        "pid",
+        "connection_id",
+        "version",
+    }
+)
+#: How every job table's name starts.
+JOB_TABLE_PREFIX = "~~"
+
+
+def job_table_name(table_name: str) -> str:
+    """The name of the job table of auto-populated table `table_name` (unquoted, without the schema):
+    ``~~`` and the name without its tier underscores."""
+    return JOB_TABLE_PREFIX + table_name.lstrip("_")
+
+
+def job_table_targets(job_table: str) -> tuple[str, str]:
+    """Possible names of the table that job table `job_table` serves: a computed (``__x``) or an imported
+    (``_x``) table."""
+    name = job_table[len(JOB_TABLE_PREFIX) :]
+    return f"__{name}", f"_{name}"
+
+
+def is_auto_populated(process: Any) -> bool:
+    """Whether `process` is an auto-populated table class or instance."""
+    AutoPopulate = datajoint.AutoPopulate
+    return (isinstance(process, type) and issubclass(process, AutoPopulate)) or isinstance(process, AutoPopulate)
+
+
+@contextlib.contextmanager
+def observed_jobs(
+    jobs: Any,
+    *,
+    may_reserve: Callable[[], bool],
+    reserved: Callable[[dict], None],
+    completed: Callable[[dict], None],
+    failed: Callable[[dict, str, str | None], None],
+) -> Iterator[None]:
+    """Within the block, observe the job table `jobs` through ``populate(reserve_jobs=True)``.
+
+    ``AutoPopulate._populate1`` calls ``jobs.reserve(key)`` before each job (False: skip it),
+    ``jobs.complete(key[, duration])`` after a success or an already populated key, and
+    ``jobs.error(key, error_message=, error_stack=)`` after a failure, all on the instance ``table.jobs``
+    returns. Here `may_reserve()` is asked before each reservation (False: the job is not reserved), and
+    `reserved(key)`, `completed(key)` and `failed(key, message, stack)` follow DataJoint's own calls. The
+    instance attributes set here are removed on leaving, which uncovers the class's methods again.
+    """
+    original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
+
+    def reserve(key: dict) -> bool:
+        if not may_reserve() or not original["reserve"](key):
+            return False
+        reserved(key)
+        return True
+
+    def complete(key: dict, duration: float | None = None) -> None:
+        original["complete"](key, duration=duration)
+        completed(key)
+
+    def error(key: dict, error_message: str, error_stack: str | None = None) -> None:
+        original["error"](key, error_message=error_message, error_stack=error_stack)
+        failed(key, error_message, error_stack)
+
+    jobs.reserve, jobs.complete, jobs.error = reserve, complete, error
+    try:
+        yield
+    finally:
+        for name in original:
+            delattr(jobs, name)
+
+
+def preload_populate_imports() -> None:
+    """Import what ``populate()`` imports on its first job (deepdiff, tqdm: ~20 ms). Done in a supervisor's
+    parent, every forked child has them already and a replacement's first job starts that much sooner."""
+    try:
+        import deepdiff  # noqa: F401
+        import tqdm  # noqa: F401
+    except ImportError:  # a later DataJoint may not need them: then there is nothing to preload
+        pass
+
+
+# ----- blobs (blob.py)
+
+
+def unpack_blob(data: bytes) -> Any:
+    """Decode a DataJoint ``<blob>`` (how a job table stores `error_stack`)."""
+    from datajoint.blob import unpack
+
+    return unpack(data)
