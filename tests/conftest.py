@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import datajoint as dj
 import pytest
@@ -114,7 +116,7 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def db(backend) -> TestDatabase:
+def db(backend: str) -> Iterator[TestDatabase]:
     """A configured DataJoint connection and a schema prefix of this test's own, dropped afterwards."""
     connection = configure_datajoint(backend)
     prefix = f"djst_{uuid.uuid4().hex[:10]}"
@@ -135,7 +137,7 @@ def private_runtime_dir(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture
-def supervise(db, tmp_path):
+def supervise(db: TestDatabase, tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
     """Start the real `djsupervisor start ARGS...` for this test's database; everything is killed afterwards.
 
     Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through

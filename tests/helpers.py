@@ -126,7 +126,7 @@ class Supervised:
 
     def children(self) -> dict[str, psutil.Process]:
         """The live children by label ("standard[0]"), from their process titles."""
-        found = {}
+        found: dict[str, psutil.Process] = {}
         try:
             processes = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
@@ -161,7 +161,7 @@ class Supervised:
 
         def counts():
             pids = self.pids()
-            got = {}
+            got: dict[str, int] = {}
             for label in pids:
                 worker = label.split("[")[0]
                 got[worker] = got.get(worker, 0) + 1

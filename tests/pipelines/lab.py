@@ -111,7 +111,7 @@ def declare(schema_name: str, connection: dj.Connection | None = None, *, job_ta
 
         def make(self, key: dict) -> None:
             started = time.time()
-            row = (Source & key).fetch1()
+            row = (Source() & key).fetch1()
             act_out(row)
             square = row["value"] * row["value"]
             self.insert1(dict(key, square=square, worker_pid=os.getpid(), started=started, finished=time.time()))
@@ -133,9 +133,9 @@ def declare(schema_name: str, connection: dj.Connection | None = None, *, job_ta
             """
 
         def make(self, key: dict) -> None:
-            square = (Square & key).fetch1("square")
+            square = (Square() & key).fetch1("square")
             self.insert1(dict(key, cube=square**1.5))
-            act_out((Source & key).fetch1())  # the transaction is open: a cut here leaves neither master nor parts
+            act_out((Source() & key).fetch1())  # the transaction is open: a cut here leaves neither master nor parts
             digits = f"{key['source_id']:03d}"
             self.Digit.insert(dict(key, position=p, digit=int(d)) for p, d in enumerate(digits))
 
