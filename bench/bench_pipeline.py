@@ -1,10 +1,12 @@
-"""Pipeline used by bench/run.py: Source (manual) -> Work (computed).
+"""The benchmarks' pipeline and worker: the test pipeline (tests/pipelines/lab.py), worked by one DataJointWorker.
 
+The benchmarks use the tests' pipeline rather than one of their own, so that what is measured is what is
+tested; tests/ goes on sys.path here (bench/ is not a package, and the pipeline's home is the test suite).
 Configured by environment variables, read at import (each benchmark run gets its own prefix):
-DJS_BENCH_PREFIX (schema prefix), DJS_BENCH_MS (milliseconds each make() sleeps),
-DJS_BENCH_SLEEP (worker sleep_duration, seconds), DJS_BENCH_MAX_SLEEP (max_sleep_duration, optional).
-Work rows record the pid that computed them and when make() started and finished (time.time()),
-so the benchmark reads throughput, restart and stop latencies from the database.
+DJS_BENCH_PREFIX (schema prefix), DJS_BENCH_MS (milliseconds each make() sleeps: the `delay` that `seed`
+writes into the Source rows), DJS_BENCH_SLEEP (worker sleep_duration, seconds), DJS_BENCH_MAX_SLEEP
+(max_sleep_duration, optional). Square rows record the pid that computed them and when make() started and
+finished (time.time()), so the benchmark reads throughput, restart and stop latencies from the database.
 `worker` is the djsupervisor target; `python bench/bench_pipeline.py` is the plain baseline loop.
 """
 
@@ -12,9 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
-import datajoint as dj
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
@@ -23,38 +29,19 @@ MS = float(os.environ.get("DJS_BENCH_MS", "5"))
 SLEEP = float(os.environ.get("DJS_BENCH_SLEEP", "0.1"))
 MAX_SLEEP = os.environ.get("DJS_BENCH_MAX_SLEEP")
 
-schema = dj.Schema(f"{PREFIX}_pipe")
+lab = declare(f"{PREFIX}_pipe")  # with the job tables: plain loops racing to declare them on PostgreSQL can fail
 
 
-@schema
-class Source(dj.Manual):
-    definition = """
-    source_id : int32
-    """
-
-
-@schema
-class Work(dj.Computed):
-    definition = """
-    -> Source
-    ---
-    pid : int32
-    started : float64
-    finished : float64
-    """
-
-    def make(self, key):
-        started = time.time()
-        if MS:
-            time.sleep(MS / 1000)
-        self.insert1(dict(key, pid=os.getpid(), started=started, finished=time.time()))
+def seed(n: int) -> None:
+    """Source rows 0..n-1 whose make()s sleep DJS_BENCH_MS milliseconds."""
+    lab.seed(range(n), delay=MS / 1000)
 
 
 _kwargs = dict(db_prefix=[PREFIX], sleep_duration=SLEEP)
 if MAX_SLEEP:
     _kwargs["max_sleep_duration"] = float(MAX_SLEEP)
 worker = DataJointWorker("bench", f"{PREFIX}_workers", **_kwargs)
-worker(Work)
+worker(lab.Square)
 
 COUNT_DIR = os.environ.get("DJS_BENCH_COUNT_DIR")
 if COUNT_DIR:  # idle load: every statement this process sends, logged as "time count" at each sleep
@@ -79,7 +66,7 @@ def plain_loop() -> None:
     """The baseline: what labs run under tmux or supervisord, a populate loop with a sleep when idle."""
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
-    table = Work()
+    table = lab.Square()
     while not stopping:
         result = table.populate(reserve_jobs=True, suppress_errors=True)
         if not result.get("success_count") and not stopping:

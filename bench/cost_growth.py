@@ -1,6 +1,7 @@
 """Cost growth of one worker cycle with the number of pending jobs (issue 5, figure 6).
 
-A real `DataJointWorker` (one table, `max_calls` jobs per cycle, no-op make()) runs cycles against a job
+A real `DataJointWorker` (the test pipeline's Square, tests/pipelines/lab.py: `JOBS_PER_CYCLE` jobs per
+cycle, make()s that do nothing but read their Source row and insert) runs cycles against a job
 table holding 1k, 10k and 100k pending keys, with 50 orphaned reservations (this host, dead pid, dead
 session), 50 stale ones (another host, 48 h old, dead session) and 50 transient errors re-planted before
 each measured cycle, so recovery always has work. Each step of the cycle is timed (exclusive time: a
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import platform
 import statistics
 import subprocess
@@ -34,9 +34,10 @@ from pathlib import Path
 
 import datajoint as dj
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' servers and pipeline
 from conftest import BACKENDS, drop_schemas
 from conftest import configure_datajoint as connect
+from pipelines.lab import declare
 
 JOBS_PER_CYCLE = 20
 PLANTED = 50  # orphans, stale reservations and transient errors, each, before every measured cycle
@@ -121,28 +122,10 @@ class Setup:
         self.backend = backend
         self.connection = connect(backend)
         self.prefix = f"djsbench_{uuid.uuid4().hex[:8]}"
-        schema = dj.Schema(f"{self.prefix}_pipe", connection=self.connection)
-
-        @schema
-        class Source(dj.Manual):
-            definition = """
-            source_id : int32
-            """
-
-        @schema
-        class Work(dj.Computed):
-            definition = """
-            -> Source
-            ---
-            pid : int32
-            """
-
-            def make(self, key):
-                self.insert1(dict(key, pid=os.getpid()))
-
-        self.Source, self.Work = Source, Work
+        self.lab = declare(f"{self.prefix}_pipe", connection=self.connection, job_tables=False)
+        self.Source, self.Square = self.lab.Source, self.lab.Square
         self.worker = DataJointWorker("cost", f"{self.prefix}_workers", sleep_duration=0, db_prefix=[self.prefix])
-        self.worker(Work)
+        self.worker(self.Square)
         self._jobs_in_cycle = 0
         self.worker.add_listener(self._bound_the_cycle)
         self.worker.run_once()  # declares the worker schema and the job table
@@ -165,7 +148,7 @@ class Setup:
         p.wrap(Job, "refresh", "refresh")
         p.wrap(Job, "reserve", "reserve")
         p.wrap(Job, "complete", "complete")
-        p.wrap(self.Work, "make", "make")
+        p.wrap(self.Square, "make", "make")
         p.wrap(steps.TableStep, "run", "populate")
         p.wrap(WorkerRecord, "heartbeat", "heartbeat")
         p.wrap(tables.WorkerSchema, "log_cycle", "WorkerLog")
@@ -183,15 +166,15 @@ class Setup:
         """Source rows 0..n-1 and a pending job for every key without a job or a result (bulk SQL)."""
         have = len(self.Source())
         for start in range(have, n, 10000):
-            self.Source.insert([dict(source_id=i) for i in range(start, min(start + 10000, n))])
+            self.lab.seed(range(start, min(start + 10000, n)))
         q = self.q
-        jobs, source, work = self.jobs.full_table_name, self.Source.full_table_name, self.Work.full_table_name
+        jobs, source, square = self.jobs.full_table_name, self.Source.full_table_name, self.Square.full_table_name
         self.connection.query(
             f"INSERT INTO {jobs} ({q('source_id')}, {q('status')}, {q('priority')}, {q('scheduled_time')}) "
             f"SELECT s.{q('source_id')}, 'pending', 5, CURRENT_TIMESTAMP(3) - "
             f"{self.connection.adapter.interval_expr(60, 'second')} FROM {source} s "
             f"WHERE NOT EXISTS (SELECT 1 FROM {jobs} j WHERE j.{q('source_id')}=s.{q('source_id')}) "
-            f"AND NOT EXISTS (SELECT 1 FROM {work} w WHERE w.{q('source_id')}=s.{q('source_id')})"
+            f"AND NOT EXISTS (SELECT 1 FROM {square} w WHERE w.{q('source_id')}=s.{q('source_id')})"
         )
 
     def plant(self) -> None:

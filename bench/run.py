@@ -62,12 +62,12 @@ class DB:
         except Exception:
             return []
 
-    def table(self, prefix: str, name: str = "__work") -> str:
+    def table(self, prefix: str, name: str = "__square") -> str:
         return f"`{prefix}_pipe`.`{name}`" if self.backend == "mysql" else f'"{prefix}_pipe"."{name}"'
 
     def work_rows(self, prefix: str):
         try:
-            return self.q(f"SELECT pid, started, finished FROM {self.table(prefix)}")
+            return self.q(f"SELECT worker_pid, started, finished FROM {self.table(prefix)}")
         except Exception:
             return []
 
@@ -77,13 +77,10 @@ class DB:
         except Exception:
             return 0
 
-    def seed(self, prefix: str, n: int) -> None:
-        env = env_for(self.backend, prefix, 0)
-        # the job table is declared here: plain loops racing to declare it on PostgreSQL can fail to start
-        code = (
-            f"import bench_pipeline as b; b.Source.insert([dict(source_id=i) for i in range({n})]); "
-            "j = b.Work().jobs; j.is_declared or j.declare()"
-        )
+    def seed(self, prefix: str, n: int, ms: float = 0) -> None:
+        """`n` keys whose make()s take `ms` milliseconds; importing bench_pipeline declares the job tables."""
+        env = env_for(self.backend, prefix, ms)
+        code = f"import bench_pipeline as b; b.seed({n})"
         subprocess.run([PY, "-c", code], env=env, check=True, cwd=BENCH, capture_output=True)
 
     def drop_prefix(self, prefix: str) -> None:
@@ -203,7 +200,7 @@ class Plain:
 
 def throughput(db: DB, kind: str, replicas: int, ms: float, window: float, keys: int, prefix: str) -> float:
     """Jobs/s completed between two timestamps once every process has finished a job."""
-    db.seed(prefix, keys)
+    db.seed(prefix, keys, ms)
     env = env_for(db.backend, prefix, ms)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
     runner = Supervisor(env, replicas, tmp) if kind == "djsupervisor" else Plain(env, replicas, tmp)
@@ -230,7 +227,7 @@ def throughput(db: DB, kind: str, replicas: int, ms: float, window: float, keys:
 
 def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: bool) -> float:
     """SIGKILL of a busy child -> first job finished by its replacement (seconds)."""
-    db.seed(prefix, 20000)
+    db.seed(prefix, 20000, ms)
     env = env_for(db.backend, prefix, ms)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
     if kind == "djsupervisor":
@@ -263,7 +260,9 @@ def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: b
         victim.kill()
         end = time.time() + 60
         while time.time() < end:
-            r = db.q(f"SELECT min(finished) FROM {db.table(prefix)} WHERE pid <> %s AND finished > %s", (old, killed))
+            r = db.q(
+                f"SELECT min(finished) FROM {db.table(prefix)} WHERE worker_pid <> %s AND finished > %s", (old, killed)
+            )
             if r and r[0][0] is not None:
                 return r[0][0] - killed
             time.sleep(0.005)
@@ -279,7 +278,7 @@ def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: b
 
 def stop_latency(db: DB, prefix: str, ms: float, replicas: int) -> float:
     """SIGTERM with jobs in flight -> exit, minus the in-flight jobs' remaining time (seconds)."""
-    db.seed(prefix, 10000)
+    db.seed(prefix, 10000, ms)
     env = env_for(db.backend, prefix, ms)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
     runner = Supervisor(env, replicas, tmp)

@@ -17,15 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import configure_datajoint, drop_schemas
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
 
 def one_round(kind: str, keys: int) -> float:
     prefix = f"djsbench_{uuid.uuid4().hex[:8]}"
-    pipe = make_pipeline(f"{prefix}_pipe")
-    seed(pipe, keys)
+    pipe = declare(f"{prefix}_pipe")
+    pipe.seed(range(1, keys + 1))
     table = pipe.Square()
     table.jobs.refresh()
     if kind == "worker":

@@ -2,8 +2,11 @@
 
 `backend` is parametrized over MariaDB/MySQL and PostgreSQL. `db` configures DataJoint's global config
 and connection for that backend and yields a `TestDatabase` with a unique schema prefix; on teardown every
-schema with that prefix is dropped. `db.env` gives the DJ_* variables a subprocess needs to reach the same
-server (process tests pass it to the real `djsupervisor`).
+schema with that prefix is dropped. `db.env` gives a subprocess what it needs to reach the same server
+(the DJ_* variables) and to import the test pipeline under the test's prefix (tests/ on PYTHONPATH,
+DJS_TEST_PREFIX); process tests pass it to the real `djsupervisor` through the `supervise` fixture.
+
+Fixtures live here, not in helpers.py, so that tests use them by name without importing them.
 """
 
 from __future__ import annotations
@@ -11,9 +14,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import datajoint as dj
 import pytest
+from helpers import TESTS, Supervised
 
 BACKENDS = {
     "mysql": dict(
@@ -46,7 +52,9 @@ class TestDatabase:
 
     @property
     def env(self) -> dict:
-        """Environment for a subprocess: this process's environment plus the DJ_* settings."""
+        """Environment for a subprocess: this process's environment plus the DJ_* settings, DJS_TEST_PREFIX
+        (the schema prefix `pipelines.workers` declares its pipeline under) and tests/ first on PYTHONPATH
+        (so that targets like "pipelines.supervised:standard" and scripts' `import pipelines` resolve)."""
         env = dict(os.environ)
         env.update(
             DJ_HOST=self.settings["host"],
@@ -55,6 +63,8 @@ class TestDatabase:
             DJ_PASS=self.settings["password"],
             DJ_BACKEND=self.backend,
             DJ_USE_TLS="false",
+            DJS_TEST_PREFIX=self.prefix,
+            PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         )
         return env
 
@@ -106,7 +116,7 @@ def backend(request) -> str:
 
 
 @pytest.fixture
-def db(backend) -> TestDatabase:
+def db(backend: str) -> Iterator[TestDatabase]:
     """A configured DataJoint connection and a schema prefix of this test's own, dropped afterwards."""
     connection = configure_datajoint(backend)
     prefix = f"djst_{uuid.uuid4().hex[:10]}"
@@ -124,3 +134,23 @@ def private_runtime_dir(tmp_path_factory, monkeypatch):
     directory = tmp_path_factory.mktemp("run")
     monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(directory))
     return directory
+
+
+@pytest.fixture
+def supervise(db: TestDatabase, tmp_path: Path) -> Iterator[Callable[..., Supervised]]:
+    """Start the real `djsupervisor start ARGS...` for this test's database; everything is killed afterwards.
+
+    Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
+    DJS_TEST_PREFIX (in `db.env`). ``supervise(args, uts_host="node-b")`` runs it under that host name (its
+    own UTS namespace), so that DataJoint's job reservations name that host, as on another machine.
+    """
+    started: list[Supervised] = []
+
+    def start(args: list[str], uts_host: str | None = None) -> Supervised:
+        supervised = Supervised(args, db.env, tmp_path, uts_host)
+        started.append(supervised)
+        return supervised
+
+    yield start
+    for supervised in started:
+        supervised.close()

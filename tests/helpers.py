@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 TESTS = Path(__file__).resolve().parent
 TITLE = re.compile(r"^djsupervisor: (?P<supervisor>\S+) (?P<worker>[^\s\[]+)\[(?P<slot>\d+)\] (?P<state>.+)$")
@@ -88,10 +87,8 @@ def djsupervisor_command() -> list[str]:
 
 def run_cli(db, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     """Run `djsupervisor ARGS...` against the test's database and pipelines; its output captured as text."""
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)  # as Supervised
     return subprocess.run(
-        [*djsupervisor_command(), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+        [*djsupervisor_command(), *args], env=db.env, cwd=cwd, capture_output=True, text=True, timeout=60
     )
 
 
@@ -104,16 +101,16 @@ def write_config(path: Path, text: str) -> Path:
 
 
 class Supervised:
-    """A running `djsupervisor start`, its output in a file, its children seen through psutil."""
+    """A running `djsupervisor start`, its output in a file, its children seen through psutil.
+
+    `env` is the supervisor's whole environment: `db.env` (the `supervise` fixture) reaches the test's
+    server and puts tests/ on PYTHONPATH, for its targets.
+    """
 
     def __init__(self, args: list[str], env: dict, workdir: Path, uts_host: str | None = None) -> None:
         self.log_path = workdir / (f"supervisor-{uts_host}.log" if uts_host else "supervisor.log")
         self._log = open(self.log_path, "wb")
-        env = dict(
-            env,
-            PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            PYTHONUNBUFFERED="1",
-        )
+        env = dict(env, PYTHONUNBUFFERED="1")
         command = [*djsupervisor_command(), "start", *args]
         if uts_host:  # a host of its own name: a UTS namespace (root only), as on another machine
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', uts_host, *command]
@@ -129,7 +126,7 @@ class Supervised:
 
     def children(self) -> dict[str, psutil.Process]:
         """The live children by label ("standard[0]"), from their process titles."""
-        found = {}
+        found: dict[str, psutil.Process] = {}
         try:
             processes = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
@@ -164,7 +161,7 @@ class Supervised:
 
         def counts():
             pids = self.pids()
-            got = {}
+            got: dict[str, int] = {}
             for label in pids:
                 worker = label.split("[")[0]
                 got[worker] = got.get(worker, 0) + 1
@@ -198,27 +195,6 @@ class Supervised:
             except OSError:
                 pass
         self._log.close()
-
-
-@pytest.fixture
-def supervise(db, tmp_path):
-    """Start the real `djsupervisor start ARGS...` for this test's database; everything is killed afterwards.
-
-    Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
-    DJS_TEST_PREFIX. ``supervise(args, uts_host="node-b")`` runs it under that host name (its own UTS
-    namespace), so that DataJoint's job reservations name that host, as on another machine.
-    """
-    started: list[Supervised] = []
-
-    def start(args: list[str], uts_host: str | None = None) -> Supervised:
-        env = dict(db.env, DJS_TEST_PREFIX=db.prefix)
-        supervised = Supervised(args, env, tmp_path, uts_host)
-        started.append(supervised)
-        return supervised
-
-    yield start
-    for supervised in started:
-        supervised.close()
 
 
 def process_gone(pid: int) -> bool:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 from helpers import run_cli as cli
-from helpers import supervise, wait_until, write_config  # noqa: F401 (a fixture)
-from pipelines.tables import declare, seed
+from helpers import wait_until, write_config
+from pipelines.lab import declare
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
@@ -17,7 +17,7 @@ KEYS = 240  # at ~50 ms each: about 12 s for one child, enough for the pool to g
 
 def test_pool_grows_under_a_backlog_and_shrinks_back_when_idle(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(KEYS), delay=0.05)
+    pipe.seed(range(KEYS), delay=0.05)
     config = write_config(
         tmp_path / "lab.toml",
         """

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from helpers import djsupervisor_command, wait_until, write_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,7 +55,7 @@ def test_version():
 
 
 def test_check_validates_imports_and_connects(db, tmp_path):
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    env = db.env
     config = write_config(
         tmp_path / "lab.toml",
         """
@@ -86,11 +86,11 @@ def test_check_validates_imports_and_connects(db, tmp_path):
 
 
 def test_run_one_worker_in_the_foreground(db, tmp_path):
-    from pipelines.tables import declare, seed
+    from pipelines.lab import declare
 
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1, 2, 3])
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    pipe.seed([1, 2, 3])
+    env = db.env
     config = write_config(
         tmp_path / "lab.toml",
         """
@@ -114,10 +114,10 @@ def test_run_one_worker_in_the_foreground(db, tmp_path):
 def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_path, monkeypatch):
     """Against a real supervisor found by --name in $DJSUPERVISOR_RUNTIME_DIR: the status table a person
     reads, --queues, a closed stdout, a refused scale as one line, then `stop --fast --wait`."""
-    from pipelines.tables import declare, seed
+    from pipelines.lab import declare
 
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1, 2, 3])
+    pipe.seed([1, 2, 3])
     runtime = tmp_path / "rt"
     config = write_config(
         tmp_path / "tablelab.toml",
@@ -131,7 +131,7 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     """,
     )
     monkeypatch.setenv("DJSUPERVISOR_RUNTIME_DIR", str(runtime))  # db.env, so the supervisor too, has it
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    env = db.env
     sup = supervise(["-c", str(config)])
     pids = sup.wait_children({"standard": 2})
     wait_until((runtime / "tablelab.sock").exists, 20, message="the control socket in the runtime dir")

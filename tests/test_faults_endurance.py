@@ -7,8 +7,8 @@ import time
 
 import psutil
 import pytest
-from helpers import supervise, wait_until, write_config  # noqa: F401
-from pipelines.tables import declare, seed
+from helpers import wait_until, write_config
+from pipelines.lab import declare
 
 from djsupervisor.serve.control import send_request
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.fault, pytest.mark.process]
 @pytest.mark.timeout(120)
 def test_hung_job_is_killed_after_graceful_timeout_and_goes_back_to_pending(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1], hang=1)
+    pipe.seed([1], hang=1)
     config = write_config(
         tmp_path / "lab.toml",
         """
@@ -55,7 +55,7 @@ def test_parent_memory_stays_flat_over_many_restarts(db, supervise, tmp_path):
         sample_interval = 0.5
         [[worker]]
         name = "churn"
-        target = "pipelines.churn:churn"
+        target = "pipelines.workers:churn"
         replicas = 4
     """,
     )

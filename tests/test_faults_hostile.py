@@ -10,7 +10,7 @@ import uuid
 
 import psutil
 import pytest
-from helpers import TESTS, djsupervisor_command, raw_exchange, serving, supervise, wait_until, write_config  # noqa: F401
+from helpers import TESTS, djsupervisor_command, raw_exchange, serving, wait_until, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -158,10 +158,10 @@ def test_credentials_never_show(db, supervise, tmp_path):
         root.query(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY '{password}'".replace("%", "%%"))
         root.query(f"GRANT ALL PRIVILEGES ON `{db.prefix}%`.* TO '{user}'@'{host}'".replace("%", "%%"))
     try:
-        from pipelines.tables import declare, seed
+        from pipelines.lab import declare
 
         pipe = declare(db.schema_name("pipe"))
-        seed(pipe, [1, 2])
+        pipe.seed([1, 2])
         odd = "läb%s{x}<ü>"  # odd characters in a name reach titles and logs unharmed
         socket_path = tmp_path / "sec.sock"
         config = write_config(
@@ -181,7 +181,7 @@ def test_credentials_never_show(db, supervise, tmp_path):
         sup = supervise(["-c", str(config), "--log-level", "DEBUG"])
         pids = sup.wait_children({"standard": 1})
         wait_until(lambda: len(pipe.Square()) == 2, 60, message="work done with the restricted user")
-        env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+        env = db.env
         status = subprocess.run(
             [*djsupervisor_command(), "status", "--json", "--socket", str(socket_path)],
             env=env,

@@ -12,7 +12,8 @@ import time
 
 import psutil
 import pytest
-from helpers import TESTS, djsupervisor_command, supervise, wait_until, write_config  # noqa: F401
+from helpers import djsupervisor_command, wait_until, write_config
+from pipelines.lab import Lab, declare
 from tcpproxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.process]
@@ -24,7 +25,7 @@ def chain_state(db) -> dict:
     """Rows and job states of the fault pipeline, read through the test's own session."""
     connection = db.connection
     q = connection.adapter.quote_identifier
-    schema = q(f"{db.prefix}_chain")
+    schema = q(db.schema_name("pipe"))
     state = {}
     for table in ("__square", "__cube", "__cube__digit"):
         state[table] = connection.query(f"SELECT COUNT(*) FROM {schema}.{q(table)}").fetchone()[0]
@@ -36,19 +37,14 @@ def chain_state(db) -> dict:
     return state
 
 
-def seed_chain(db) -> None:
+def seed_chain(db, delay: float = 0.2) -> Lab:
+    """The pipeline the `chain` and `pooled` workers work, with KEYS keys whose make()s take `delay` s each."""
     connection = db.connection
     q = connection.adapter.quote_identifier
-    # importing the pipeline module declares it (in this process, with the test's prefix)
-    import importlib
-    import os
-    import sys
-
-    os.environ["DJS_TEST_PREFIX"] = db.prefix
-    sys.modules.pop("pipelines.faults", None)
-    faults = importlib.import_module("pipelines.faults")
-    faults.Source.insert([dict(source_id=i, value=float(i)) for i in range(1, KEYS + 1)])
-    assert connection.query(f"SELECT COUNT(*) FROM {q(db.prefix + '_chain')}.{q('source')}").fetchone()[0] == KEYS
+    lab = declare(db.schema_name("pipe"))
+    lab.seed(range(1, KEYS + 1), delay=delay)
+    assert connection.query(f"SELECT COUNT(*) FROM {q(db.schema_name('pipe'))}.{q('source')}").fetchone()[0] == KEYS
+    return lab
 
 
 def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor: str = "") -> str:
@@ -64,7 +60,7 @@ def config_for(tmp_path, worker: str, replicas: int, extra: str = "", supervisor
         {supervisor}
         [[worker]]
         name = "{worker}"
-        target = "pipelines.faults:{worker}"
+        target = "pipelines.workers:{worker}"
         replicas = {replicas}
         {extra}
     """,
@@ -81,9 +77,8 @@ def assert_complete(db) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_kill_storm(db, supervise, tmp_path, monkeypatch):
-    monkeypatch.setenv("DJS_TEST_DELAY", "0.5")
-    seed_chain(db)
+def test_kill_storm(db, supervise, tmp_path):
+    seed_chain(db, delay=0.5)
     sup = supervise(["-c", config_for(tmp_path, "chain", 3)])
     sup.wait_children({"chain": 3})
     rng = random.Random(7)
@@ -108,9 +103,8 @@ def test_kill_storm(db, supervise, tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_killed_pool_grandchild(db, supervise, tmp_path, monkeypatch):
-    monkeypatch.setenv("DJS_TEST_DELAY", "0.3")
-    seed_chain(db)
+def test_killed_pool_grandchild(db, supervise, tmp_path):
+    seed_chain(db, delay=0.3)
     sup = supervise(["-c", config_for(tmp_path, "pooled", 1, supervisor="hang_timeout = 5")])
     (child,) = sup.wait_children({"pooled": 1}).values()
     grandchildren = wait_until(lambda: psutil.Process(child).children(), 60, message="the populate pool")
@@ -128,15 +122,15 @@ def proxy(db, monkeypatch):
     """A TCP proxy in front of the test's database server, which the supervisors started by the test use."""
     proxy = TcpProxy(db.settings["host"], db.settings["port"])
     monkeypatch.setenv("DJ_PORT", str(proxy.port))
-    monkeypatch.setattr(type(db), "env", property(lambda self: {**_base_env(self), "DJ_PORT": str(proxy.port)}))
+    direct_env = type(db).env.fget
+    monkeypatch.setattr(type(db), "env", property(lambda self: {**direct_env(self), "DJ_PORT": str(proxy.port)}))
     yield proxy
     proxy.close()
 
 
 @pytest.mark.timeout(300)
-def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypatch, proxy):
-    monkeypatch.setenv("DJS_TEST_DELAY", "0.1")
-    seed_chain(db)
+def test_database_outage_under_the_supervisor(db, supervise, tmp_path, proxy):
+    seed_chain(db, delay=0.1)
     sup = supervise(["-c", config_for(tmp_path, "chain", 2)])
     pids_before = sup.wait_children({"chain": 2})
     wait_until(lambda: chain_state(db)["__square"] >= 3, 60, message="work to begin")
@@ -157,9 +151,8 @@ def test_database_outage_under_the_supervisor(db, supervise, tmp_path, monkeypat
 
 
 @pytest.mark.timeout(300)
-def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise, tmp_path, monkeypatch, proxy):
-    monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
-    seed_chain(db)
+def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise, tmp_path, proxy):
+    seed_chain(db, delay=0.05)
     # backoff_initial 0.05 and fatal_after 3: a child that exited at once would be FATAL within a second
     sup = supervise(["-c", config_for(tmp_path, "chain", 1, supervisor="fatal_after = 3")])
     (first,) = sup.wait_children({"chain": 1}).values()
@@ -185,25 +178,9 @@ def test_a_child_replaced_during_an_outage_waits_for_the_database(db, supervise,
     assert sup.wait_exit(60) == 0
 
 
-def _base_env(db) -> dict:
-    import os
-
-    env = dict(os.environ)
-    env.update(
-        DJ_HOST=db.settings["host"],
-        DJ_PORT=str(db.settings["port"]),
-        DJ_USER=db.settings["user"],
-        DJ_PASS=db.settings["password"],
-        DJ_BACKEND=db.backend,
-        DJ_USE_TLS="false",
-    )
-    return env
-
-
 @pytest.mark.timeout(180)
-def test_parent_sigkill_then_a_new_supervisor_recovers(db, supervise, tmp_path, monkeypatch):
-    monkeypatch.setenv("DJS_TEST_DELAY", "2")
-    seed_chain(db)
+def test_parent_sigkill_then_a_new_supervisor_recovers(db, supervise, tmp_path):
+    lab = seed_chain(db, delay=2)
     config = config_for(tmp_path, "chain", 2)
     first = supervise(["-c", config])
     children = first.wait_children({"chain": 2})
@@ -220,7 +197,7 @@ def test_parent_sigkill_then_a_new_supervisor_recovers(db, supervise, tmp_path, 
         message="the children to die with the parent",
     )
     assert chain_state(db).get("~~square.reserved", 0) == 2  # their jobs are still reserved...
-    monkeypatch.setenv("DJS_TEST_DELAY", "0.05")
+    lab.set_behaviour(delay=0.05)
     second = supervise(["-c", config])
     second.wait_children({"chain": 2})
     # ...until the new supervisor's children recover them as orphans (no 24 h stale timeout)
@@ -237,7 +214,7 @@ def test_second_supervisor_on_the_same_config_refuses(db, supervise, tmp_path):
     config = config_for(tmp_path, "chain", 1)
     first = supervise(["-c", config])
     children = first.wait_children({"chain": 1})
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    env = db.env
     second = subprocess.run(
         [*djsupervisor_command(), "start", "-c", config],
         env=env,

@@ -10,8 +10,10 @@ import subprocess
 
 import psutil
 import pytest
-from helpers import process_gone, run_cli, supervise, wait_until, write_config  # noqa: F401
-from pipelines.tables import declare, seed
+from helpers import process_gone, run_cli, wait_until, write_config
+from pipelines.lab import declare
+
+pytestmark = pytest.mark.process
 
 FLEET_INTERVAL = 0.5
 
@@ -83,7 +85,7 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     assert "host-a" in text and "host-b" in text and "OVERDUE" not in text
 
     # Work flows and the registry counts it.
-    seed(pipe, range(20))
+    pipe.seed(range(20))
     wait_until(lambda: len(pipe.Square()) == 20, 60, message="20 squares")
 
     def registry_jobs_done() -> int:
@@ -95,7 +97,7 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     # Drain host-b from outside while its child is in a job: the job lands, the child leaves; host-a goes on.
     a_pids = sup_a.pids()
     b_pid = sup_b.pids()["standard[0]"]
-    seed(pipe, range(100, 106), delay=1.5)
+    pipe.seed(range(100, 106), delay=1.5)
 
     def b_reserved():
         rows = (pipe.Square.jobs & "status = 'reserved'" & {"pid": b_pid}).to_dicts()
@@ -110,7 +112,7 @@ def test_fleet_status_drain_resume_and_halt_across_supervisors(db, tmp_path, sup
     assert sup_b.process.poll() is None  # drained, not halted
     status_b = json.loads(cli(db, tmp_path, "status", "--json", "-c", str(config_b)).stdout)
     assert status_b["drained"] == {"standard": "drain"}
-    seed(pipe, range(20, 30))
+    pipe.seed(range(20, 30))
     wait_until(lambda: len(pipe.Square()) == 36, 60, message="host-a alone computes the new keys")
     assert set((pipe.Square & "source_id >= 20 AND source_id < 30").to_arrays("worker_pid")) <= set(a_pids.values())
 
@@ -149,7 +151,7 @@ def test_three_hosts_one_killed_whole_exactly_once(db, tmp_path, supervise):
     sups = {host: supervise(["-c", str(config)], uts_host=host) for host, config in configs.items()}
     for sup in sups.values():
         sup.wait_children({"standard": 1})
-    seed(pipe, range(40), delay=0.3)
+    pipe.seed(range(40), delay=0.3)
 
     # SIGKILL host-c's whole process tree while its child holds a reservation.
     victim = sups["host-c"]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 from jobtools import wait_until
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor.worker import connection as djs_connection
 from djsupervisor.worker.connection import live_connection_ids, reconnect_after_fork
@@ -43,8 +43,8 @@ def run_in_child(body) -> dict:
 
 
 def test_child_gets_its_own_session_and_parent_survives(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 3)
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed(range(1, 4))
     pipe.Square.jobs.refresh()
     connection = db.connection
     parent_id = connection.connection_id

@@ -15,8 +15,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from helpers import TESTS, djsupervisor_command, serving, supervise, wait_until, write_config  # noqa: F401
-from pipelines.tables import declare, seed
+from helpers import djsupervisor_command, serving, wait_until, write_config
+from pipelines.lab import declare
 from prometheus_client.parser import text_string_to_metric_families
 
 from djsupervisor.serve import http as http_status
@@ -177,7 +177,7 @@ CONFIG = """
 
 
 def cli(db, tmp_path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(db.env, DJS_TEST_PREFIX=db.prefix, PYTHONPATH=str(TESTS))
+    env = db.env
     return subprocess.run(
         [*djsupervisor_command(), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
@@ -231,7 +231,7 @@ def chromium_dom(url: str, tmp_path) -> str:
 @pytest.mark.timeout(150)
 def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 5), delay=0.2)
+    pipe.seed(range(1, 5), delay=0.2)
     config = write_config(tmp_path / "lab.toml", CONFIG.format(socket=tmp_path / "lab.sock", http="127.0.0.1:0"))
     sup = supervise(["-c", str(config)])
     sup.wait_children({"standard": 2})
@@ -294,7 +294,7 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
         message="standard[0] restarted",
     )
     assert done(found) == 4
-    seed(pipe, [5, 6], delay=0)
+    pipe.seed([5, 6], delay=0)
     wait_until(lambda: done(metrics(address)) == 6, 30, message="6 jobs done")
 
     pids = sup.wait_children({"standard": 2})

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
 from loguru import logger
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 from djsupervisor.worker.recovery import TRANSIENT_ERROR_PATTERNS, JobRecovery, record_job_error, recover_jobs
@@ -19,9 +19,8 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture
 def pipe(db):
-    p = make_pipeline(db.schema_name("pipe"))
-    p.Square.fail_ids, p.Square.delay, p.Square.on_make = set(), 0.0, None
-    seed(p, 8)
+    p = declare(db.schema_name("pipe"), job_tables=False)  # job tables appear as the tests use them
+    p.seed(range(1, 9))
     return p
 
 
@@ -74,10 +73,10 @@ def test_recovered_reservation_is_pending_and_clean(db, pipe):
 
 
 def test_db_prefix_limits_recovery(db):
-    inside = make_pipeline(db.schema_name("in_pipe"))
-    outside = make_pipeline(f"{db.prefix}x_out_pipe")
+    inside = declare(db.schema_name("in_pipe"))
+    outside = declare(f"{db.prefix}x_out_pipe")
     for p in (inside, outside):
-        seed(p, 1)
+        p.seed([1])
         set_reservation(
             p.Square,
             dict(source_id=1),
@@ -97,9 +96,9 @@ def test_db_prefix_limits_recovery(db):
 def test_default_scope_is_the_workers_own_tables(db):
     """A worker's recovery leaves other pipelines alone, even in schemas with its own db_prefix, unless it
     asks for the whole prefix (recovery_scope="db_prefix")."""
-    mine, theirs = make_pipeline(db.schema_name("mine")), make_pipeline(db.schema_name("theirs"))
+    mine, theirs = declare(db.schema_name("mine")), declare(db.schema_name("theirs"))
     for p in (mine, theirs):
-        seed(p, 2)
+        p.seed([1, 2])
         p.Square.jobs.refresh()
         set_reservation(
             p.Square,

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from jobtools import wait_until
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
@@ -34,8 +34,8 @@ def stop_when(worker_ref: dict, predicate, timeout: float = 45) -> threading.Thr
 
 @pytest.fixture
 def pipe(db):
-    p = make_pipeline(db.schema_name("pipe"))
-    seed(p, 4)
+    p = declare(db.schema_name("pipe"))
+    p.seed(range(1, 5))
     return p
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, set_reservation
 from loguru import logger
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 from djsupervisor.worker import identifiers
@@ -85,8 +85,8 @@ def test_hostile_job_table_name_is_skipped_and_runs_nothing(db):
 
 def test_default_scope_never_lists_other_schemas(db):
     schema, _ = _plant(db)
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 2)
+    pipe = declare(db.schema_name("pipe"), job_tables=False)  # the worker's first populate declares ~~square
+    pipe.seed([1, 2])
     worker = DataJointWorker("own", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
     worker(pipe.Square)
     worker.run_once()
@@ -118,8 +118,8 @@ def test_quote_doubles_the_quote_character_on_the_server(db):
 
 
 def test_record_job_error_refuses_names_datajoint_would_not_make(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 1)
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed([1])
     set_reservation(
         pipe.Square,
         dict(source_id=1),

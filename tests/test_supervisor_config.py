@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 
 import pytest
 from helpers import TESTS, djsupervisor_command, write_config
 
 from djsupervisor.supervisor.config import ConfigError, config_from_modules, load_config
-
-sys.path.insert(0, str(TESTS))
 
 GOOD = """
 [supervisor]

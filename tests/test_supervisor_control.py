@@ -8,8 +8,8 @@ import stat
 
 import pytest
 from helpers import run_cli as cli
-from helpers import supervise, wait_until, write_config  # noqa: F401
-from pipelines.tables import declare, seed
+from helpers import wait_until, write_config
+from pipelines.lab import declare
 
 pytest.importorskip("djsupervisor.cli")
 pytest.importorskip("djsupervisor.serve.control")
@@ -35,7 +35,7 @@ SLOT_KEYS = {
 
 def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1, 2], delay=1)
+    pipe.seed([1, 2], delay=1)
     socket_path = tmp_path / "lab.sock"
     head = f'[supervisor]\nname = "lab"\ncontrol_socket = "{socket_path}"\nsample_interval = 0.5\n'
     standard = '[[worker]]\nname = "standard"\ntarget = "pipelines.supervised:standard"\n'

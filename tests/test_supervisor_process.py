@@ -9,8 +9,8 @@ import time
 
 import psutil
 import pytest
-from helpers import process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
-from pipelines.tables import declare, seed
+from helpers import process_gone, wait_until, write_config
+from pipelines.lab import declare
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -60,7 +60,7 @@ def reserved(pipe) -> list[dict]:
 
 def test_children_have_titles_and_their_own_connections(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 5), delay=4)
+    pipe.seed(range(1, 5), delay=4)
     sup = start(supervise, tmp_path, standard=2, other=1)
     sup.wait_children({"standard": 2, "other": 1})
     pids = sup.pids()
@@ -96,7 +96,7 @@ def test_children_have_titles_and_their_own_connections(db, supervise, tmp_path)
 
 def test_sigkilled_child_is_replaced_within_a_second_and_its_job_finished(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1], delay=3)
+    pipe.seed([1], delay=3)
     sup = start(supervise, tmp_path, standard=1)
     old = sup.wait_children({"standard": 1})["standard[0]"]
     wait_until(lambda: [j["pid"] for j in reserved(pipe)] == [old], 30, message="the job in flight")
@@ -123,7 +123,7 @@ def test_sigkilled_child_is_replaced_within_a_second_and_its_job_finished(db, su
 
 def test_sigterm_lets_jobs_in_flight_land_and_exits_0(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 7), delay=3)
+    pipe.seed(range(1, 7), delay=3)
     sup = start(supervise, tmp_path, standard=2)
     pids = sup.wait_children({"standard": 2})
     in_flight = wait_until(lambda: len(r := reserved(pipe)) == 2 and r, 30, message="two jobs in flight")
@@ -140,7 +140,7 @@ def test_sigterm_lets_jobs_in_flight_land_and_exits_0(db, supervise, tmp_path):
 
 def test_ctrl_c_reaches_only_the_parent(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 5), delay=3)
+    pipe.seed(range(1, 5), delay=3)
     sup = start(supervise, tmp_path, standard=2)
     sup.wait_children({"standard": 2})
     wait_until(lambda: len(reserved(pipe)) == 2, 30, message="two jobs in flight")
@@ -154,7 +154,7 @@ def test_ctrl_c_reaches_only_the_parent(db, supervise, tmp_path):
 
 def test_quit_stops_fast(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1, 2], delay=60)
+    pipe.seed([1, 2], delay=60)
     sup = start(supervise, tmp_path, standard=2)
     pids = sup.wait_children({"standard": 2})
     wait_until(lambda: len(reserved(pipe)) == 2, 30, message="two jobs in flight")
@@ -171,7 +171,7 @@ def test_quit_stops_fast(db, supervise, tmp_path):
 
 def test_start_with_modules_runs_every_worker_they_define(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1, 2])
+    pipe.seed([1, 2])
     sup = supervise(["pipelines.supervised"])  # standard, other and crasher
     pids = sup.wait_children({"standard": 1, "other": 1})
     assert sup.titles()["standard[0]"].startswith("djsupervisor: supervised standard[0] ")

@@ -7,8 +7,8 @@ import subprocess
 import time
 
 import pytest
-from helpers import djsupervisor_command, process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
-from pipelines.tables import declare
+from helpers import djsupervisor_command, process_gone, wait_until, write_config
+from pipelines.lab import declare
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
@@ -61,7 +61,7 @@ def test_hup_adds_removes_resizes_and_rolls_without_touching_unchanged_pools(db,
         capture_output=True,
         text=True,
         timeout=30,
-        env=dict(db.env, DJS_TEST_PREFIX=db.prefix),
+        env=db.env,
     )
     assert answer.returncode == 2, answer
     assert answer.stderr.startswith("djsupervisor: error: reload: reload failed, the running configuration stays: ")

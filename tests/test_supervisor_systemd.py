@@ -7,8 +7,8 @@ import signal
 import socket
 
 import pytest
-from helpers import supervise, wait_until, write_config  # noqa: F401
-from pipelines.tables import declare
+from helpers import wait_until, write_config
+from pipelines.lab import declare
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from helpers import process_gone, supervise, wait_until, write_config  # noqa: F401 (supervise is a fixture)
-from pipelines.tables import declare, seed
+from helpers import process_gone, wait_until, write_config
+from pipelines.lab import declare
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(150)]
 
@@ -36,7 +36,7 @@ def job_rows(pipe) -> dict[int, dict]:
 
 def test_leaking_make_is_recycled_at_the_memory_limit(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 7), leak_mb=80, delay=0.5)  # a child starts near 90 MB
+    pipe.seed(range(1, 7), leak_mb=80, delay=0.5)  # a child starts near 90 MB
     sup = supervise(["-c", str(config(tmp_path, standard="max_memory_mb = 200"))])
     first = sup.wait_children({"standard": 1})["standard[0]"]
 
@@ -51,8 +51,8 @@ def test_leaking_make_is_recycled_at_the_memory_limit(db, supervise, tmp_path):
 
 def test_hanging_make_hits_job_timeout(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, [1], hang=1)
-    seed(pipe, [2, 3])
+    pipe.seed([1], hang=1)
+    pipe.seed([2, 3])
     sup = supervise(["-c", str(config(tmp_path, standard="job_timeout = 3\nsleep_duration = 0.5"))])
     first = sup.wait_children({"standard": 1})["standard[0]"]
     wait_until(lambda: job_rows(pipe).get(1, {}).get("status") == "reserved", 30, message="the hanging job")
@@ -85,7 +85,7 @@ def test_silent_child_is_detected_and_replaced(db, supervise, tmp_path):
 
 def test_always_crashing_child_goes_fatal_while_a_healthy_pool_works(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 4))
+    pipe.seed(range(1, 4))
     crasher = '\n[[worker]]\nname = "crasher"\ntarget = "pipelines.supervised:crasher"\n'
     path = config(tmp_path, supervisor="fatal_after = 3\nbackoff_initial = 0.1", extra=crasher)
     sup = supervise(["-c", str(path)])
@@ -97,7 +97,7 @@ def test_always_crashing_child_goes_fatal_while_a_healthy_pool_works(db, supervi
     assert sup.output.count("started crasher[0]") == 3
     assert "crasher[0]" not in sup.pids()
     wait_until(lambda: len(pipe.Square()) == 3, 30, message="the healthy pool's work")
-    seed(pipe, [4])  # and it keeps working
+    pipe.seed([4])  # and it keeps working
     wait_until(lambda: len(pipe.Square()) == 4, 30, message="more work")
     assert sup.output.count("started crasher[0]") == 3  # never restarted
     sup.signal(signal.SIGTERM)
@@ -106,7 +106,7 @@ def test_always_crashing_child_goes_fatal_while_a_healthy_pool_works(db, supervi
 
 def test_child_is_recycled_after_max_jobs(db, supervise, tmp_path):
     pipe = declare(db.schema_name("pipe"))
-    seed(pipe, range(1, 6))
+    pipe.seed(range(1, 6))
     sup = supervise(["-c", str(config(tmp_path, standard="max_jobs = 2\nsleep_duration = 0.5"))])
     wait_until(lambda: len(pipe.Square()) == 5, 60, message=f"all jobs\n{sup.output[-2000:]}")
     by_pid: dict[int, int] = {}

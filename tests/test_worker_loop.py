@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
@@ -15,9 +15,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture
 def pipe(db):
-    p = make_pipeline(db.schema_name("pipe"))
-    p.Square.fail_ids, p.Square.delay, p.Square.on_make = set(), 0.0, None
-    return p
+    return declare(db.schema_name("pipe"))
 
 
 def new_worker(db, **settings) -> DataJointWorker:
@@ -26,7 +24,7 @@ def new_worker(db, **settings) -> DataJointWorker:
 
 
 def test_run_once_populates_in_registration_order_and_summarizes(db, pipe):
-    seed(pipe, 6)
+    pipe.seed(range(1, 7))
     calls = []
     worker = new_worker(db)
     worker(pipe.Square)
@@ -42,8 +40,8 @@ def test_run_once_populates_in_registration_order_and_summarizes(db, pipe):
 
 
 def test_failing_make_and_callable_are_recorded_and_do_not_end_the_loop(db, pipe):
-    seed(pipe, 4)
-    pipe.Square.fail_ids = {2}
+    pipe.seed([1, 3, 4])
+    pipe.seed([2], fail="bad source 2")
 
     def broken():
         raise RuntimeError("callable exploded")
@@ -85,7 +83,7 @@ def test_idle_definition_callables_report_work(db, pipe):
 
 
 def test_max_idled_cycle_counts_consecutive_idle_cycles(db, pipe):
-    seed(pipe, 2)
+    pipe.seed([1, 2])
     worker = new_worker(db, max_idled_cycle=2)
     worker(pipe.Square)
     worker.run()
@@ -103,8 +101,7 @@ def test_idle_count_resets_when_a_cycle_does_work(db, pipe):
 
 
 def test_run_duration_stops_after_the_cycle_in_progress(db, pipe):
-    seed(pipe, 3)
-    pipe.Square.delay = 0.4
+    pipe.seed(range(1, 4), delay=0.4)
     worker = new_worker(db, run_duration=0.5, sleep_duration=0.05)
     worker(pipe.Square)
     began = time.monotonic()
@@ -143,17 +140,18 @@ def test_adaptive_sleep_doubles_while_idle_and_resets_on_work(db, pipe):
 
 
 def test_stop_between_jobs_lets_the_job_in_flight_land(db, pipe):
-    seed(pipe, 5)
+    pipe.seed([1])  # in key order: the jobs are handed out in the order of the Source rows
+    pipe.seed([2], delay=0.3)
+    pipe.seed([3, 4, 5])
     worker = new_worker(db, sleep_duration=60)
     worker(pipe.Square)
     worker(pipe.Cube)
 
-    def on_make(key):
-        if key["source_id"] == 2:
-            worker.stop("test")  # asked while job 2 is in flight
-            time.sleep(0.3)
+    def stop_in_job_2(event):
+        if event.kind == "job_start" and event.key == {"source_id": 2}:
+            worker.stop("test")  # asked while job 2 is in flight (reserved; its 0.3 s make() runs next)
 
-    pipe.Square.on_make = on_make
+    worker.add_listener(stop_in_job_2)
     events = []
     worker.add_listener(lambda e: events.append(e.kind))
     began = time.monotonic()
@@ -179,11 +177,11 @@ def test_stop_from_another_thread_wakes_the_sleep(db, pipe):
 
 
 def test_activity_reports_table_and_key_during_a_job(db, pipe):
-    seed(pipe, 1)
+    pipe.seed([1])
     worker = new_worker(db)
     worker(pipe.Square)
     seen = []
-    pipe.Square.on_make = lambda key: seen.append(worker.activity)
+    worker.add_listener(lambda e: e.kind == "job_start" and seen.append(worker.activity))  # job 1 is in flight
     assert worker.activity.state == "idle"
     worker.run_once()
     assert seen[0].state == "populating"
@@ -193,7 +191,7 @@ def test_activity_reports_table_and_key_during_a_job(db, pipe):
 
 
 def test_populate_kwargs_are_forwarded(db, pipe):
-    seed(pipe, 6)
+    pipe.seed(range(1, 7))
     worker = new_worker(db)
     worker(pipe.Square, restrictions="source_id > 2", max_calls=2)
     summary = worker.run_once()
@@ -206,8 +204,8 @@ def test_a_cycle_starts_with_a_small_batch_and_refreshes_once(db, pipe, monkeypa
 
     from djsupervisor.worker import steps
 
-    seed(pipe, 8)
-    pipe.Square.fail_ids = {5}
+    pipe.seed([1, 2, 3, 4, 6, 7, 8])
+    pipe.seed([5], fail="bad source 5")
     monkeypatch.setattr(steps, "POPULATE_BATCH", 3)
     worker = new_worker(db)
     worker(pipe.Square)

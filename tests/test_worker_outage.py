@@ -9,7 +9,7 @@ import datajoint as dj
 import pytest
 from jobtools import wait_until
 from loguru import logger
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 from tcpproxy import TcpProxy
 
 from djsupervisor import DataJointWorker
@@ -22,9 +22,8 @@ def test_worker_survives_a_database_outage(db):
     connection = dj.Connection(
         f"127.0.0.1:{proxy.port}", db.settings["user"], db.settings["password"], use_tls=False, backend=db.backend
     )
-    pipe = make_pipeline(db.schema_name("pipe"), connection=connection)
-    seed(pipe, 20)
-    pipe.Square.delay = 0.1
+    pipe = declare(db.schema_name("pipe"), connection=connection)
+    pipe.seed(range(1, 21), delay=0.1)
     worker = DataJointWorker(
         "outage", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, connection=connection
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from jobtools import wait_until
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -17,10 +17,10 @@ SCRIPT = Path(__file__).parent / "scripts" / "sigterm_worker.py"
 
 
 def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 6)
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed(range(1, 7), delay=1.5)
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), db.prefix, "1.5"],
+        [sys.executable, str(SCRIPT), db.prefix],
         env=db.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -41,9 +41,9 @@ def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
 
 
 def test_sigterm_while_sleeping_ends_the_sleep(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
+    pipe = declare(db.schema_name("pipe"))
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), db.prefix, "0"],
+        [sys.executable, str(SCRIPT), db.prefix],
         env=db.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline import make_pipeline, seed
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
@@ -19,9 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_tables_record_registration_cycles_and_errors(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 3)
-    pipe.Square.fail_ids = {3}
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed([1, 2])
+    pipe.seed([3], fail="bad source 3")
     worker = DataJointWorker(
         "recorder",
         db.schema_name("workers"),
@@ -84,8 +84,8 @@ def test_many_processes_declare_and_write_at_once(db):
 
 
 def test_many_workers_declare_job_tables_and_share_the_work(db):
-    pipe = make_pipeline(db.schema_name("pipe"))
-    seed(pipe, 30)
+    pipe = declare(db.schema_name("pipe"), job_tables=False)  # the workers race to declare them
+    pipe.seed(range(1, 31))
     start_at = time.time() + 4
     script = Path(__file__).parent / "scripts" / "populate_worker.py"
     processes = [

@@ -2,23 +2,21 @@
 
 argv: test prefix, wall-clock start time (epoch seconds), worker index. Prints the cycle summary as JSON.
 The pipeline's job tables do not exist yet: every process declares them on first use, at once.
+`db.env` puts tests/ on PYTHONPATH, for `pipelines`.
 """
 
 import json
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datajoint as dj
-from pipeline import make_pipeline
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
 prefix, start_at, index = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 dj.conn()
-pipe = make_pipeline(f"{prefix}_pipe")
+pipe = declare(f"{prefix}_pipe", job_tables=False)
 worker = DataJointWorker(f"w{index}", f"{prefix}_workers", sleep_duration=0, db_prefix=prefix)
 worker(pipe.Square)
 worker(pipe.Cube)

@@ -1,22 +1,18 @@
-"""A worker process for the SIGTERM test: populates Square slowly until told to stop.
+"""A worker process for the SIGTERM test: populates Square (as slowly as the Source rows say) until told to stop.
 
-argv: schema prefix, per-job delay in seconds. DJ_* variables reach the server.
+argv: schema prefix. DJ_* variables reach the server; `db.env` puts tests/ on PYTHONPATH for `pipelines`.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datajoint as dj
-from pipeline import make_pipeline
+from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 
-prefix, delay = sys.argv[1], float(sys.argv[2])
+prefix = sys.argv[1]
 dj.config["safemode"] = False
-pipe = make_pipeline(f"{prefix}_pipe")
-pipe.Square.delay = delay
+pipe = declare(f"{prefix}_pipe")
 worker = DataJointWorker("sigterm", f"{prefix}_workers", sleep_duration=60, db_prefix=prefix)
 worker(pipe.Square)
 worker.run()
