@@ -26,6 +26,8 @@ PURE_WORKER_MODULES = ("djsupervisor.worker.settings", "djsupervisor.worker.even
 
 def _is_database_module(name: str) -> bool:
     return name.startswith(DATABASE_MODULES) and name not in (*PURE_WORKER_MODULES, "djsupervisor.worker")
+
+
 MAX_LINES = 450  # DEVELOPERS.md: "no module over ~450 lines"
 
 pytestmark = pytest.mark.timeout(60)
@@ -58,10 +60,7 @@ def test_parent_modules_import_no_database_code_at_module_level(path):
 def test_starting_the_parent_loads_no_database_module():
     """The whole import graph at run time, transitive imports included."""
     modules = ["djsupervisor.cli", "djsupervisor.supervisor.arbiter", "djsupervisor.serve.http"]
-    code = (
-        f"import sys; import {', '.join(modules)}; "
-        "print(sorted(sys.modules))"
-    )
+    code = f"import sys; import {', '.join(modules)}; print(sorted(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
     loaded = [name for name in ast.literal_eval(out.stdout) if _is_database_module(name)]
     assert loaded == []
