@@ -1,7 +1,7 @@
 """What the parent knows of the database: queue depths of its pools' tables and the drain flags set for it.
 
-The parent does no database work. A long-lived *fleet agent* child (see `djsupervisor.fleet.agent`) holds one connection,
-writes the children's heartbeats into RegisteredWorker, and reads back, every `fleet_interval` seconds,
+The parent does no database work. A long-lived *fleet agent* child (see `djsupervisor.fleet.agent`) holds one
+connection, writes the children's heartbeats into RegisteredWorker, and reads back, every `fleet_interval` seconds,
 the job-queue depth of every table the pools populate and the drain/halt flags that match this supervisor.
 It reports them on its pipe; the parent keeps the latest reading here. The metrics endpoint and the
 autoscaler read this view and nothing else.
