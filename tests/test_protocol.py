@@ -8,6 +8,7 @@ import decimal
 import itertools
 import json
 import os
+from typing import Any
 
 import pytest
 import setproctitle
@@ -203,31 +204,23 @@ def round_trip(message, parse):
     return parse(decoded)
 
 
+IDLE_REPORT = ChildReportMessage(
+    pid=10,
+    state="idle",
+    table=None,
+    key=None,
+    jobs_done=0,
+    jobs_failed=0,
+    cycles_done=0,
+    job_elapsed=None,
+    stalled=0.0,
+    event="forked",
+)
 CHILD_REPORTS: list[ChildReportMessage] = [
-    ChildReportMessage(
-        pid=10,
-        state="idle",
-        table=None,
-        key=None,
-        jobs_done=0,
-        jobs_failed=0,
-        cycles_done=0,
-        job_elapsed=None,
-        stalled=0.0,
-        event="forked",
-    ),
-    ChildReportMessage(
-        pid=10,
-        state="populating",
-        table="lab.__square",
-        key={"id": 3},
-        jobs_done=4,
-        jobs_failed=1,
-        cycles_done=2,
-        job_elapsed=1.25,
-        stalled=None,
-        event="job_start",
-    ),
+    IDLE_REPORT,
+    IDLE_REPORT
+    | ChildReportMessage(state="populating", table="lab.__square", key={"id": 3}, jobs_done=4, jobs_failed=1)
+    | ChildReportMessage(cycles_done=2, job_elapsed=1.25, stalled=None, event="job_start"),
     {"event": "connected", "connection_ids": [17, 18]},
     {},  # a heartbeat may say nothing new
 ]
@@ -238,18 +231,25 @@ def test_child_reports_round_trip(message):
     assert round_trip(message, parse_child_report) == message
 
 
-def test_agent_messages_round_trip():
+def agent_child(**fields: Any) -> AgentChild:
+    """A child of pool standard in slot 0, populating lab.__t; `fields` replace those."""
     child = AgentChild(
         worker="standard",
         slot=0,
         pid=11,
         state="populating",
-        table="lab.__square",
-        key={"id": 3},
-        jobs_done=2,
+        table="lab.__t",
+        key={"id": 1},
+        jobs_done=0,
         jobs_failed=0,
-        cycles=5,
+        cycles=0,
     )
+    child.update(fields)  # type: ignore[typeddict-item]
+    return child
+
+
+def test_agent_messages_round_trip():
+    child = agent_child(jobs_done=2, cycles=5)
     command = AgentCommand(children=[child], gone=[GoneChild(worker="standard", pid=9)])
     assert round_trip(command, parse_agent_command) == command
     report = AgentReport(
@@ -316,7 +316,8 @@ def test_child_report_names_what_the_reports_say():
     report = ChildReport()
     assert not report.connected and not report.got_going
     assert (report.jobs_done, report.jobs_failed, report.cycles_done) == (0, 0, 0)
-    assert report.activity is None and report.table is None and report.connection_ids == []
+    assert report.activity is None and report.table is None and report.connection_ids is None
+    assert ChildReport.activity.key == "state" and "slot's state" in str(ChildReport.activity.__doc__)
     report.merge({"event": "connected", "connection_ids": [5], "state": "idle"})
     assert report.connected and report.connection_ids == [5] and not report.got_going
     report.merge({"state": "populating", "table": "lab.__t", "key": {"id": 1}, "job_elapsed": 0.5})
@@ -342,17 +343,7 @@ def test_agent_children_are_the_live_connected_slots():
     children = agent_children([idle, working, stopping, unconnected, empty])
     assert [c["slot"] for c in children] == [0, 1, 2]
     assert [c["state"] for c in children] == ["idle", "populating", "stopping"]
-    assert children[1] == AgentChild(
-        worker="standard",
-        slot=1,
-        pid=101,
-        state="populating",
-        table="lab.__t",
-        key={"id": 1},
-        jobs_done=3,
-        jobs_failed=0,
-        cycles=2,
-    )
+    assert children[1] == agent_child(slot=1, pid=101, jobs_done=3, cycles=2)
     assert parse_agent_command(json.loads(encode(AgentCommand(children=children, gone=[]))))
 
 

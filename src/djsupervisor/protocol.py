@@ -28,10 +28,13 @@ CLI client, which must answer fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any, Required, TypedDict
+from typing import Any, Generic, Required, TypedDict, TypeVar, overload
 
 #: Default cap on one line's length in bytes (newline excluded). The largest messages are the agent's
 #: command and report and the status answer of a big supervisor: about 200 bytes per child or table, so
@@ -167,31 +170,33 @@ def first_line(error: BaseException | str) -> str:
     return text.splitlines()[0] if text else ""
 
 
-# ----- shape checks
+# ----- shape checks: a message's TypedDict says which fields it must have and what each holds
 
 
-_NONE = type(None)
-_NUMBER = (int, float)
+@functools.cache
+def _field_types(shape: Any) -> dict[str, tuple[type, ...]]:
+    """What each field of the TypedDict `shape` may hold at run time, from its annotations: ``str | None``
+    gives (str, NoneType), ``list[int]`` gives (list,) (items are not looked into), a float takes an int."""
+    fields = {}
+    for name, annotation in typing.get_type_hints(shape).items():
+        union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        accepted = tuple(typing.get_origin(a) or a for a in (typing.get_args(annotation) if union else [annotation]))
+        fields[name] = (*accepted, int) if float in accepted else accepted
+    return fields
 
 
-def _checked(message: Any, what: str, fields: Mapping[str, tuple[type, ...]], required: tuple[str, ...] = ()) -> dict:
-    """`message` if it is a JSON object whose listed fields, where present, have one of their types."""
+def _checked(message: Any, what: str, shape: Any) -> Any:
+    """`message` if it is a JSON object with the required fields of the TypedDict `shape`, and each of its
+    fields, where present, holds what `shape` says; else ProtocolError. Other keys pass unchecked."""
     if not isinstance(message, dict):
         raise ProtocolError(f"{what} is not a JSON object")
-    for name in required:
+    for name, accepted in _field_types(shape).items():
         if name not in message:
-            raise ProtocolError(f"{what} lacks {name!r}")
-    for name, types in fields.items():
-        if name in message and not isinstance(message[name], types):
+            if name in shape.__required_keys__:
+                raise ProtocolError(f"{what} lacks {name!r}")
+        elif not isinstance(message[name], accepted):
             raise ProtocolError(f"{what}: {name} is a {type(message[name]).__name__}")
     return message
-
-
-def _checked_list(items: Any, what: str, fields: Mapping[str, tuple[type, ...]], required: tuple[str, ...]) -> None:
-    if not isinstance(items, list):
-        raise ProtocolError(f"{what} is not a list")
-    for item in items:
-        _checked(item, what, fields, required)
 
 
 # ----- child -> parent: the report pipe
@@ -214,24 +219,35 @@ class ChildReportMessage(TypedDict, total=False):
     connection_ids: list[int]  # the database sessions, once connected (the "connected" message)
 
 
-_CHILD_REPORT_FIELDS: dict[str, tuple[type, ...]] = {
-    "pid": (int,),
-    "state": (str,),
-    "table": (str, _NONE),
-    "key": (dict, _NONE),
-    "jobs_done": (int,),
-    "jobs_failed": (int,),
-    "cycles_done": (int,),
-    "job_elapsed": (*_NUMBER, _NONE),
-    "stalled": (*_NUMBER, _NONE),
-    "event": (str,),
-    "connection_ids": (list,),
-}
-
-
 def parse_child_report(message: Any) -> ChildReportMessage:
     """A decoded child report line, checked (ProtocolError if it is not one)."""
-    return _checked(message, "child report", _CHILD_REPORT_FIELDS)  # type: ignore[return-value]
+    return _checked(message, "child report", ChildReportMessage)
+
+
+T = TypeVar("T")
+
+
+class _Reported(Generic[T]):
+    """A named accessor of one `ChildReport` key: its latest value, or `default` while there is none (not sent
+    yet, or sent as null). The key is the attribute's name unless given."""
+
+    def __init__(self, default: T, *, key: str = "", doc: str = "") -> None:
+        self.default = default
+        self.key = key
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = self.key or name
+
+    @overload
+    def __get__(self, report: None, owner: type) -> _Reported[T]: ...
+    @overload
+    def __get__(self, report: ChildReport, owner: type) -> T: ...
+    def __get__(self, report: ChildReport | None, owner: type) -> T | _Reported[T]:
+        if report is None:
+            return self
+        value = report.get(self.key)
+        return self.default if value is None else value
 
 
 class ChildReport(dict[str, Any]):
@@ -254,48 +270,16 @@ class ChildReport(dict[str, Any]):
         """Whether the child completed a cycle or a job (it is working normally)."""
         return bool(self.cycles_done or self.jobs_done or self.jobs_failed)
 
-    @property
-    def pid(self) -> int | None:
-        return self.get("pid")
-
-    @property
-    def activity(self) -> str | None:
-        """What the worker does (the report's ``state``; not the slot's state)."""
-        return self.get("state")
-
-    @property
-    def table(self) -> str | None:
-        return self.get("table")
-
-    @property
-    def key(self) -> dict[str, Any] | None:
-        return self.get("key")
-
-    @property
-    def jobs_done(self) -> int:
-        return int(self.get("jobs_done", 0) or 0)
-
-    @property
-    def jobs_failed(self) -> int:
-        return int(self.get("jobs_failed", 0) or 0)
-
-    @property
-    def cycles_done(self) -> int:
-        return int(self.get("cycles_done", 0) or 0)
-
-    @property
-    def job_elapsed(self) -> float | None:
-        """Seconds the job in flight had run at the last report; None outside a job."""
-        return self.get("job_elapsed")
-
-    @property
-    def stalled(self) -> float | None:
-        """Seconds without progress outside a job at the last report; None inside one."""
-        return self.get("stalled")
-
-    @property
-    def connection_ids(self) -> list[int]:
-        return list(self.get("connection_ids") or ())
+    pid: _Reported[int | None] = _Reported(None)
+    activity: _Reported[str | None] = _Reported(None, key="state", doc="What the worker does (not the slot's state).")
+    table: _Reported[str | None] = _Reported(None, doc="The table of the job in flight.")
+    key: _Reported[dict[str, Any] | None] = _Reported(None, doc="The key of the job in flight.")
+    jobs_done: _Reported[int] = _Reported(0)
+    jobs_failed: _Reported[int] = _Reported(0)
+    cycles_done: _Reported[int] = _Reported(0)
+    job_elapsed: _Reported[float | None] = _Reported(None, doc="Seconds the job in flight had run; None outside one.")
+    stalled: _Reported[float | None] = _Reported(None, doc="Seconds without progress outside a job; None in one.")
+    connection_ids: _Reported[list[int] | None] = _Reported(None, doc="The database sessions, once connected.")
 
 
 # ----- parent <-> fleet agent: the agent's two pipes
@@ -338,32 +322,19 @@ class AgentReport(TypedDict, total=False):
     drained: dict[str, str]  # pool -> "drain" or "halt"
 
 
-_AGENT_CHILD_FIELDS: dict[str, tuple[type, ...]] = {
-    "worker": (str,),
-    "slot": (int,),
-    "pid": (int,),
-    "state": (str,),
-    "table": (str, _NONE),
-    "key": (dict, _NONE),
-    "jobs_done": (int,),
-    "jobs_failed": (int,),
-    "cycles": (int,),
-}
-_GONE_FIELDS: dict[str, tuple[type, ...]] = {"worker": (str,), "pid": (int,)}
-
-
 def parse_agent_command(message: Any) -> AgentCommand:
     """A decoded command line, checked (ProtocolError if it is not one)."""
-    command = _checked(message, "agent command", {"children": (list,), "gone": (list,)}, ("children", "gone"))
-    _checked_list(command["children"], "agent command child", _AGENT_CHILD_FIELDS, tuple(_AGENT_CHILD_FIELDS))
-    _checked_list(command["gone"], "agent command gone child", _GONE_FIELDS, tuple(_GONE_FIELDS))
-    return command  # type: ignore[return-value]
+    command = _checked(message, "agent command", AgentCommand)
+    for child in command["children"]:
+        _checked(child, "agent command child", AgentChild)
+    for gone in command["gone"]:
+        _checked(gone, "agent command gone child", GoneChild)
+    return command
 
 
 def parse_agent_report(message: Any) -> AgentReport:
     """A decoded agent report line, checked (ProtocolError if it is not one)."""
-    fields = {"tables": (dict,), "depths": (dict,), "drained": (dict,)}
-    return _checked(message, "agent report", fields)  # type: ignore[return-value]
+    return _checked(message, "agent report", AgentReport)
 
 
 # ----- control socket: client -> supervisor -> client
@@ -395,7 +366,7 @@ def parse_control_request(message: Any) -> ControlRequest:
 
 def parse_control_response(message: Any) -> ControlResponse:
     """A decoded answer line, checked (ProtocolError if it is not a JSON object)."""
-    return _checked(message, "control response", {})  # type: ignore[return-value]
+    return _checked(message, "control response", ControlResponse)
 
 
 def refusal(error: BaseException | str) -> ControlResponse:
