@@ -170,11 +170,9 @@ class FleetAgentLink:
         self.reports.push(data)
         for line in self.reports:
             try:
-                if not line.ok:
-                    raise ValueError(line.error)
-                self.on_report(parse_agent_report(line.message))
+                self.on_report(parse_agent_report(line.message))  # a bad line's message is None: refused
             except (ValueError, TypeError, AttributeError) as error:
-                self.log.warning("fleet agent: unreadable report: {}", error)
+                self.log.warning("fleet agent: unreadable report: {}", line.error or error)
         if time.monotonic() - self.started > _STABLE_AFTER:
             self.delay = _RESTART_FIRST
 
