@@ -10,10 +10,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+from helpers import agent_child
 
 from djsupervisor.fleet.agent import AgentSpec
 from djsupervisor.fleet.link import FleetAgentLink
-from djsupervisor.protocol import AgentChild, AgentReport
+from djsupervisor.protocol import AgentReport
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,17 +49,7 @@ def harness():
     """A link to an agent of supervisor "lab" without pools, told of one child of a pool it does not have."""
     selector = selectors.DefaultSelector()
     readings: list[AgentReport] = []
-    child = AgentChild(
-        worker="standard",  # no such pool in the agent: nothing to stamp, nothing to connect
-        slot=0,
-        pid=os.getpid(),
-        state="idle",
-        table=None,
-        key=None,
-        jobs_done=0,
-        jobs_failed=0,
-        cycles=0,
-    )
+    child = agent_child(pid=os.getpid(), state="idle", table=None, key=None)  # of a pool the agent does not have
     link = FleetAgentLink(
         spec=lambda: AgentSpec(
             supervisor="lab", host="", fleet_interval=1.0, parent_pid=os.getpid(), worker_configs=[]

@@ -8,16 +8,15 @@ import decimal
 import itertools
 import json
 import os
-from typing import Any
 
 import pytest
 import setproctitle
+from helpers import agent_child
 from hypothesis import given
 from hypothesis import strategies as st
 
 from djsupervisor.fleet.link import agent_children
 from djsupervisor.protocol import (
-    AgentChild,
     AgentCommand,
     AgentReport,
     ChildReport,
@@ -229,23 +228,6 @@ CHILD_REPORTS: list[ChildReportMessage] = [
 @pytest.mark.parametrize("message", CHILD_REPORTS)
 def test_child_reports_round_trip(message):
     assert round_trip(message, parse_child_report) == message
-
-
-def agent_child(**fields: Any) -> AgentChild:
-    """A child of pool standard in slot 0, populating lab.__t; `fields` replace those."""
-    child = AgentChild(
-        worker="standard",
-        slot=0,
-        pid=11,
-        state="populating",
-        table="lab.__t",
-        key={"id": 1},
-        jobs_done=0,
-        jobs_failed=0,
-        cycles=0,
-    )
-    child.update(fields)  # type: ignore[typeddict-item]
-    return child
 
 
 def test_agent_messages_round_trip():
