@@ -203,3 +203,20 @@ def process_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def agent_child(**fields):
+    """A `protocol.AgentChild` of pool standard in slot 0, populating lab.__t; `fields` replace those."""
+    child = dict(
+        worker="standard",
+        slot=0,
+        pid=11,
+        state="populating",
+        table="lab.__t",
+        key={"id": 1},
+        jobs_done=0,
+        jobs_failed=0,
+        cycles=0,
+    )
+    child.update(fields)
+    return child

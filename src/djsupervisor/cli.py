@@ -13,7 +13,9 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
+from djsupervisor.protocol import ControlRequest, ControlResponse, refused
 from djsupervisor.supervisor.settings import LOG_FORMATS, LOG_LEVELS
 
 EXIT_USAGE = 2
@@ -160,15 +162,17 @@ def _socket_path(args) -> str:
     raise UsageError(f"several supervisors ({', '.join(Path(f).stem for f in found)}): give --name NAME")
 
 
-def _request(args, request: dict) -> dict:
+def _request(args, request: ControlRequest) -> ControlResponse:
+    """Send `request` to the supervisor the arguments name; its answer if ok, else UsageError (one line)."""
     from djsupervisor.serve.control import ControlError, send_request
 
     try:
         response = send_request(_socket_path(args), request)
     except ControlError as error:
         raise UsageError(str(error)) from None
-    if not response.get("ok"):
-        raise UsageError(f"{request['cmd']}: {response.get('error', 'refused')}")
+    problem = refused(response)
+    if problem is not None:
+        raise UsageError(f"{request['cmd']}: {problem}")
     return response
 
 
@@ -178,7 +182,7 @@ def _stop(args) -> int:
     from djsupervisor.serve.control import supervisor_listening
 
     path = _socket_path(args)
-    _request(args, {"cmd": "stop", "fast": args.fast})
+    _request(args, ControlRequest(cmd="stop", fast=args.fast))
     if args.wait is None:
         return 0
     deadline = time.monotonic() + args.wait
@@ -245,7 +249,7 @@ def _status(args) -> int:
 
     if args.queues and not args.config:
         raise UsageError("status --queues needs -c FILE (it imports the worker definitions)")
-    response = _request(args, {"cmd": "status"})
+    response: dict[str, Any] = dict(_request(args, ControlRequest(cmd="status")))
     response.pop("ok", None)
     if args.queues:
         response["queues"] = _queues(args)
@@ -345,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stop":
             return _stop(args)
         if args.command == "reload":
-            _request(args, {"cmd": "reload"})
+            _request(args, ControlRequest(cmd="reload"))
             return 0
         if args.command == "scale":
-            _request(args, {"cmd": "scale", "worker": args.worker, "replicas": args.replicas})
+            _request(args, ControlRequest(cmd="scale", worker=args.worker, replicas=args.replicas))
             return 0
         if args.command == "check":
             return _check(args)

@@ -15,27 +15,39 @@ agent
 and answers with one line the parent keeps as its `FleetView`. A database outage makes the agent skip
 what it cannot do (the parent keeps the last reading, whose age tells it is stale); a crash of the agent
 costs the supervisor nothing but a restart of the agent. It exits when the parent closes its pipe.
+
+This module is the agent process's side; `djsupervisor.fleet.link` is the parent's (it forks the agent, feeds
+it, restarts it). The two pipes carry `protocol.AgentCommand` and `protocol.AgentReport` lines.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import selectors
-import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from djsupervisor.protocol import (
+    AgentChild,
+    AgentCommand,
+    AgentReport,
+    GoneChild,
+    LineDecoder,
+    ProtocolError,
+    encode,
+    parse_agent_command,
+)
 from djsupervisor.supervisor.child import _short_table, worker_connections
 from djsupervisor.supervisor.fork import EXIT_OK, isolate, run_then_exit
 
-_RESTART_FIRST = 1.0  # seconds before restarting an agent that died, doubling up to _RESTART_MAX
-_RESTART_MAX = 60.0
-_STOP_WAIT = 3.0  # seconds the parent waits for the agent's last write at shutdown
+if TYPE_CHECKING:
+    from djsupervisor.supervisor.config import WorkerConfig
+
 _PRUNE_INTERVAL = 600.0  # seconds between deletions of this supervisor's rows of processes that are gone
 
 
@@ -44,13 +56,12 @@ def heartbeat_window(fleet_interval: float) -> float:
     return 3 * fleet_interval + 1.0
 
 
-# ----- in the agent process
-
-
 class FleetAgent:
     """The agent's work, given the worker definitions of the supervisor's pools."""
 
-    def __init__(self, *, supervisor: str, host: str, worker_configs: list, fleet_interval: float) -> None:
+    def __init__(
+        self, *, supervisor: str, host: str, worker_configs: list[WorkerConfig], fleet_interval: float
+    ) -> None:
         import platform
 
         self.supervisor = supervisor
@@ -131,7 +142,7 @@ class FleetAgent:
         """The RegisteredWorker key of the child `pid` of pool `pool`, started at `start`."""
         return {"worker_name": self.workers[pool].name, "host": self.host, "pid": pid, "process_start": start}
 
-    def heartbeat(self, children: list[dict], gone: list[dict]) -> None:
+    def heartbeat(self, children: list[AgentChild], gone: list[GoneChild]) -> None:
         """Stamp the live children's rows; mark the gone ones exited."""
         import psutil
 
@@ -151,20 +162,20 @@ class FleetAgent:
                     supervisor=self.supervisor,
                     slot=child["slot"],
                     state=child["state"],
-                    current_table=(child.get("table") or "")[:255],
-                    current_key=child.get("key"),
-                    cycles=child.get("cycles", 0),
-                    jobs_done=child.get("jobs_done", 0),
-                    jobs_failed=child.get("jobs_failed", 0),
+                    current_table=(child["table"] or "")[:255],
+                    current_key=child["key"],
+                    cycles=child["cycles"],
+                    jobs_done=child["jobs_done"],
+                    jobs_failed=child["jobs_failed"],
                     heartbeat_window=self.window,
                 )
             )
-        for child in gone:
-            start = self._starts.pop(child["pid"], None)
-            if child["worker"] in self.workers and start is not None:
-                by_pool.setdefault(child["worker"], []).append(
+        for exited in gone:
+            start = self._starts.pop(exited["pid"], None)
+            if exited["worker"] in self.workers and start is not None:
+                by_pool.setdefault(exited["worker"], []).append(
                     dict(
-                        self._identity(child["worker"], child["pid"], start),
+                        self._identity(exited["worker"], exited["pid"], start),
                         state="exited",
                         current_table="",
                         current_key=None,
@@ -176,11 +187,11 @@ class FleetAgent:
             table = schema.tables["RegisteredWorker"].full_table_name
             self._attempt("heartbeat", partial(update_heartbeats, schema.connection, table, rows))
 
-    def read(self) -> dict:
+    def read(self) -> AgentReport:
         """The report for the parent: tables per pool, their queue depths, the drain flags that apply."""
         from djsupervisor.fleet.registry import flag_for, read_flags
 
-        report: dict[str, Any] = {}
+        report: AgentReport = {}
         tables = self.tables()
         report["tables"] = {pool: [_short_table(t.full_table_name) for t in ts] for pool, ts in tables.items()}
         depths = {}
@@ -197,7 +208,7 @@ class FleetAgent:
                 flags_by_schema[name] = self._attempt("reading drain flags", partial(read_flags, self.schema(pool)))
             flags = flags_by_schema[name]
             if flags is None:  # unreadable: the parent keeps what it had
-                return {k: v for k, v in report.items() if k != "drained"}
+                return report
             mode = flag_for(flags, self.host, self.supervisor, pool)
             if mode:
                 drained[pool] = mode
@@ -205,35 +216,39 @@ class FleetAgent:
         return report
 
 
-def run_agent(
-    *,
-    supervisor: str,
-    host: str,
-    worker_configs: list,
-    fleet_interval: float,
-    parent_pid: int,
-    command_fd: int,
-    report_fd: int,
-    close_fds: list[int],
-) -> None:
+@dataclasses.dataclass(frozen=True)
+class AgentSpec:
+    """What a fleet agent is started with; the parent reads it afresh at each start (a reload changes it)."""
+
+    supervisor: str  # the supervisor's name
+    host: str  # the host name its rows carry ("" for this machine's)
+    fleet_interval: float  # seconds between the parent's commands
+    parent_pid: int
+    worker_configs: list[WorkerConfig]  # the definitions of the supervisor's pools
+
+
+def run_agent(spec: AgentSpec, *, command_fd: int, report_fd: int, close_fds: list[int]) -> None:
     """The body of the fleet agent child; never returns."""
 
     def body() -> int:
         import setproctitle
 
-        isolate(parent_pid, close_fds)
-        setproctitle.setproctitle(f"djsupervisor: {supervisor} fleet agent")
+        isolate(spec.parent_pid, close_fds)
+        setproctitle.setproctitle(f"djsupervisor: {spec.supervisor} fleet agent")
         agent = FleetAgent(
-            supervisor=supervisor, host=host, worker_configs=worker_configs, fleet_interval=fleet_interval
+            supervisor=spec.supervisor,
+            host=spec.host,
+            worker_configs=spec.worker_configs,
+            fleet_interval=spec.fleet_interval,
         )
-        lines = _LineReader(command_fd)
+        commands = _CommandReader(command_fd, agent.log)
         closed = False
         while not closed:  # once the parent closed the pipe: one last round for its last line, then exit
-            messages, closed = lines.wait()
-            if not messages:
+            received, closed = commands.wait()
+            if not received:
                 continue
-            children = messages[-1].get("children", [])
-            gone = [g for m in messages for g in m.get("gone", ())]
+            children = received[-1]["children"]
+            gone = [g for command in received for g in command["gone"]]
             if not agent._connected:
                 agent._attempt("connecting", agent.connect)
                 if not agent._connected:
@@ -241,25 +256,25 @@ def run_agent(
             agent.maybe_prune()
             agent.heartbeat(children, gone)
             if not closed:
-                _write_line(report_fd, agent.read())
+                _write_all(report_fd, encode(agent.read()))
         return EXIT_OK
 
     run_then_exit(body)
 
 
-class _LineReader:
-    """Newline-delimited JSON from a pipe: waits for data, returns every complete message so far."""
+class _CommandReader:
+    """The agent's end of the command pipe: waits for data, returns every command complete so far."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, log: Any) -> None:
         self.fd = fd
-        self.buffer = b""
+        self.log = log
+        self.decoder = LineDecoder()
         self.selector = selectors.DefaultSelector()
         self.selector.register(fd, selectors.EVENT_READ)
         os.set_blocking(fd, False)
 
-    def wait(self) -> tuple[list[dict], bool]:
-        """Wait for data; returns the messages that arrived and whether the pipe is now closed."""
-        messages: list[dict] = []
+    def wait(self) -> tuple[list[AgentCommand], bool]:
+        """Wait for data; returns the commands that arrived and whether the pipe is now closed."""
         closed = False
         self.selector.select()
         while True:
@@ -270,200 +285,19 @@ class _LineReader:
             if not data:
                 closed = True
                 break
-            self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
+            self.decoder.push(data)
+        commands: list[AgentCommand] = []
+        for line in self.decoder:
             try:
-                messages.append(json.loads(line))
-            except ValueError:
-                continue
-        return messages, closed
+                if line.ok:  # an undecodable line is skipped, as a torn one always was
+                    commands.append(parse_agent_command(line.message))
+            except ProtocolError as error:
+                self.log.warning("fleet agent: unreadable command: {}", error)
+        return commands, closed
 
 
-def _write_line(fd: int, message: dict) -> None:
-    """Write one JSON line, blocking (the agent has nothing better to do; the parent reads promptly)."""
-    data = json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of `data`, blocking (the agent has nothing better to do; the parent reads promptly)."""
     os.set_blocking(fd, True)
     while data:
         data = data[os.write(fd, data) :]
-
-
-# ----- in the parent process
-
-
-class FleetAgentLink:
-    """The parent's side: forks the agent, feeds it the children's reports, takes in its readings, restarts
-    it (with a doubling delay) when it dies, and closes it last at shutdown."""
-
-    def __init__(self, supervisor) -> None:
-        self.supervisor = supervisor
-        self.pid: int | None = None
-        self.command_w = -1
-        self.report_r = -1
-        self.buffer = b""
-        self.gone: list[dict] = []
-        self.restart_at = 0.0
-        self.delay = _RESTART_FIRST
-        self.started = 0.0
-
-    @property
-    def log(self):
-        return self.supervisor.log
-
-    def fds(self) -> list[int]:
-        """The parent's ends of the agent's pipes (every other forked child must close them)."""
-        return [fd for fd in (self.command_w, self.report_r) if fd >= 0]
-
-    def start(self) -> None:
-        sup = self.supervisor
-        command_r, self.command_w = os.pipe()
-        self.report_r, report_w = os.pipe()
-        configs = [pool.config for pool in sup.pools.values() if pool.config is not None]
-
-        def child(close_fds: list[int]) -> None:
-            run_agent(
-                supervisor=sup.config.name,
-                host=sup.config.host,
-                worker_configs=configs,
-                fleet_interval=sup.config.fleet_interval,
-                parent_pid=sup.pid,
-                command_fd=command_r,
-                report_fd=report_w,
-                close_fds=[*close_fds, self.command_w, self.report_r],
-            )
-
-        pid = sup._fork(child)
-        os.close(command_r)
-        os.close(report_w)
-        if pid is None:
-            self._close()
-            self.restart_at = time.monotonic() + self.delay
-            return
-        self.pid = pid
-        self.started = time.monotonic()
-        os.set_blocking(self.command_w, False)
-        os.set_blocking(self.report_r, False)
-        sup.selector.register(self.report_r, selectors.EVENT_READ, data=self._on_report)
-        self.log.info("fleet agent started (pid {})", pid)
-        self.tick()
-
-    def _close(self) -> None:
-        if self.report_r >= 0:
-            try:
-                self.supervisor.selector.unregister(self.report_r)
-            except (KeyError, ValueError):
-                pass
-        for fd in self.fds():
-            os.close(fd)
-        self.command_w = self.report_r = -1
-
-    def _on_report(self, mask: int) -> None:
-        try:
-            data = os.read(self.report_r, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close()
-            return
-        *lines, self.buffer = (self.buffer + data).split(b"\n")
-        for line in lines:
-            try:
-                self.supervisor.fleet.apply(json.loads(line))
-            except (ValueError, TypeError, AttributeError) as error:
-                self.log.warning("fleet agent: unreadable report: {}", error)
-        if time.monotonic() - self.started > 60:
-            self.delay = _RESTART_FIRST
-
-    def tick(self) -> None:
-        """Send the agent the children's latest state (or restart the agent if it is due)."""
-        if self.pid is None:
-            if self.command_w < 0 and time.monotonic() >= self.restart_at:
-                self.start()
-            return
-        if self.command_w < 0:
-            return
-        children = []
-        for pool in self.supervisor.pools.values():
-            for slot in pool.slots.values():
-                if slot.pid is None or "connection_ids" not in slot.report:
-                    continue  # not connected yet: its row does not exist before its first cycle anyway
-                report = slot.report
-                state = "stopping" if slot.state.value == "stopping" else (report.get("state") or slot.state.value)
-                children.append(
-                    dict(
-                        worker=slot.worker,
-                        slot=slot.index,
-                        pid=slot.pid,
-                        state=state,
-                        table=report.get("table"),
-                        key=report.get("key"),
-                        jobs_done=report.get("jobs_done", 0),
-                        jobs_failed=report.get("jobs_failed", 0),
-                        cycles=report.get("cycles_done", 0),
-                    )
-                )
-        message = {"children": children, "gone": self.gone}
-        line = json.dumps(message, default=str, separators=(",", ":")).encode() + b"\n"
-        try:
-            os.write(self.command_w, line)
-        except BlockingIOError:  # the agent is behind (database slow): it gets the next one
-            return
-        except OSError:
-            return
-        self.gone = []
-
-    def child_gone(self, worker: str, pid: int) -> None:
-        """A child was reaped: its row is marked exited at the next tick."""
-        self.gone.append({"worker": worker, "pid": pid})
-
-    def exited(self, status: int) -> None:
-        """The agent was reaped."""
-        self.log.warning(
-            "fleet agent (pid {}) exited ({}); restarting it in {:.0f} s",
-            self.pid,
-            os.waitstatus_to_exitcode(status),
-            self.delay,
-        )
-        self.pid = None
-        self._close()
-        self.restart_at = time.monotonic() + self.delay
-        self.delay = min(self.delay * 2, _RESTART_MAX)
-
-    def restart(self) -> None:
-        """Replace the agent now (after a reload: the pools changed)."""
-        self.stop(fast=True)
-        self.delay = _RESTART_FIRST
-        self.start()
-
-    def stop(self, fast: bool = False) -> None:
-        """At shutdown: a last tick, close the pipe (the agent writes and exits), wait briefly, then kill."""
-        if self.pid is None:
-            return
-        if not fast:
-            self.tick()
-        if self.command_w >= 0:
-            os.close(self.command_w)
-            self.command_w = -1
-        deadline = time.monotonic() + (0 if fast else _STOP_WAIT)
-        while True:
-            try:
-                pid, _ = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped already
-                break
-            if pid:
-                break
-            if time.monotonic() >= deadline:
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                try:
-                    os.waitpid(self.pid, 0)
-                except ChildProcessError:
-                    pass
-                break
-            time.sleep(0.05)
-        self.pid = None
-        self._close()

@@ -1,23 +1,33 @@
-"""The control socket: a Unix stream socket, mode 0600 in a 0700 directory, newline-delimited JSON.
+"""The control socket: a Unix stream socket, mode 0600 in a 0700 directory, JSON lines (`djsupervisor.protocol`).
 
-Request ``{"cmd": "status" | "stop" | "reload" | "scale", ...}``, one per line; response
-``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}``. The server lives in the supervisor's
-selector loop: it never blocks and never lets a client's garbage, size, silence or hang-up reach the loop
-as an exception.
+Request ``{"cmd": "status" | "stop" | "reload" | "scale", ...}`` (`ControlRequest`), one per line; response
+``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}`` (`ControlResponse`). The server lives in the
+supervisor's selector loop: it never blocks and never lets a client's garbage, size, silence or hang-up reach
+the loop as an exception.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import selectors
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
+from djsupervisor.protocol import (
+    ControlRequest,
+    ControlResponse,
+    DecodedLine,
+    LineDecoder,
+    ProtocolError,
+    encode,
+    parse_control_request,
+    parse_control_response,
+    refusal,
+)
 from djsupervisor.serve.loop_server import LoopClient, LoopServer
 from djsupervisor.serve.status_format import format_status  # noqa: F401  (the status table belongs to this interface)
 
@@ -82,18 +92,23 @@ def _private_directory(directory: Path) -> None:
         os.chmod(directory, 0o700)
 
 
+#: Answers one request; a response that is not a dict is answered as "no answer".
+Handler = Callable[[ControlRequest], Mapping[str, Any]]
+
+
 class _Client(LoopClient):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
+        self.requests = LineDecoder(MAX_REQUEST_BYTES)
         self.closing = False
 
 
-class ControlServer(LoopServer):
+class ControlServer(LoopServer[_Client]):
     """Serves control requests with `handler(request) -> response` inside the caller's selector loop."""
 
     client_class = _Client
 
-    def __init__(self, path: str, handler: Callable[[dict], dict]) -> None:
+    def __init__(self, path: str, handler: Handler) -> None:
         self.path = str(path)
         self.handler = handler
         _private_directory(Path(self.path).parent)
@@ -149,55 +164,51 @@ class ControlServer(LoopServer):
         if not chunk:
             self._drop(client)
             return
-        client.inbox += chunk
+        client.requests.push(chunk)
         for _ in range(MAX_PIPELINED):  # several requests may arrive in one read
-            line, newline, rest = client.inbox.partition(b"\n")
-            if len(line) > MAX_REQUEST_BYTES:
+            line = client.requests.pop()
+            if line is None:
+                return
+            if line.too_long:
                 self._refuse(client, f"request larger than {MAX_REQUEST_BYTES} bytes")
                 return
-            if not newline:
-                return
-            client.inbox = rest
             self._respond(client, self._answer(line))
-        if b"\n" in client.inbox:  # a flood: each answer costs the loop time that children's reports need
+        if client.requests.has_line():  # a flood: each answer costs the loop time that children's reports need
             self._refuse(client, f"more than {MAX_PIPELINED} requests at once")
 
     def _refuse(self, client: _Client, error: str) -> None:
         client.closing = True  # whatever else it sent is not read
-        client.inbox = b""
-        self._respond(client, {"ok": False, "error": error})
+        client.requests.clear()
+        self._respond(client, refusal(error))
 
-    def _answer(self, line: bytes) -> dict:
+    def _answer(self, line: DecodedLine) -> Mapping[str, Any]:
+        if not line.ok:
+            return refusal(f"request is not JSON: {line.error}")
         try:
-            request = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
-            return {"ok": False, "error": f"request is not JSON: {str(error).splitlines()[0]}"}
-        if not isinstance(request, dict) or not isinstance(request.get("cmd"), str):
-            return {"ok": False, "error": 'request must be a JSON object with a string "cmd"'}
+            request = parse_control_request(line.message)
+        except ProtocolError as error:
+            return refusal(error)
         try:
             response = self.handler(request)
         except Exception as error:  # a handler bug must not take the supervisor down
-            return {"ok": False, "error": f"{error.__class__.__name__}: {error}".splitlines()[0]}
-        return response if isinstance(response, dict) else {"ok": False, "error": "no answer"}
+            return refusal(f"{error.__class__.__name__}: {error}")
+        return response if isinstance(response, dict) else refusal("no answer")
 
-    def _respond(self, client: _Client, response: dict) -> None:
+    def _respond(self, client: _Client, response: Mapping[str, Any]) -> None:
         try:
-            text = json.dumps(response, default=str)
+            data = encode(response)
         except (TypeError, ValueError) as error:  # e.g. a circular structure from the handler
-            text = json.dumps({"ok": False, "error": f"unserializable answer: {error}".splitlines()[0]})
-        client.outbox += text.encode() + b"\n"
+            data = encode(refusal(f"unserializable answer: {error}"))
+        client.outbox = bytes(client.outbox) + data
         client.since = time.monotonic()
         self._write(client)
 
     def _write(self, client: _Client) -> None:
         self._send(client)
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.outbox else 0)
-        if client.outbox:
-            self.selector.modify(client.sock, events, data=self._callback(client))
-        elif client.closing:
-            self._drop(client)
+        if client.outbox or not client.closing:
+            self._watch(client, writing=bool(client.outbox))
         else:
-            self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
+            self._drop(client)
 
     def close(self) -> None:
         """Stop serving and remove the socket file."""
@@ -211,7 +222,7 @@ class ControlServer(LoopServer):
                 os.unlink(self.path)
 
 
-def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
+def send_request(path: str, request: ControlRequest, timeout: float = 5.0) -> ControlResponse:
     """Send one request to the supervisor listening on `path` and return its response.
 
     Raises ControlError (one line) when nobody listens, the socket belongs to another user, or no complete
@@ -235,27 +246,26 @@ def send_request(path: str, request: dict, timeout: float = 5.0) -> dict:
         try:
             sock.settimeout(timeout)
             sock.connect(path)
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
+            sock.sendall(encode(request))
+            answer = LineDecoder()
+            while not answer.has_line():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError
                 sock.settimeout(remaining)  # a trickling answer must not stretch the timeout
                 chunk = sock.recv(65536)
                 if not chunk:
+                    answer.end()
                     break
-                data += chunk
+                answer.push(chunk)
         except (ConnectionRefusedError, FileNotFoundError):
             raise ControlError(f"no supervisor listening on {path}") from None
         except TimeoutError:
             raise ControlError(f"no answer from the supervisor on {path} within {timeout:g} s") from None
         except OSError as error:
             raise ControlError(f"control socket {path}: {error.strerror or error}") from None
+    line = answer.pop()
     try:
-        response = json.loads(data)
-    except ValueError:
-        response = None
-    if not isinstance(response, dict):
-        raise ControlError(f"garbled answer from the supervisor on {path}")
-    return response
+        return parse_control_response(line.message if line is not None else None)
+    except ProtocolError:  # not JSON, not an object, or the connection closed before a whole line
+        raise ControlError(f"garbled answer from the supervisor on {path}") from None

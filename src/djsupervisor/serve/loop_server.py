@@ -8,6 +8,7 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 
 class LoopClient:
@@ -20,27 +21,45 @@ class LoopClient:
         self.since = time.monotonic()
 
 
-class LoopServer:
+ClientT = TypeVar("ClientT", bound=LoopClient)
+
+
+class LoopServer(Generic[ClientT]):
     """Base of a server driven by the caller's selector loop; subclasses implement `_read(client)` (the socket
     is readable) and `_write(client)` (send some of `client.outbox`), and may stop reading with `_reading`.
 
     `max_clients` and `idle_timeout` are read at each use (subclasses return their module's settings)."""
 
-    max_clients = 64
-    idle_timeout = 10.0
-    client_class = LoopClient
+    client_class: type[ClientT]
 
     def __init__(self, listener: socket.socket) -> None:
         self.listener = listener
         self.selector: selectors.BaseSelector | None = None
-        self.clients: dict[int, LoopClient] = {}
+        self.clients: dict[int, ClientT] = {}
+
+    @property
+    def max_clients(self) -> int:
+        """Connections served at once; more are closed right away."""
+        return 64
+
+    @property
+    def idle_timeout(self) -> float:
+        """Seconds a client may stay connected without completing a request."""
+        return 10.0
+
+    @property
+    def loop(self) -> selectors.BaseSelector:
+        """The selector this server was registered with."""
+        if self.selector is None:
+            raise RuntimeError(f"{type(self).__name__} is not registered with a selector")
+        return self.selector
 
     def register(self, selector: selectors.BaseSelector) -> None:
         """Add the listening socket to `selector` (its data is the callback the loop calls with the mask)."""
         self.selector = selector
         selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
 
-    def _serve(self, client: LoopClient, mask: int) -> None:
+    def _serve(self, client: ClientT, mask: int) -> None:
         try:
             if mask & selectors.EVENT_READ and self._reading(client):
                 self._read(client)
@@ -49,23 +68,23 @@ class LoopServer:
         except Exception:  # whatever a client does costs at most its own connection
             self._drop(client)
 
-    def _reading(self, client: LoopClient) -> bool:
+    def _reading(self, client: ClientT) -> bool:
         return True
 
-    def _read(self, client: LoopClient) -> None:
+    def _read(self, client: ClientT) -> None:
         raise NotImplementedError
 
-    def _write(self, client: LoopClient) -> None:
+    def _write(self, client: ClientT) -> None:
         raise NotImplementedError
 
-    def _recv(self, client: LoopClient) -> bytes | None:
+    def _recv(self, client: ClientT) -> bytes | None:
         """What the client sent that can be read now: None if nothing yet, b"" once it has closed."""
         try:
             return client.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return None
 
-    def _send(self, client: LoopClient) -> None:
+    def _send(self, client: ClientT) -> None:
         """Send what the socket takes now of `client.outbox` (never blocks)."""
         try:
             sent = client.sock.send(client.outbox)
@@ -73,8 +92,13 @@ class LoopServer:
             sent = 0
         client.outbox = client.outbox[sent:]
 
-    def _callback(self, client: LoopClient) -> Callable[[int], None]:
+    def _callback(self, client: ClientT) -> Callable[[int], None]:
         return lambda mask: self._serve(client, mask)
+
+    def _watch(self, client: ClientT, *, writing: bool) -> None:
+        """Have the loop call back when the client's socket is readable, and writable too if `writing`."""
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        self.loop.modify(client.sock, events, data=self._callback(client))
 
     def _accept(self, mask: int) -> None:
         self.expire_idle()  # a client that connects and never asks must not pile up descriptors
@@ -89,13 +113,13 @@ class LoopServer:
             sock.setblocking(False)
             client = self.client_class(sock)
             self.clients[sock.fileno()] = client
-            self.selector.register(sock, selectors.EVENT_READ, data=self._callback(client))
+            self.loop.register(sock, selectors.EVENT_READ, data=self._callback(client))
 
-    def _drop(self, client: LoopClient) -> None:
+    def _drop(self, client: ClientT) -> None:
         if self.clients.get(client.sock.fileno()) is client:
             del self.clients[client.sock.fileno()]
         with contextlib.suppress(Exception):
-            self.selector.unregister(client.sock)
+            self.loop.unregister(client.sock)
         with contextlib.suppress(OSError):
             client.sock.close()
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
-import json
 import os
 import platform
 import selectors
@@ -33,8 +32,10 @@ from typing import Any
 import psutil
 from loguru import logger
 
-from djsupervisor.fleet.agent import FleetAgentLink, heartbeat_window
+from djsupervisor.fleet.agent import AgentSpec, heartbeat_window
+from djsupervisor.fleet.link import FleetAgentLink, agent_children
 from djsupervisor.fleet.view import FleetView
+from djsupervisor.protocol import ProtocolError, parse_child_report
 from djsupervisor.serve.control import ControlServer, default_socket_path
 from djsupervisor.supervisor.autoscale import STALE_INTERVALS, Autoscaler, Decision, Observation
 from djsupervisor.supervisor.child import run_child, run_recovery
@@ -298,7 +299,19 @@ class Supervisor:
             )
             self.state = "running"
             self._manage()
-            self.agent = FleetAgentLink(self)
+            self.agent = FleetAgentLink(
+                spec=lambda: AgentSpec(
+                    supervisor=self.config.name,
+                    host=self.config.host,
+                    fleet_interval=self.config.fleet_interval,
+                    parent_pid=self.pid,
+                    worker_configs=[pool.config for pool in self.pools.values() if pool.config is not None],
+                ),
+                children=lambda: agent_children(s for p in self.pools.values() for s in p.slots.values()),
+                fork=self._fork,
+                selector=self.selector,
+                on_report=lambda report: self.fleet.apply(report),
+            )
             self.agent.start()
             self._every(self.config.fleet_interval, self.agent.tick)
             self._every(_CHECK_INTERVAL, self._check_children)
@@ -494,17 +507,17 @@ class Supervisor:
         self._take_reports(slot, data)
 
     def _take_reports(self, slot: Slot, data: bytes) -> None:
-        *lines, slot.buffer = (slot.buffer + data).split(b"\n")
-        if not lines:
+        slot.reports.push(data)
+        if not slot.reports.has_line():
             return
-        for line in lines:
+        for line in slot.reports:
             try:
-                message = json.loads(line)
-            except ValueError:
+                message = parse_child_report(line.message)
+            except ProtocolError:  # not JSON (line.message None), too long, or not a report: skipped
                 continue
             if "connection_ids" in message and not self._ready_sent:
                 self._report_changed = True  # READY may be due
-            slot.report.update(message)
+            slot.report.merge(message)
         slot.last_report = time.monotonic()
         slot.last_report_wall = time.time()
         if slot.state is SlotState.STARTING and slot.got_going():

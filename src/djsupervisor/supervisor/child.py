@@ -14,9 +14,9 @@ The order matters:
    error (before this worker's first cycle, whose recovery would otherwise put it back to pending).
 5. Run the worker; stop it after `max_jobs` jobs.
 
-Reporting: newline-delimited JSON snapshots on a pipe to the parent, sent on worker events (throttled)
-and every `heartbeat_interval` seconds by a small daemon thread, so the parent hears from the child while
-a long `make()` blocks the main thread and while it sleeps. A thread rather than SIGALRM: an interval
+Reporting: `protocol.ChildReportMessage` snapshots, as JSON lines on a pipe to the parent, sent on worker
+events (throttled) and every `heartbeat_interval` seconds by a small daemon thread, so the parent hears from
+the child while a long `make()` blocks the main thread and while it sleeps. A thread rather than SIGALRM: an interval
 timer would interrupt `make()`'s system calls and the database driver's, a thread costs nothing of the
 kind. The thread only formats a snapshot of counters and writes it (non-blocking; dropped if the pipe is
 full, the next one carries the same information). The parent tells a hung main thread from a slow one by
@@ -27,15 +27,15 @@ uses ``populate(processes=N)`` forks while this thread exists; the forked pool p
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, overload
 
 import setproctitle
 
+from djsupervisor.protocol import ChildReportMessage, encode
 from djsupervisor.supervisor.fork import EXIT_OK, EXIT_ORPHANED, EXIT_RECYCLE, isolate, run_then_exit
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ _ALWAYS_REPORTED = {"sleep", "stopped"}
 # a fleet of idle children polling every second does not wake the parent three times a second each. A
 # sleep shorter than the heartbeat interval is carried the same way.
 _CARRIED = {"cycle_start", "cycle_end"}
+# Report lines stay below PIPE_BUF (4096 bytes on Linux): a write that small is atomic, so the heartbeat
+# thread's lines and the main thread's never interleave. A longer one goes without its key.
+_MAX_REPORT_BYTES = 3500
 
 
 def worker_connections(worker: DataJointWorker) -> list[dj.Connection]:
@@ -63,6 +66,10 @@ def worker_connections(worker: DataJointWorker) -> list[dj.Connection]:
     return worker.held_connections() or [dj.conn()]
 
 
+@overload
+def _short_table(table: str) -> str: ...
+@overload
+def _short_table(table: None) -> None: ...
 def _short_table(table: str | None) -> str | None:
     """`schema`.`__table` -> schema.__table (quotes of either backend dropped)."""
     return table.replace("`", "").replace('"', "") if table else table
@@ -97,7 +104,7 @@ class Reporter:
             self.title = title
             setproctitle.setproctitle(title)
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> ChildReportMessage:
         now = time.monotonic()
         worker = self.worker
         job_elapsed = now - self.job_started if self.job_started is not None else None
@@ -116,19 +123,19 @@ class Reporter:
             "stalled": round(stalled, 3) if stalled is not None else None,
         }
 
-    def send(self, extra: dict | None = None) -> None:
+    def send(self, extra: ChildReportMessage | None = None) -> None:
         """Write one snapshot line (dropped if the pipe is full: the next one says the same)."""
         message = self.snapshot()
         if extra:
             message.update(extra)
-        line = json.dumps(message, default=str, separators=(",", ":"))
-        if len(line) > 3500:  # keep each write below PIPE_BUF so lines never interleave
+        line = encode(message)
+        if len(line) > _MAX_REPORT_BYTES:
             message["key"] = None
-            line = json.dumps(message, default=str, separators=(",", ":"))
+            line = encode(message)
         with self.lock:
             self.last_sent = time.monotonic()
             try:
-                os.write(self.fd, line.encode() + b"\n")
+                os.write(self.fd, line)
             except BlockingIOError:
                 pass
             except OSError:  # the parent is gone; PR_SET_PDEATHSIG normally got here first
@@ -155,7 +162,7 @@ class Reporter:
         elif kind == "stopped":
             self.state, self.table, self.key, self.job_started = "stopped", None, None, None
         self.set_title(
-            str(_short_table(self.table))
+            (_short_table(self.table) or "populating")  # a job always names its table
             if self.state == "populating"
             else ("sleeping" if self.state == "sleeping" else "idle")
         )

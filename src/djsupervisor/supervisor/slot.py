@@ -23,6 +23,7 @@ import random
 import time
 from typing import Any
 
+from djsupervisor.protocol import MAX_CHILD_REPORT_BYTES, ChildReport, LineDecoder
 from djsupervisor.supervisor.config import WorkerConfig
 
 
@@ -75,7 +76,7 @@ class Slot:
     state: SlotState = SlotState.STOPPED
     pid: int | None = None
     pipe_fd: int | None = None
-    buffer: bytes = b""
+    reports: LineDecoder = dataclasses.field(default_factory=lambda: LineDecoder(MAX_CHILD_REPORT_BYTES))
     started: float = 0.0  # monotonic, of the current child
     started_wall: float = 0.0
     restarts: int = 0  # children started in this slot after the first
@@ -88,7 +89,7 @@ class Slot:
     kill_reason: str = ""  # set when the supervisor SIGKILLed the child (hang, job_timeout)
     timed_out_job: dict | None = None  # handed to the next child: {"table", "key", "seconds"}
     next_start: float | None = None  # monotonic deadline of a BACKOFF
-    report: dict = dataclasses.field(default_factory=dict)
+    report: ChildReport = dataclasses.field(default_factory=ChildReport)
     last_report: float = 0.0  # monotonic
     last_report_wall: float | None = None
     rss_mb: float | None = None
@@ -120,24 +121,24 @@ class Slot:
         if self.spawned_once:
             self.restarts += 1
         self.spawned_once = True
-        self.pid, self.pipe_fd, self.buffer = pid, pipe_fd, b""
+        self.pid, self.pipe_fd, self.reports = pid, pipe_fd, LineDecoder(MAX_CHILD_REPORT_BYTES)
         self.started, self.started_wall = time.monotonic(), time.time()
         self.last_report = self.started
         self.last_report_wall = None
         self.jobs_done_before, self.jobs_failed_before = self.jobs_done_total, self.jobs_failed_total
-        self.report = {}
+        self.report = ChildReport()
         self.after_stop, self.stop_reason, self.stop_deadline, self.kill_reason = "stay", "", None, ""
         self.rss_mb = self.cpu_percent = None
 
     @property
     def jobs_done_total(self) -> int:
         """Jobs done by every child this slot has had."""
-        return self.jobs_done_before + int(self.report.get("jobs_done", 0) or 0)
+        return self.jobs_done_before + self.report.jobs_done
 
     @property
     def jobs_failed_total(self) -> int:
         """Jobs failed in every child this slot has had."""
-        return self.jobs_failed_before + int(self.report.get("jobs_failed", 0) or 0)
+        return self.jobs_failed_before + self.report.jobs_failed
 
     def vacated(self) -> None:
         """The child is gone (reaped)."""
@@ -147,7 +148,7 @@ class Slot:
 
     def got_going(self) -> bool:
         """Whether the current child completed a cycle or a job (it is working normally)."""
-        return bool(self.report.get("cycles_done") or self.report.get("jobs_done") or self.report.get("jobs_failed"))
+        return self.report.got_going
 
     def uptime(self, now: float | None = None) -> float | None:
         """Seconds the current child has been up (None without one)."""
