@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from djsupervisor.fleet.view import FleetView, TableDepth
 from djsupervisor.serve.metrics import render_metrics
 from djsupervisor.serve.status_page import render_page
-from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.config import SupervisorConfig, WorkerConfig
 from djsupervisor.supervisor.slot import Slot, SlotState
 
 pytestmark = pytest.mark.timeout(30)
@@ -71,7 +71,7 @@ def status_of(*slots) -> dict:
         "started": time.time() - 90,
         "state": "running",
         "http": None,
-        "workers": list(slots),
+        "slots": list(slots),
     }
 
 
@@ -125,10 +125,10 @@ def test_queue_depths_from_the_fleet_view_and_escaped_labels():
 
 def test_a_slots_job_counts_carry_over_to_its_next_child():
     slot = Slot("standard", 0, WorkerConfig("standard", "m:w"))
-    slot.occupied(pid=1, pipe_fd=5)
+    slot.spawned(pid=1, pipe_fd=5, now=time.monotonic())
     slot.report.update(jobs_done=4, jobs_failed=1)
-    slot.vacated()
-    slot.occupied(pid=2, pipe_fd=6)  # the new child starts counting at 0
+    slot.exited(0, SupervisorConfig("lab", ()), time.monotonic(), stopping=False)
+    slot.spawned(pid=2, pipe_fd=6, now=time.monotonic())  # the new child starts counting at 0
     slot.report.update(jobs_done=2)
     status = slot.status(time.monotonic())
     assert (status["jobs_done"], status["jobs_done_total"], status["jobs_failed_total"]) == (2, 6, 1)
