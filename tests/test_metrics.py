@@ -147,3 +147,16 @@ def test_status_page_escapes_everything():
     empty = render_page(dict(status_of(), drained={"standard": "halt", NASTY: "drain"}), FleetView(), version="1")
     assert "No reading of the job queues yet" in empty
     assert f"Drained: {html.escape(NASTY)} (drain), standard (halt)</p>" in empty
+
+
+def test_a_status_from_an_older_supervisor_reads_the_same():
+    """Before "slots", a status listed the slots under "workers" (`djsupervisor status` may ask an older one)."""
+    from djsupervisor.serve.status_format import format_status
+
+    status = status_of(slot_status("standard", 0, pid=4242, done=3))
+    old = {("workers" if key == "slots" else key): value for key, value in status.items()}
+    pools = {"standard": FakePool(1)}
+    assert render_metrics(old, pools, FleetView(), version="1", now=0) == render_metrics(
+        status, pools, FleetView(), version="1", now=0
+    )
+    assert "4242" in render_page(old, FleetView(), version="1") and "4242" in format_status(old)
