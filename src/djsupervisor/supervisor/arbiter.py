@@ -53,7 +53,7 @@ from djsupervisor.supervisor.timers import Timers
 from djsupervisor.supervisor.wakeup import SignalWakeup
 
 #: The signals the supervisor handles, and the method each is dispatched to.
-SIGNAL_HANDLERS = {
+SIGNAL_HANDLERS: dict[int, str] = {
     signal.SIGTERM: "handle_term",
     signal.SIGINT: "handle_int",
     signal.SIGQUIT: "handle_quit",
@@ -294,7 +294,7 @@ class Supervisor:
             name = str(signum)
         if signum != signal.SIGCHLD:
             self.log.info("received {}", name)
-        handler = SIGNAL_HANDLERS.get(signal.Signals(signum)) if name != str(signum) else None
+        handler = SIGNAL_HANDLERS.get(signum)
         if handler is not None:
             getattr(self, handler)()
 
