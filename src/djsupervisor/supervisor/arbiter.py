@@ -127,7 +127,7 @@ class Supervisor:
             "drained": dict(self.fleet.drained),
             "fleet_age": None if (age := self.fleet.age()) is None else round(age, 3),
             "slots": slots,
-            "workers": slots,  # the name "slots" had before 0.x; kept for one release
+            "workers": slots,  # the old name of "slots", kept for one release
             "pools": [self.pools[name].status(self.fleet.pending(name)) for name in sorted(self.pools)],
         }
 
