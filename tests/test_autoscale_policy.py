@@ -13,6 +13,7 @@ from djsupervisor.fleet.view import FleetView
 from djsupervisor.supervisor.arbiter import Supervisor
 from djsupervisor.supervisor.autoscale import Autoscaler, AutoscaleSettings, HostBudget, Observation
 from djsupervisor.supervisor.config import ConfigError, load_config
+from djsupervisor.supervisor.pool import Pool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -217,7 +218,7 @@ def supervisor_with(tmp_path, text: str) -> Supervisor:
     path.write_text(text)
     sup = Supervisor(load_config(path, check_targets=False), path)
     for worker in sup.config.workers:
-        sup.pools[worker.name] = sup._new_pool(worker, sup.config)
+        sup.pools[worker.name] = Pool.create(worker, sup.config.budget, sup.config.name)
     return sup
 
 
@@ -248,7 +249,7 @@ def test_scale_sets_the_minimum_of_an_autoscaled_pool_and_refuses_more_than_max_
         "(raise max_replicas in the config and reload)",
     }
     assert sizes(sup) == {"w": (4, 2, 4)}
-    pool = sup._pool_status(sup.pools["w"])
+    pool = sup.pools["w"].status(sup.fleet.pending("w"))
     assert pool == {
         "worker": "w",
         "replicas": 4,
@@ -298,7 +299,7 @@ def test_status_text_has_a_line_per_autoscaled_pool():
             "supervisor": "lab",
             "pid": 1,
             "state": "running",
-            "workers": [],
+            "slots": [],
             "pools": [
                 {"worker": "fixed", "replicas": 2, "autoscale": None},
                 {

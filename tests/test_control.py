@@ -214,7 +214,7 @@ def test_status_table():
         "pid": 10,
         "started": time.time() - 3700,
         "state": "running",
-        "workers": [
+        "slots": [
             {
                 "worker": "standard",
                 "slot": 0,

@@ -64,7 +64,7 @@ def test_parent_memory_stays_flat_over_many_restarts(db, supervise, tmp_path):
 
     def restarts() -> int:
         try:
-            return sum(w["restarts"] for w in send_request(str(socket_path), {"cmd": "status"})["workers"])
+            return sum(w["restarts"] for w in send_request(str(socket_path), {"cmd": "status"})["slots"])
         except Exception:
             return 0
 

@@ -260,7 +260,7 @@ def test_metrics_status_page_and_hostile_clients(db, supervise, tmp_path):
     assert found[("djsupervisor_parent_rss_bytes", ())] > 10 * 2**20
     assert restarts(found, 0) == 0 and found[("djsupervisor_up", ())] == 1
     status = json.loads(get(f"http://{address}/status.json")[2])
-    assert status["supervisor"] == "lab" and status["http"] == address and len(status["workers"]) == 2
+    assert status["supervisor"] == "lab" and status["http"] == address and len(status["slots"]) == 2
 
     # the fleet agent's reading of the job queues: Cube's 4 pending jobs (nobody populates it)
     pipe.Cube.jobs.refresh()

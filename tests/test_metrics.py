@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from djsupervisor.fleet.view import FleetView, TableDepth
 from djsupervisor.serve.metrics import render_metrics
 from djsupervisor.serve.status_page import render_page
-from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.config import SupervisorConfig, WorkerConfig
 from djsupervisor.supervisor.slot import Slot, SlotState
 
 pytestmark = pytest.mark.timeout(30)
@@ -71,7 +71,7 @@ def status_of(*slots) -> dict:
         "started": time.time() - 90,
         "state": "running",
         "http": None,
-        "workers": list(slots),
+        "slots": list(slots),
     }
 
 
@@ -125,10 +125,10 @@ def test_queue_depths_from_the_fleet_view_and_escaped_labels():
 
 def test_a_slots_job_counts_carry_over_to_its_next_child():
     slot = Slot("standard", 0, WorkerConfig("standard", "m:w"))
-    slot.occupied(pid=1, pipe_fd=5)
+    slot.spawned(pid=1, pipe_fd=5, now=time.monotonic())
     slot.report.update(jobs_done=4, jobs_failed=1)
-    slot.vacated()
-    slot.occupied(pid=2, pipe_fd=6)  # the new child starts counting at 0
+    slot.exited(0, SupervisorConfig("lab", ()), time.monotonic(), stopping=False)
+    slot.spawned(pid=2, pipe_fd=6, now=time.monotonic())  # the new child starts counting at 0
     slot.report.update(jobs_done=2)
     status = slot.status(time.monotonic())
     assert (status["jobs_done"], status["jobs_done_total"], status["jobs_failed_total"]) == (2, 6, 1)
@@ -147,3 +147,16 @@ def test_status_page_escapes_everything():
     empty = render_page(dict(status_of(), drained={"standard": "halt", NASTY: "drain"}), FleetView(), version="1")
     assert "No reading of the job queues yet" in empty
     assert f"Drained: {html.escape(NASTY)} (drain), standard (halt)</p>" in empty
+
+
+def test_a_status_from_an_older_supervisor_reads_the_same():
+    """Before "slots", a status listed the slots under "workers" (`djsupervisor status` may ask an older one)."""
+    from djsupervisor.serve.status_format import format_status
+
+    status = status_of(slot_status("standard", 0, pid=4242, done=3))
+    old = {("workers" if key == "slots" else key): value for key, value in status.items()}
+    pools = {"standard": FakePool(1)}
+    assert render_metrics(old, pools, FleetView(), version="1", now=0) == render_metrics(
+        status, pools, FleetView(), version="1", now=0
+    )
+    assert "4242" in render_page(old, FleetView(), version="1") and "4242" in format_status(old)

@@ -53,10 +53,11 @@ def test_status_scale_reload_and_stop_through_the_control_socket(db, supervise, 
         return json.loads(result.stdout)
 
     report = wait_until(
-        lambda: (s := status())["workers"] and s["workers"][0]["rss_mb"] and s, 15, message="a sampled status"
+        lambda: (s := status())["slots"] and s["slots"][0]["rss_mb"] and s, 15, message="a sampled status"
     )
     assert report["supervisor"] == "lab" and report["pid"] == sup.pid and report["state"] == "running"
-    (slot,) = report["workers"]
+    (slot,) = report["slots"]
+    assert report["workers"] == report["slots"]  # the old key, kept for one release
     assert set(slot) >= SLOT_KEYS
     assert (slot["worker"], slot["slot"], slot["pid"], slot["state"]) == ("standard", 0, pids["standard[0]"], "running")
     assert slot["jobs_done"] == 2 and slot["restarts"] == 0 and slot["rss_mb"] > 10

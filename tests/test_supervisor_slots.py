@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.config import SupervisorConfig, WorkerConfig
 from djsupervisor.supervisor.monitor import judge
 from djsupervisor.supervisor.slot import InvalidTransition, Slot, SlotState, restart_delay
 
@@ -40,19 +40,18 @@ def test_restart_delay_doubles_with_jitter_up_to_the_cap():
 
 def test_got_going_means_a_cycle_or_a_job_was_completed():
     s = slot()
-    s.occupied(100, -1)
+    s.spawned(100, -1, now=0.0)
     assert not s.got_going()
     s.report.update(cycles_done=0, jobs_done=0, jobs_failed=1)
     assert s.got_going()
-    s.occupied(101, -1)
+    s.exited(0, SupervisorConfig("lab", ()), now=1.0, stopping=False)
+    s.spawned(101, -1, now=1.0)
     assert not s.got_going() and s.restarts == 1
 
 
 def running(now: float, **config) -> Slot:
     s = slot(**config)
-    s.occupied(100, -1)
-    s.change(SlotState.STARTING)
-    s.last_report = now
+    s.spawned(100, -1, now)
     return s
 
 

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from djsupervisor.fleet.view import QUEUE_STATES, FleetView
-from djsupervisor.supervisor.slot import SlotState
+from djsupervisor.serve.status_format import status_slots
+from djsupervisor.supervisor.states import SlotState, SupervisorState
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-SUPERVISOR_STATES = ("starting", "running", "reloading", "stopping")
+SUPERVISOR_STATES = tuple(state.value for state in SupervisorState)  # every one listed, 0 or 1
 
 
 def _escape_label(value: Any) -> str:
@@ -74,7 +75,7 @@ def render_metrics(
     once its definition was removed) and optionally `jobs_done_retired`/`jobs_failed_retired`; `fleet` is the
     supervisor's FleetView; `now` is the monotonic time the fleet reading's age is measured against.
     """
-    slots = list(status.get("workers") or [])
+    slots = list(status_slots(status))
     workers = sorted({*pools, *(str(s["worker"]) for s in slots)})
     supervisor = status.get("supervisor", "")
 
@@ -118,8 +119,8 @@ def render_metrics(
     queue = _Family("djsupervisor_queue_jobs", "gauge", "Rows of a table's job queue per state, as last read.")
     for table in sorted(fleet.depths):
         depth = fleet.depths[table]
-        for state in QUEUE_STATES:
-            queue.add(getattr(depth, state), table=table, state=state)
+        for queue_state in QUEUE_STATES:
+            queue.add(getattr(depth, queue_state), table=table, state=queue_state)
     age = _Family("djsupervisor_fleet_reading_age_seconds", "gauge", "Seconds since the fleet agent's last reading.")
     reading_age = fleet.age(time.monotonic() if now is None else now)
     if reading_age is not None:

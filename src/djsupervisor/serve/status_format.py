@@ -8,6 +8,11 @@ from collections.abc import Mapping
 from typing import Any
 
 
+def status_slots(status: Mapping[str, Any]) -> list[Any]:
+    """The per-slot entries of a supervisor's status: under "slots", or "workers" from an older supervisor."""
+    return list(status.get("slots", status.get("workers")) or [])
+
+
 def format_duration(seconds) -> str:
     """Seconds as "42s", "3m05s", "2h07m" or "4d03h" ("-" for None)."""
     if seconds is None:
@@ -60,7 +65,7 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[s
 
 def format_status(data: dict) -> str:
     """Render a status response as a summary line and a table, one row per slot."""
-    workers = data.get("workers") or []
+    workers = status_slots(data)
     lines = [_summary(data, workers)]
     for pool, mode in sorted((data.get("drained") or {}).items()):
         lines.append(f"pool {pool}: {mode}ed by a fleet flag (djsupervisor resume clears it)")

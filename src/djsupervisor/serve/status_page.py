@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from djsupervisor.fleet.view import QUEUE_STATES, FleetView
-from djsupervisor.serve.status_format import current_work, format_duration
+from djsupervisor.serve.status_format import current_work, format_duration, status_slots
 
 REFRESH_SECONDS = 5
 
@@ -73,7 +73,7 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
     name = html.escape(str(status.get("supervisor")))
     started = status.get("started")
     uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
-    slots = status.get("workers") or []
+    slots = status_slots(status)
     summary = f"pid {status.get('pid')}, {status.get('state')}, up {uptime}, {len(slots)} slots, djsupervisor {version}"
     parts = [
         "<!DOCTYPE html>",

@@ -138,3 +138,27 @@ def run_then_exit(body: Callable[[], int]) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def describe_exit(code: int) -> str:
+    """How a child ended, from its exit code as `os.waitstatus_to_exitcode` gives it (negative: a signal)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def killpg(pid: int, signum: int) -> None:
+    """Send `signum` to the process group led by `pid` (every child leads its own group: what it started
+    goes too); to `pid` alone where the group is not ours to signal; nothing if it is gone."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass

@@ -14,7 +14,8 @@ import os
 
 import psutil
 
-from djsupervisor.supervisor.slot import Slot, SlotState
+from djsupervisor.supervisor.slot import Slot
+from djsupervisor.supervisor.states import WORKING
 
 
 def _proc_children_supported() -> bool:
@@ -114,7 +115,7 @@ class Verdict:
 
 def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: float) -> Verdict | None:
     """Whether the child in `slot` must be killed or recycled, from its reports and last sample."""
-    if slot.pid is None or slot.state not in (SlotState.STARTING, SlotState.RUNNING):
+    if slot.pid is None or slot.state not in WORKING:  # a stopping child is on its way out already
         return None
     silence = now - slot.last_report
     if silence > heartbeat_timeout:

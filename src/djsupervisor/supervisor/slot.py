@@ -1,18 +1,15 @@
 """One place in a worker pool and the life of the children that occupy it, one after another.
 
-The states follow supervisord's (``states.py``)::
-
-    STOPPED ──spawn──▶ STARTING ──first cycle or job done──▶ RUNNING
-       ▲                  │  └──────────────┐                  │
-       │                  ▼ exits early     ▼ stop requested   │ exits / is killed
-       │   FATAL ◀── BACKOFF ◀──────────── STOPPING ◀──────────┤
-       │  (gave up)  (delay, then spawn)      │                ▼
-       └──────────────────────────────────────┘              EXITED (policy says: stay down)
+The slot decides, the arbiter acts: every method here is pure (no fork, no signal, no descriptor). It
+moves the slot through the state machine of `djsupervisor.supervisor.states` and returns what the arbiter
+has to do about it: `stop` returns the signal to send, `exited` an `Outcome` (respawn now, restart at a
+time, retire, stay down; whether the dead child's jobs need a recovery; the log line). Keeping the rules
+here, apart from fork and signals, is what lets a test drive a slot through every path without processes.
 
 A child is STARTING until it completes its first cycle or job; a slot whose children keep exiting before
-that goes FATAL after `fatal_after` tries and is not restarted. A child that got going is always
-replaced (policy permitting), after a restart delay that doubles with each crash, with jitter, and starts
-over once a child has been up for `stable_after` seconds. Transitions are checked in `Slot.change`.
+that goes FATAL after `fatal_after` tries and is not restarted (until a reload rolls it). A child that got
+going is always replaced (policy permitting), after a restart delay that doubles with each crash, with
+jitter, and starts over once a child has been up for `stable_after` seconds.
 """
 
 from __future__ import annotations
@@ -20,41 +17,57 @@ from __future__ import annotations
 import dataclasses
 import enum
 import random
+import signal
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from djsupervisor.protocol import MAX_CHILD_REPORT_BYTES, ChildReport, LineDecoder
+from djsupervisor.protocol import MAX_CHILD_REPORT_BYTES, ChildReport, ChildReportMessage, LineDecoder
 from djsupervisor.supervisor.config import WorkerConfig
+from djsupervisor.supervisor.fork import EXIT_RECYCLE, describe_exit
+from djsupervisor.supervisor.states import TRANSITIONS, SlotState, StopIntent
 
-
-class SlotState(str, enum.Enum):
-    """States of a slot (see the module docstring)."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FATAL = "fatal"
-
-
-#: States in which the slot has a live child.
-LIVE_STATES = frozenset({SlotState.STARTING, SlotState.RUNNING, SlotState.STOPPING})
-
-_ALLOWED = {
-    SlotState.STOPPED: {SlotState.STARTING},
-    SlotState.STARTING: {SlotState.RUNNING, SlotState.STOPPING, SlotState.BACKOFF, SlotState.EXITED, SlotState.FATAL},
-    SlotState.RUNNING: {SlotState.STOPPING, SlotState.BACKOFF, SlotState.EXITED},
-    SlotState.BACKOFF: {SlotState.STARTING, SlotState.STOPPED, SlotState.FATAL},
-    SlotState.STOPPING: {SlotState.STOPPED, SlotState.BACKOFF},
-    SlotState.EXITED: {SlotState.STARTING, SlotState.STOPPED},
-    SlotState.FATAL: {SlotState.STARTING, SlotState.STOPPED},
-}
+__all__ = ["InvalidTransition", "Outcome", "RestartRules", "Slot", "SlotState", "Then", "restart_delay"]
 
 
 class InvalidTransition(RuntimeError):
     """A state change the state machine does not allow (a bug in the supervisor)."""
+
+
+class RestartRules(Protocol):
+    """The supervisor-wide restart settings a slot's exit rules read (`SupervisorConfig` has them)."""
+
+    @property
+    def backoff_initial(self) -> float: ...
+    @property
+    def backoff_max(self) -> float: ...
+    @property
+    def stable_after(self) -> float: ...
+    @property
+    def fatal_after(self) -> int: ...
+
+
+class Then(enum.Enum):
+    """What the arbiter does once a slot's child is gone."""
+
+    RESPAWN = "respawn"  # start a new child in it now
+    BACKOFF = "backoff"  # start one at `Outcome.restart_at` (the pool does, once due)
+    RETIRE = "retire"  # take the slot out of its pool
+    STAY = "stay"  # leave it down (STOPPED, EXITED or FATAL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a child's exit leads to, and the log line that says so (`message` with loguru's ``{}``
+    placeholders, filled from `args`, at `level`). `recover`: the child may have left jobs reserved and
+    no child of this slot will start soon to recover them, so the arbiter runs a job recovery."""
+
+    then: Then
+    message: str
+    args: tuple[Any, ...] = ()
+    level: str = "INFO"
+    recover: bool = False
+    restart_at: float | None = None  # monotonic, for Then.BACKOFF
 
 
 def restart_delay(crashes: int, initial: float, maximum: float, rng: random.Random | None = None) -> float:
@@ -66,7 +79,7 @@ def restart_delay(crashes: int, initial: float, maximum: float, rng: random.Rand
     return base / 2 + (rng or random).uniform(0, base / 2)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # a slot is an entity: two are the same slot only if they are one object
 class Slot:
     """A place in pool `worker` at position `index`, and what is known of its current child."""
 
@@ -83,9 +96,8 @@ class Slot:
     early_exits: int = 0  # consecutive children that exited before completing a cycle
     crashes: int = 0  # consecutive unplanned exits (drives the restart delay)
     spawned_once: bool = False
-    after_stop: str = "stay"  # what to do once the child is gone: "respawn", "retire" or "stay"
+    stop_intent: StopIntent = StopIntent.STAY  # what to do once the stopped child is gone
     stop_reason: str = ""
-    stop_deadline: float | None = None
     kill_reason: str = ""  # set when the supervisor SIGKILLed the child (hang, job_timeout)
     timed_out_job: dict | None = None  # handed to the next child: {"table", "key", "seconds"}
     next_start: float | None = None  # monotonic deadline of a BACKOFF
@@ -103,32 +115,156 @@ class Slot:
         """``worker[index]``, as in process titles and logs."""
         return f"{self.worker}[{self.index}]"
 
-    @property
-    def live(self) -> bool:
-        """Whether a child occupies the slot."""
-        return self.pid is not None
-
     def change(self, new: SlotState) -> SlotState:
         """Move to state `new` (InvalidTransition if the state machine does not allow it); returns the old one."""
         old = self.state
-        if new is not old and new not in _ALLOWED[old]:
+        if new is not old and new not in TRANSITIONS[old]:
             raise InvalidTransition(f"{self.label}: {old.value} -> {new.value}")
         self.state = new
         return old
 
-    def occupied(self, pid: int, pipe_fd: int) -> None:
-        """A new child was forked into this slot."""
+    # ----- what the pool asks
+
+    def due(self, now: float) -> bool:
+        """Whether a child should be started here now: the slot is new or stopped, or its restart delay passed."""
+        if self.state is SlotState.BACKOFF:
+            return self.next_start is not None and self.next_start <= now
+        return self.state is SlotState.STOPPED
+
+    @property
+    def retiring(self) -> bool:
+        """Whether the slot leaves its pool once its child is gone."""
+        return self.stop_intent is StopIntent.RETIRE
+
+    def reset(self) -> None:
+        """Forget the exits in a row: a new definition starts afresh (a FATAL slot may be started again)."""
+        self.early_exits = self.crashes = 0
+
+    # ----- the life of a child
+
+    def spawned(self, pid: int, pipe_fd: int, now: float, wall: float | None = None) -> None:
+        """A new child was forked into this slot at monotonic time `now`: STARTING."""
+        if self.state is SlotState.FATAL and self.early_exits:
+            raise InvalidTransition(f"{self.label}: fatal, and not reset")
+        self.change(SlotState.STARTING)
         if self.spawned_once:
             self.restarts += 1
         self.spawned_once = True
         self.pid, self.pipe_fd, self.reports = pid, pipe_fd, LineDecoder(MAX_CHILD_REPORT_BYTES)
-        self.started, self.started_wall = time.monotonic(), time.time()
-        self.last_report = self.started
+        self.started, self.started_wall = now, time.time() if wall is None else wall
+        self.last_report = now
         self.last_report_wall = None
         self.jobs_done_before, self.jobs_failed_before = self.jobs_done_total, self.jobs_failed_total
         self.report = ChildReport()
-        self.after_stop, self.stop_reason, self.stop_deadline, self.kill_reason = "stay", "", None, ""
+        self.stop_intent, self.stop_reason, self.kill_reason = StopIntent.STAY, "", ""
+        self.timed_out_job = None  # handed to this child
         self.rss_mb = self.cpu_percent = None
+
+    def spawn_failed(self, rules: RestartRules, now: float) -> Outcome:
+        """The fork failed: counts as a child that exited before getting going."""
+        self.change(SlotState.STARTING)
+        return self._crashed("fork failed", False, rules, now)
+
+    def reported(self, reports: Iterable[ChildReportMessage], now: float, wall: float | None = None) -> bool:
+        """The child sent `reports` (its latest counters, in order) at monotonic time `now`; whether that
+        changed the slot's state (a first cycle or job: RUNNING)."""
+        for report in reports:
+            self.report.merge(report)
+        self.last_report = now
+        self.last_report_wall = time.time() if wall is None else wall
+        if self.state is SlotState.STARTING and self.got_going():
+            self.change(SlotState.RUNNING)
+            self.early_exits = 0
+            self.rolled = False
+            return True
+        return False
+
+    def exited(self, code: int, rules: RestartRules, now: float, *, stopping: bool) -> Outcome:
+        """The child ended with exit code `code` (negative: killed by that signal); `stopping`: the
+        supervisor is stopping, so nothing is restarted."""
+        how = describe_exit(code)
+        got_going = self.got_going()
+        uptime = self.uptime(now) or 0.0
+        self.pid = self.pipe_fd = None
+        if self.state is SlotState.STOPPING:
+            self.change(SlotState.STOPPED)
+            if self.stop_intent is StopIntent.RETIRE:
+                then = Then.RETIRE  # even while the supervisor stops: the slot is done with
+            elif self.stop_intent is StopIntent.RESPAWN and not stopping:
+                then = Then.RESPAWN
+            else:
+                then = Then.STAY
+            return Outcome(
+                then,
+                "{} stopped ({}; {}) after {:.1f} s",
+                (self.label, self.kill_reason or self.stop_reason, how, uptime),
+                recover=code != 0 and then is not Then.RESPAWN,  # killed, and no replacement will recover
+            )
+        if stopping:
+            self.change(SlotState.EXITED)
+            return Outcome(Then.STAY, "{} exited ({}) while stopping", (self.label, how), recover=code != 0)
+        if code == EXIT_RECYCLE:
+            self.change(SlotState.BACKOFF)
+            self.next_start = now
+            message = "{} reached max_jobs ({}); replacing it"
+            return Outcome(Then.BACKOFF, message, (self.label, self.config.max_jobs), restart_at=now)
+        policy = self.config.restart
+        if policy == "never" or (policy == "on-failure" and code == 0):
+            self.change(SlotState.EXITED)
+            message = "{} exited ({}) after {:.1f} s; restart={}: not restarted"
+            return Outcome(Then.STAY, message, (self.label, how, uptime, policy), recover=code != 0)
+        if uptime >= rules.stable_after:
+            self.crashes = 0
+        if code == 0 and got_going:  # the worker's loop ended by itself (run_duration, max_idled_cycle)
+            self.crashes = 0
+        return self._crashed(f"{how} after {uptime:.1f} s", got_going, rules, now)
+
+    def _crashed(self, what: str, got_going: bool, rules: RestartRules, now: float) -> Outcome:
+        """An exit the restart rules handle: BACKOFF with a growing delay, or FATAL after too many early ones."""
+        self.early_exits = 0 if got_going else self.early_exits + 1
+        if self.early_exits >= rules.fatal_after:
+            self.change(SlotState.FATAL)
+            message = "{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted"
+            return Outcome(Then.STAY, message, (self.label, what, self.early_exits), level="ERROR", recover=True)
+        self.crashes += 1
+        delay = restart_delay(self.crashes, rules.backoff_initial, rules.backoff_max)
+        self.change(SlotState.BACKOFF)
+        self.next_start = now + delay
+        early = "" if got_going else " before completing a cycle"
+        message = "{} exited ({}){}; restarting in {:.2f} s"
+        return Outcome(Then.BACKOFF, message, (self.label, what, early, delay), "WARNING", restart_at=self.next_start)
+
+    def stop(self, reason: str, intent: StopIntent, *, fast: bool = False) -> signal.Signals | None:
+        """Stop the slot's child for `reason`, then `intent`: the signal to send (SIGTERM to the child, or
+        SIGKILL to its process group if `fast`), None if there is nothing to send (no child: the slot is
+        STOPPED now; or a graceful stop already under way). During a stop the intent only grows stronger."""
+        if intent > self.stop_intent or self.state is not SlotState.STOPPING:
+            self.stop_intent = intent
+        if self.pid is None:
+            if self.state is not SlotState.STOPPED:
+                self.change(SlotState.STOPPED)
+            return None
+        if fast:
+            if self.state is not SlotState.STOPPING:
+                self.change(SlotState.STOPPING)
+                self.stop_reason = reason
+            self.kill_reason = self.kill_reason or reason
+            return signal.SIGKILL
+        if self.state is SlotState.STOPPING:
+            return None
+        self.change(SlotState.STOPPING)
+        self.stop_reason = reason
+        return signal.SIGTERM
+
+    def stop_overdue(self, pid: int, reason: str) -> bool:
+        """The graceful stop of child `pid` ran out of time: whether that child is still the one being
+        stopped here (then its process group is to be SIGKILLed, for `reason`)."""
+        if self.pid != pid or self.state is not SlotState.STOPPING:
+            return False
+        self.kill_reason = reason
+        return True
+
+    # ----- what is known of the child
 
     @property
     def jobs_done_total(self) -> int:
@@ -140,12 +276,6 @@ class Slot:
         """Jobs failed in every child this slot has had."""
         return self.jobs_failed_before + self.report.jobs_failed
 
-    def vacated(self) -> None:
-        """The child is gone (reaped)."""
-        self.pid = None
-        self.pipe_fd = None
-        self.stop_deadline = None
-
     def got_going(self) -> bool:
         """Whether the current child completed a cycle or a job (it is working normally)."""
         return self.report.got_going
@@ -154,7 +284,7 @@ class Slot:
         """Seconds the current child has been up (None without one)."""
         if self.pid is None:
             return None
-        return (now or time.monotonic()) - self.started
+        return (time.monotonic() if now is None else now) - self.started
 
     def status(self, now: float) -> dict[str, Any]:
         """This slot's line of the supervisor's status."""
