@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import signal
 
 import pytest
 
@@ -262,11 +261,11 @@ def test_ttin_and_ttou_move_the_minimum_of_an_autoscaled_pool_within_its_bounds(
         tmp_path,
         W + "replicas = 1\nmax_replicas = 2\n" + '[[worker]]\nname = "fixed"\ntarget = "pipelines.offline:worker"\n',
     )
-    sup._handle_signal(signal.SIGTTIN)
+    sup.handle_ttin()
     assert sizes(sup) == {"w": (2, 2, 2), "fixed": (2, None, None)}
-    sup._handle_signal(signal.SIGTTIN)  # at max_replicas: the autoscaled pool stays, the fixed one grows
+    sup.handle_ttin()  # at max_replicas: the autoscaled pool stays, the fixed one grows
     assert sizes(sup) == {"w": (2, 2, 2), "fixed": (3, None, None)}
-    sup._handle_signal(signal.SIGTTOU)
+    sup.handle_ttou()
     assert sizes(sup) == {"w": (2, 1, 2), "fixed": (2, None, None)}  # the autoscaler shrinks it when idle
 
 

@@ -379,3 +379,19 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
             raise ConfigError(source, module_name, "defines no DataJointWorker")
     settings.setdefault("name", modules[0].rsplit(".", 1)[-1])
     return SupervisorConfig(workers=tuple(workers), source=source, **settings)
+
+
+def kept_at_reload(
+    running: SupervisorConfig, new: SupervisorConfig, host_override: str | None, log: Any
+) -> SupervisorConfig:
+    """`new` as a reload applies it: the supervisor's name and HTTP address stay until the next start (with
+    a warning if the file changed them), and a host given on the command line stays."""
+    if new.name != running.name:
+        log.warning("reload: the supervisor name change to {!r} applies at the next start", new.name)
+        new = dataclasses.replace(new, name=running.name)
+    if new.http != running.http:
+        log.warning("reload: the http address change to {!r} applies at the next start", new.http)
+        new = dataclasses.replace(new, http=running.http)
+    if host_override:
+        new = dataclasses.replace(new, host=host_override)
+    return new

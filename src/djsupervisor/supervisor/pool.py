@@ -17,7 +17,7 @@ import dataclasses
 import itertools
 import signal
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from loguru import logger
@@ -326,6 +326,26 @@ class Pool:
                 "reason": last.reason if last else None,
             }
         return entry
+
+
+def autoscale_pools(
+    pools: Iterable[Pool],
+    now: float,
+    fleet: FleetView,
+    *,
+    stale_after: float,
+    cpu_percent: float | None,
+    available_mb: Callable[[], float],
+) -> None:
+    """One autoscaling decision for every autoscaled pool, taken at once (`available_mb` is only asked when
+    some pool autoscales: reading the host's memory is not free)."""
+    scaled = [pool for pool in pools if pool.autoscaler is not None and pool.config is not None]
+    if not scaled:
+        return
+    memory = available_mb()
+    for pool in scaled:
+        observation = pool.observe(now, fleet, stale_after=stale_after, cpu_percent=cpu_percent, available_mb=memory)
+        pool.apply(pool.autoscaler.decide(observation))  # type: ignore[union-attr]  (scaled: set)
 
 
 def reconfigure_pools(
