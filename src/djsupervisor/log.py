@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 import warnings
+from types import FrameType
 
 from loguru import logger
 
@@ -50,7 +51,8 @@ class InterceptHandler(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
-        frame, depth = logging.currentframe(), 0  # find the caller outside the logging module
+        frame: FrameType | None = logging.currentframe()
+        depth = 0  # find the caller outside the logging module
         while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
             frame, depth = frame.f_back, depth + 1
         logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())

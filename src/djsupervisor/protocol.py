@@ -34,7 +34,7 @@ import types
 import typing
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import Any, Generic, Required, TypedDict, TypeVar, overload
+from typing import Any, Generic, Required, TypedDict, TypeVar, cast, overload
 
 #: Default cap on one line's length in bytes (newline excluded). The largest messages are the agent's
 #: command and report and the status answer of a big supervisor: about 200 bytes per child or table, so
@@ -221,7 +221,7 @@ class ChildReportMessage(TypedDict, total=False):
 
 def parse_child_report(message: Any) -> ChildReportMessage:
     """A decoded child report line, checked (ProtocolError if it is not one)."""
-    return _checked(message, "child report", ChildReportMessage)
+    return cast(ChildReportMessage, _checked(message, "child report", ChildReportMessage))
 
 
 T = TypeVar("T")
@@ -324,7 +324,7 @@ class AgentReport(TypedDict, total=False):
 
 def parse_agent_command(message: Any) -> AgentCommand:
     """A decoded command line, checked (ProtocolError if it is not one)."""
-    command = _checked(message, "agent command", AgentCommand)
+    command = cast(AgentCommand, _checked(message, "agent command", AgentCommand))
     for child in command["children"]:
         _checked(child, "agent command child", AgentChild)
     for gone in command["gone"]:
@@ -334,7 +334,7 @@ def parse_agent_command(message: Any) -> AgentCommand:
 
 def parse_agent_report(message: Any) -> AgentReport:
     """A decoded agent report line, checked (ProtocolError if it is not one)."""
-    return _checked(message, "agent report", AgentReport)
+    return cast(AgentReport, _checked(message, "agent report", AgentReport))
 
 
 # ----- control socket: client -> supervisor -> client
@@ -366,7 +366,7 @@ def parse_control_request(message: Any) -> ControlRequest:
 
 def parse_control_response(message: Any) -> ControlResponse:
     """A decoded answer line, checked (ProtocolError if it is not a JSON object)."""
-    return _checked(message, "control response", ControlResponse)
+    return cast(ControlResponse, _checked(message, "control response", ControlResponse))
 
 
 def refusal(error: BaseException | str) -> ControlResponse:

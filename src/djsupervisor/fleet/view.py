@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from djsupervisor.protocol import AgentReport
 
 #: Job states counted per table (DataJoint 2.x job-table statuses).
 QUEUE_STATES = ("pending", "reserved", "success", "error", "ignore")
@@ -27,7 +32,7 @@ class TableDepth:
     ignore: int = 0
 
     @classmethod
-    def from_counts(cls, counts: dict) -> TableDepth:
+    def from_counts(cls, counts: Mapping[str, Any]) -> TableDepth:
         """From a ``{state: count}`` mapping (states not listed count 0, unknown states are ignored)."""
         return cls(**{state: int(counts.get(state, 0) or 0) for state in QUEUE_STATES})
 
@@ -65,7 +70,7 @@ class FleetView:
             return None
         return (time.monotonic() if now is None else now) - self.updated
 
-    def apply(self, report: dict, now: float | None = None) -> None:
+    def apply(self, report: AgentReport | Mapping[str, Any], now: float | None = None) -> None:
         """Take in one agent report: ``{"tables": {...}, "depths": {table: {state: n}}, "drained": {...}}``."""
         if "tables" in report:
             self.tables = {pool: list(tables) for pool, tables in report["tables"].items()}

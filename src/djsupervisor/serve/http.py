@@ -96,7 +96,7 @@ class StatusServer(LoopServer):
         if not chunk:
             if client.outbox:  # the client half-closed after its request: finish the answer, then drop it
                 client.eof = True
-                self.selector.modify(client.sock, selectors.EVENT_WRITE, data=self._callback(client))
+                self.loop.modify(client.sock, selectors.EVENT_WRITE, data=self._callback(client))
             else:
                 self._drop(client)
             return
@@ -162,11 +162,11 @@ class StatusServer(LoopServer):
         self._send(client)
         if client.outbox:
             events = selectors.EVENT_WRITE | (0 if client.eof else selectors.EVENT_READ)
-            self.selector.modify(client.sock, events, data=self._callback(client))
+            self.loop.modify(client.sock, events, data=self._callback(client))
         elif client.eof:
             self._drop(client)
         else:
-            self.selector.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
+            self.loop.modify(client.sock, selectors.EVENT_READ, data=self._callback(client))
             self._finish(client)
 
     def _finish(self, client: _Client) -> None:

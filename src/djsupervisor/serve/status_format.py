@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -57,7 +57,7 @@ def _summary(data: dict, workers: list[dict]) -> str:
     )
 
 
-def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def format_table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> list[str]:
     """Left-aligned columns, two spaces apart, header first."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]

@@ -51,7 +51,8 @@ class ChildProcesses:
     def fork(self, child: Callable[[list[int]], None]) -> int | None:
         """Fork a child that runs `child(fds_to_close)` (see `fork.fork_child`); its pid, or None."""
         registered = [key.fd for key in self.selector.get_map().values()]
-        close_in_child = [*self.inherited(), self.selector.fileno(), *registered]
+        own = getattr(self.selector, "fileno", None)  # epoll/kqueue selectors hold a descriptor of their own
+        close_in_child = [*self.inherited(), *([own()] if own else []), *registered]
         return fork_child(child, close_in_child, self.blocked_signals, log=self.log)
 
     def spawn(self, slot: Slot, body: Callable[[int, list[int]], None]) -> int | None:

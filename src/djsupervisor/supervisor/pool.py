@@ -79,10 +79,10 @@ class Pool:
         return pool
 
     @property
-    def log(self):
+    def log(self) -> Any:
         return logger.bind(supervisor=self.supervisor, worker="-", slot="-")
 
-    def slot_log(self, slot: Slot):
+    def slot_log(self, slot: Slot) -> Any:
         return logger.bind(supervisor=self.supervisor, worker=slot.worker, slot=slot.index)
 
     # ----- what is there
@@ -345,7 +345,8 @@ def autoscale_pools(
     memory = available_mb()
     for pool in scaled:
         observation = pool.observe(now, fleet, stale_after=stale_after, cpu_percent=cpu_percent, available_mb=memory)
-        pool.apply(pool.autoscaler.decide(observation))  # type: ignore[union-attr]  (scaled: set)
+        assert pool.autoscaler is not None  # (scaled: set)
+        pool.apply(pool.autoscaler.decide(observation))
 
 
 def reconfigure_pools(

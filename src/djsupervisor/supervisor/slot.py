@@ -75,8 +75,9 @@ def restart_delay(crashes: int, initial: float, maximum: float, rng: random.Rand
     `maximum`, with "equal jitter" (between half and all of it) so that pools do not restart in step."""
     if crashes <= 0 or initial <= 0:
         return 0.0
-    base = min(maximum, initial * 2 ** min(crashes - 1, 32))
-    return base / 2 + (rng or random).uniform(0, base / 2)
+    base: float = min(maximum, initial * 2.0 ** min(crashes - 1, 32))
+    jitter: float = (rng or random).uniform(0, base / 2)
+    return base / 2 + jitter
 
 
 @dataclasses.dataclass(eq=False)  # a slot is an entity: two are the same slot only if they are one object
@@ -99,7 +100,7 @@ class Slot:
     stop_intent: StopIntent = StopIntent.STAY  # what to do once the stopped child is gone
     stop_reason: str = ""
     kill_reason: str = ""  # set when the supervisor SIGKILLed the child (hang, job_timeout)
-    timed_out_job: dict | None = None  # handed to the next child: {"table", "key", "seconds"}
+    timed_out_job: dict[str, Any] | None = None  # handed to the next child: {"table", "key", "seconds"}
     next_start: float | None = None  # monotonic deadline of a BACKOFF
     report: ChildReport = dataclasses.field(default_factory=ChildReport)
     last_report: float = 0.0  # monotonic

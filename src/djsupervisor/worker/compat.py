@@ -133,7 +133,7 @@ def call_after_every_connect(connection: datajoint.Connection, after: Callable[[
         after()
 
     connect_then_call._djs_hooked = True  # type: ignore[attr-defined]
-    connection.connect = connect_then_call  # type: ignore[method-assign]
+    connection.connect = connect_then_call
 
 
 def transaction_left_open(connection: datajoint.Connection) -> bool:
