@@ -315,8 +315,7 @@ def test_agent_children_are_the_live_connected_slots():
     config = WorkerConfig(name="standard", target="m:w")
     idle, working, stopping, unconnected, empty = (Slot("standard", i, config) for i in range(5))
     for pid, slot in enumerate((idle, working, stopping, unconnected), start=100):
-        slot.occupied(pid, -1)
-        slot.change(SlotState.STARTING)
+        slot.spawned(pid, -1, now=0.0)
     for slot in (idle, working, stopping):
         slot.report.merge({"connection_ids": [1], "state": "idle"})
     working.report.merge({"state": "populating", "table": "lab.__t", "key": {"id": 1}, "jobs_done": 3})
