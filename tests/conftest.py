@@ -7,6 +7,10 @@ schema with that prefix is dropped. `db.env` gives a subprocess what it needs to
 DJS_TEST_PREFIX); process tests pass it to the real `djsupervisor` through the `supervise` fixture.
 
 Fixtures live here, not in helpers.py, so that tests use them by name without importing them.
+
+Markers from the folder (`pytest_collection_modifyitems`): tests under tests/worker, tests/supervisor, tests/fleet
+and tests/serve are marked `worker`, `supervisor`, `fleet` and `serve`; everything under tests/faults is marked
+`fault`. Files that start real supervisors still set `process` themselves (`pytestmark` or per test).
 """
 
 from __future__ import annotations
@@ -107,6 +111,21 @@ def drop_schemas(connection: dj.Connection, prefix: str) -> None:
                 connection.query(f"DROP SCHEMA IF EXISTS {quote(name)} CASCADE")
             else:
                 connection.query(f"DROP DATABASE IF EXISTS {quote(name)}")
+
+
+#: The marker each folder of tests/ gives the tests under it (the cross-cutting tests at the top level get none).
+FOLDER_MARKERS = {"worker": "worker", "supervisor": "supervisor", "fleet": "fleet", "serve": "serve", "faults": "fault"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `-m worker` and `-m fault` see the folder's marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's marker (FOLDER_MARKERS)."""
+    for item in items:
+        path = item.path.resolve()  # TESTS is resolved
+        if path.is_relative_to(TESTS):
+            marker = FOLDER_MARKERS.get(path.relative_to(TESTS).parts[0])
+            if marker is not None:
+                item.add_marker(marker)
 
 
 @pytest.fixture(params=["mysql", "postgresql"])

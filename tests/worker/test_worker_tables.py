@@ -8,9 +8,9 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import TESTS
 from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
@@ -62,7 +62,7 @@ def test_tables_record_registration_cycles_and_errors(db):
 def test_many_processes_declare_and_write_at_once(db):
     schema_name = db.schema_name("workers")
     start_at = time.time() + 4
-    script = Path(__file__).parent / "scripts" / "declare_worker.py"
+    script = TESTS / "scripts" / "declare_worker.py"
     processes = [
         subprocess.Popen(
             [sys.executable, str(script), schema_name, str(start_at), str(i)],
@@ -87,7 +87,7 @@ def test_many_workers_declare_job_tables_and_share_the_work(db):
     pipe = declare(db.schema_name("pipe"), job_tables=False)  # the workers race to declare them
     pipe.seed(range(1, 31))
     start_at = time.time() + 4
-    script = Path(__file__).parent / "scripts" / "populate_worker.py"
+    script = TESTS / "scripts" / "populate_worker.py"
     processes = [
         subprocess.Popen(
             [sys.executable, str(script), db.prefix, str(start_at), str(i)],

@@ -17,8 +17,6 @@ from hypothesis import strategies as st
 from djsupervisor.serve.control import ControlServer
 from djsupervisor.supervisor.config import ConfigError, load_config, parse_config
 
-pytestmark = pytest.mark.fault
-
 SUPERVISOR_KEYS = [
     "name",
     "graceful_timeout",

@@ -5,15 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import TESTS
 from jobtools import wait_until
 from pipelines.lab import declare
 
 pytestmark = pytest.mark.timeout(90)
 
-SCRIPT = Path(__file__).parent / "scripts" / "sigterm_worker.py"
+SCRIPT = TESTS / "scripts" / "sigterm_worker.py"
 
 
 def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):

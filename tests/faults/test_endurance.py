@@ -12,7 +12,7 @@ from pipelines.lab import declare
 
 from djsupervisor.serve.control import send_request
 
-pytestmark = [pytest.mark.fault, pytest.mark.process]
+pytestmark = pytest.mark.process
 
 
 @pytest.mark.timeout(120)

@@ -16,7 +16,7 @@ from helpers import djsupervisor_command, wait_until, write_config
 from pipelines.lab import Lab, declare
 from tcpproxy import TcpProxy
 
-pytestmark = [pytest.mark.fault, pytest.mark.process]
+pytestmark = pytest.mark.process
 
 KEYS = 40
 
