@@ -122,17 +122,16 @@ def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: flo
         return Verdict("kill", f"no report for {silence:.0f} s (stopped or hung)")
     config = slot.config
     report = slot.report
-    job_elapsed = report.get("job_elapsed")
-    if job_elapsed is not None:
-        running_for = job_elapsed + silence
+    if report.job_elapsed is not None:
+        running_for = report.job_elapsed + silence
         if config.job_timeout and running_for > config.job_timeout:
             job = None
-            if report.get("key") is not None and report.get("table"):
-                job = {"table": report["table"], "key": report["key"], "seconds": config.job_timeout}
-            what = f"{report.get('table')} {report.get('key') or ''}".strip()
+            if report.key is not None and report.table:
+                job = {"table": report.table, "key": report.key, "seconds": config.job_timeout}
+            what = f"{report.table} {report.key or ''}".strip()
             return Verdict("kill", f"{what} ran {running_for:.0f} s > job_timeout {config.job_timeout:g} s", job)
     else:
-        stalled = report.get("stalled")
+        stalled = report.stalled
         if stalled is not None and stalled + silence > hang_timeout:
             return Verdict("kill", f"no progress for {stalled + silence:.0f} s outside a job (hang_timeout)")
     if config.max_memory_mb and slot.rss_mb is not None and slot.rss_mb > config.max_memory_mb:

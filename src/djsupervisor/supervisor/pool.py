@@ -102,7 +102,7 @@ class Pool:
 
     def connected(self) -> bool:
         """Whether every child has connected to the database (or there is none): part of READY."""
-        return all("connection_ids" in s.report or s.state not in LIVE for s in self.slots.values())
+        return all(s.report.connected or s.state not in LIVE for s in self.slots.values())
 
     # ----- reconciling
 
@@ -374,6 +374,6 @@ def summarize(pools: Iterable[Pool]) -> str:
     for pool in pools:
         for slot in pool.slots.values():
             counts[slot.state.value] = counts.get(slot.state.value, 0) + 1
-            done += slot.report.get("jobs_done", 0)
+            done += slot.report.jobs_done
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no children"
     return f"{summary}; {done} jobs done by the current children"
