@@ -54,6 +54,11 @@ def set_reservation(
     assert cursor.rowcount == 1
 
 
+def orphan_reservation(db, table, key: dict) -> None:
+    """Make `key`'s job of `table` an orphan: reserved just now on this host by a dead pid on a closed session."""
+    set_reservation(table, key, host=THIS_HOST, pid=dead_pid(), connection_id=dead_connection_id(db), hours_ago=0)
+
+
 def job_status(table, key: dict) -> str:
     """The status of `key`'s job (or 'none')."""
     rows = (table.jobs & key).to_dicts()

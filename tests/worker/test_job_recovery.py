@@ -7,7 +7,15 @@ import subprocess
 import uuid
 
 import pytest
-from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, open_connection, set_reservation
+from jobtools import (
+    THIS_HOST,
+    dead_connection_id,
+    dead_pid,
+    job_status,
+    open_connection,
+    orphan_reservation,
+    set_reservation,
+)
 from loguru import logger
 from pipelines.lab import declare
 
@@ -57,14 +65,7 @@ def test_stale_orphan_and_live_reservations(db, pipe):
 
 
 def test_recovered_reservation_is_pending_and_clean(db, pipe):
-    set_reservation(
-        pipe.Square,
-        dict(source_id=1),
-        host=THIS_HOST,
-        pid=dead_pid(),
-        connection_id=dead_connection_id(db),
-        hours_ago=0,
-    )
+    orphan_reservation(db, pipe.Square, dict(source_id=1))
     counts = recover_jobs(db.connection, db_prefix=[db.prefix])
     assert counts.orphaned == 1
     row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]
@@ -77,14 +78,7 @@ def test_db_prefix_limits_recovery(db):
     outside = declare(f"{db.prefix}x_out_pipe")
     for p in (inside, outside):
         p.seed([1])
-        set_reservation(
-            p.Square,
-            dict(source_id=1),
-            host=THIS_HOST,
-            pid=dead_pid(),
-            connection_id=dead_connection_id(db),
-            hours_ago=0,
-        )
+        orphan_reservation(db, p.Square, dict(source_id=1))
     assert recover_jobs(db.connection, db_prefix=[db.prefix + "_in"]).orphaned == 1
     assert job_status(inside.Square, dict(source_id=1)) == "pending"
     assert job_status(outside.Square, dict(source_id=1)) == "reserved"
@@ -100,14 +94,7 @@ def test_default_scope_is_the_workers_own_tables(db):
     for p in (mine, theirs):
         p.seed([1, 2])
         p.Square.jobs.refresh()
-        set_reservation(
-            p.Square,
-            dict(source_id=1),
-            host=THIS_HOST,
-            pid=dead_pid(),
-            connection_id=dead_connection_id(db),
-            hours_ago=0,
-        )
+        orphan_reservation(db, p.Square, dict(source_id=1))
         p.Square.jobs.error(dict(source_id=2), error_message="Lost connection to MySQL server during query")
     own = DataJointWorker("own", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
     own(mine.Square)
@@ -241,14 +228,7 @@ def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
     assert recovery.run(known_tables=[(db.schema_name("pipe"), "~~cube")]).orphaned == 1  # ...until named
     assert job_status(cube, dict(source_id=1)) == "pending"
     # two job tables: one counting statement finds the one holding a reservation
-    set_reservation(
-        pipe.Square,
-        dict(source_id=2),
-        host=THIS_HOST,
-        pid=dead_pid(),
-        connection_id=dead_connection_id(db),
-        hours_ago=0,
-    )
+    orphan_reservation(db, pipe.Square, dict(source_id=2))
     assert recovery.run().orphaned == 1
     # a table dropped since the listing fails one pass, and the next pass lists again
     cube.jobs.drop()
@@ -259,14 +239,7 @@ def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
 
 
 def test_record_job_error_marks_a_reservation_as_timed_out(db, pipe):
-    set_reservation(
-        pipe.Square,
-        dict(source_id=1),
-        host=THIS_HOST,
-        pid=dead_pid(),
-        connection_id=dead_connection_id(db),
-        hours_ago=0,
-    )
+    orphan_reservation(db, pipe.Square, dict(source_id=1))
     message = "JobTimeout: make() ran longer than job_timeout=5 s; its process group was killed"
     assert record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)
     row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]

@@ -9,7 +9,7 @@ statements ran the attacker's function with the worker's privileges on every cyc
 from __future__ import annotations
 
 import pytest
-from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, set_reservation
+from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, orphan_reservation
 from loguru import logger
 from pipelines.lab import declare
 
@@ -120,14 +120,7 @@ def test_quote_doubles_the_quote_character_on_the_server(db):
 def test_record_job_error_refuses_names_datajoint_would_not_make(db):
     pipe = declare(db.schema_name("pipe"))
     pipe.seed([1])
-    set_reservation(
-        pipe.Square,
-        dict(source_id=1),
-        host=THIS_HOST,
-        pid=dead_pid(),
-        connection_id=dead_connection_id(db),
-        hours_ago=0,
-    )
+    orphan_reservation(db, pipe.Square, dict(source_id=1))
     for bad in ("`x`.`__a` WHERE 1=1 #`", '"x"."a";DROP TABLE y;--"', "x.Y", "x.y;--", "`x`.`a b`"):
         with pytest.raises(identifiers.UnsafeIdentifier):
             record_job_error(db.connection, bad, dict(source_id=1), "boom")
