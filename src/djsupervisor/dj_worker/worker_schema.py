@@ -68,8 +68,8 @@ def _bind(cls: Any, required: bool = True) -> None:
     if cls._binding or (not required and context.running is None and context.created is None):
         return
     worker = current_worker()
-    target = (worker.worker_schema_name, id(worker.connection))
-    if cls._bound_to == target:
+    bound = cls._bound_to
+    if bound is not None and bound[0] == worker.worker_schema_name and bound[1] is worker.connection:
         return
     worker.schema.tables  # noqa: B018 -- declares the tables (with their definitions) before the class reads them
     schema = dj.Schema(worker.worker_schema_name, connection=worker.connection, create_tables=False)
@@ -78,7 +78,7 @@ def _bind(cls: Any, required: bool = True) -> None:
         schema(cls, context={})
     finally:
         cls._binding = False
-    cls._bound_to = target
+    cls._bound_to = (worker.worker_schema_name, worker.connection)
 
 
 #: Class attributes that need the table bound first (instantiating the class, which every query does, too).
