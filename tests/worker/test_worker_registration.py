@@ -40,6 +40,14 @@ def test_tables_that_are_not_auto_populated_are_refused(db, pipe):
 
     with pytest.raises(TypeError, match="cannot register Shape: a Lookup table is not auto-populated"):
         worker(Shape)
+
+    class Loose(dj.Computed):  # never decorated: no schema, no table
+        definition = """
+        loose_id : int32
+        """
+
+    with pytest.raises(ValueError, match="^cannot register Loose: its class is not bound to a schema"):
+        worker(Loose)
     assert worker.processes == []
 
 
