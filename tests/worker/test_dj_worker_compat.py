@@ -139,6 +139,8 @@ def test_error_log_log_error_job_takes_upstream_and_datajoint2_rows(db, lab_work
     modern = dict(table_name="__square", source_id=6, status="error", error_message="IOError", pid=0, host="")
     ErrorLog.log_error_job(modern, schema_name=f"{db.prefix}_pipe")
     assert (ErrorLog & "error_message='IOError'").to_dicts()[0]["key"] == {"source_id": 6}
+    with pytest.raises(ValueError, match="^ErrorLog.log_error_job: error_entry needs a 'table_name'"):
+        ErrorLog.log_error_job({"source_id": 6}, schema_name=f"{db.prefix}_pipe")
 
 
 def test_worker_log_classmethods_and_delete_old_logs(db, lab_worker):
@@ -221,6 +223,10 @@ def test_upstream_constructor_arguments(db, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DataJointWorker("w", name, stale_timeout_hours=-1)  # warned once per process, not per worker
+    with pytest.warns(UpstreamSemanticsWarning, match="run_duration=0 ran no cycle") as caught:
+        worker = DataJointWorker("w", name, run_duration=0)
+    assert caught[0].filename == __file__  # the warning points at the lab's line
+    worker._run_duration = 0  # warned already
 
     class Notifier:
         def notify(self, **_):

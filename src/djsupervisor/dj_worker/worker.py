@@ -24,6 +24,7 @@ from typing import Any
 import datajoint as dj
 
 from djsupervisor.dj_worker import worker_schema
+from djsupervisor.dj_worker.worker_schema import check_number
 from djsupervisor.worker import loop
 from djsupervisor.worker.events import CycleSummary
 from djsupervisor.worker.steps import TableStep, make_step
@@ -40,11 +41,12 @@ _warned: set[str] = set()
 _as_configured = contextvars.ContextVar("djsupervisor_dj_worker_as_configured", default=False)
 
 
-def warn_once(message: str) -> None:
-    """Warn `message` (an `UpstreamSemanticsWarning`) the first time in this process."""
+def warn_once(message: str, stacklevel: int) -> None:
+    """Warn `message` (an `UpstreamSemanticsWarning`) the first time in this process; `stacklevel` counts
+    from the caller of `warn_once` (2: that caller's caller, the lab's line)."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, UpstreamSemanticsWarning, stacklevel=4)
+        warnings.warn(message, UpstreamSemanticsWarning, stacklevel=stacklevel + 1)
 
 
 def _prefixes(db_prefix: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -53,12 +55,6 @@ def _prefixes(db_prefix: str | Sequence[str] | None) -> tuple[str, ...] | None:
         db_prefix = [db_prefix]
     kept = tuple(p for p in db_prefix or () if p)
     return kept or None
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return value
 
 
 def _check_notifiers(notifiers: Iterable[Any] | None) -> tuple[Any, ...]:
@@ -125,11 +121,12 @@ class DataJointWorker(loop.DataJointWorker):
                 stale_timeout_hours = 0
         if not _as_configured.get():
             run_duration = self._translated_run_duration(run_duration)
-            if _number("stale_timeout_hours", stale_timeout_hours) <= 0:
+            if check_number("stale_timeout_hours", stale_timeout_hours) <= 0:
                 warn_once(
                     "stale_timeout_hours <= 0 (or remove_stale_reserved_jobs=False) turned stale-job handling off in "
                     "datajoint-utilities; djsupervisor re-pends a reservation only once its connection is gone, "
-                    "and keeps 24 hours"
+                    "and keeps 24 hours",
+                    stacklevel=2,
                 )
                 stale_timeout_hours = 24
         super().__init__(
@@ -151,7 +148,7 @@ class DataJointWorker(loop.DataJointWorker):
     @staticmethod
     def _translated_run_duration(value: Any) -> Any:
         if value == 0 and not isinstance(value, bool):
-            warn_once("run_duration=0 ran no cycle in datajoint-utilities; djsupervisor treats it as no limit")
+            warn_once("run_duration=0 ran no cycle in datajoint-utilities; djsupervisor treats it as no limit", 3)
         return value
 
     # ----- registration
@@ -189,7 +186,7 @@ class DataJointWorker(loop.DataJointWorker):
     @_run_duration.setter
     def _run_duration(self, value: float | None) -> None:
         if value is not None:  # parse_args' default when -d was not given: the worker's own value stands
-            self.run_duration = _number("run_duration", self._translated_run_duration(value))
+            self.run_duration = check_number("run_duration", self._translated_run_duration(value))
 
     @property
     def _sleep_duration(self) -> float:
@@ -199,7 +196,7 @@ class DataJointWorker(loop.DataJointWorker):
     def _sleep_duration(self, value: float | None) -> None:
         if value is None:  # parse_args' default when -s was not given
             return
-        if _number("sleep_duration", value) < 0:
+        if check_number("sleep_duration", value) < 0:
             raise ValueError(f"sleep_duration must be >= 0, got {value!r}")
         self.sleep_duration = value
 
@@ -209,7 +206,7 @@ class DataJointWorker(loop.DataJointWorker):
 
     @_max_idled_cycle.setter
     def _max_idled_cycle(self, value: int) -> None:
-        self.max_idled_cycle = _number("max_idled_cycle", value)
+        self.max_idled_cycle = check_number("max_idled_cycle", value)
 
     @property
     def _stale_timeout_hours(self) -> float:

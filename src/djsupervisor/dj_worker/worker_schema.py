@@ -113,7 +113,8 @@ def error_text(error: Any) -> tuple[str, str | None]:
     return str(error), traceback.format_exc() if sys.exc_info()[0] is not None else None
 
 
-def _number(name: str, value: Any) -> float:
+def check_number(name: str, value: Any) -> float:
+    """`value` if it is a number (not a bool); else ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     return value
@@ -131,7 +132,7 @@ def _minutes_since(backend: str, column_sql: str, now: datetime.datetime) -> str
 
 
 def _delete_older_than(table: Any, column: str, cutoff_days: Any) -> int:
-    cutoff = datetime.datetime.now() - datetime.timedelta(days=_number("cutoff_days", cutoff_days))
+    cutoff = datetime.datetime.now() - datetime.timedelta(days=check_number("cutoff_days", cutoff_days))
     return (table & f"{column} < '{_sql_time(cutoff)}'").delete_quick(get_count=True)
 
 
@@ -178,7 +179,7 @@ class WorkerLog(dj.Manual, metaclass=_WorkerTableMeta):
         """Per process logged in the last `backtrack_minutes`: worker_count (distinct pids),
         minutes_since_oldest and minutes_since_newest (a query: ``.to_pandas()``, ``.to_dicts()``)."""
         now = datetime.datetime.now()
-        since = now - datetime.timedelta(minutes=_number("backtrack_minutes", backtrack_minutes))
+        since = now - datetime.timedelta(minutes=check_number("backtrack_minutes", backtrack_minutes))
         backend = compat.backend(cls.connection)
         return dj.U("process").aggr(
             cls & f"log_time > '{_sql_time(since)}'",
@@ -205,12 +206,11 @@ class ErrorLog(dj.Manual, metaclass=_WorkerTableMeta):
         (kind ``exception``), under the name of the worker running now."""
         worker = current_worker()
         message, stack = error_text(error)
-        key = dict(key) if isinstance(key, Mapping) else {"key": key}
         worker.schema.log_error(
             worker.process_identity(),
             kind="exception",
             process=process_label(process),
-            key=key,
+            key=dict(key) if isinstance(key, Mapping) else key,  # any other value is kept as JSON, as upstream
             message=message,
             stack=stack,
         )
@@ -219,8 +219,12 @@ class ErrorLog(dj.Manual, metaclass=_WorkerTableMeta):
     def log_error_job(cls, error_entry: Mapping, schema_name: str, db_prefix: Any = ("",)) -> None:
         """Log an error job (kind ``job``): datajoint-utilities' job row (``table_name``, ``key``,
         ``timestamp``...) or a DataJoint 2.x job-table row with its key columns and a ``table_name`` added."""
-        worker = current_worker()
         entry = dict(error_entry)
+        if not entry.get("table_name"):
+            raise ValueError(
+                "ErrorLog.log_error_job: error_entry needs a 'table_name' (the job's table, as in the schema)"
+            )
+        worker = current_worker()
         backend = compat.backend(worker.connection)
         schema = schema_name.strip('`"')
         process = identifiers.full_name(backend, schema, entry["table_name"].strip('`"'))
