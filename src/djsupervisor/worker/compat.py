@@ -198,6 +198,29 @@ def is_auto_populated(process: Any) -> bool:
     return (isinstance(process, type) and issubclass(process, AutoPopulate)) or isinstance(process, AutoPopulate)
 
 
+def is_user_table(process: Any, base: type | None = None) -> bool:
+    """Whether `process` is a table class or instance of a user tier (``dj.Manual``, ``dj.Lookup``, ``dj.Part``,
+    ``dj.Imported``, ``dj.Computed``: ``datajoint.user_tables.UserTable``), or of `base` when given."""
+    from datajoint.user_tables import UserTable
+
+    base = base or UserTable
+    return (isinstance(process, type) and issubclass(process, base)) or isinstance(process, base)
+
+
+#: The metaclass of DataJoint's user tables (``datajoint.user_tables.TableMeta``): it makes ``Table & key`` and
+#: ``Table.to_dicts()`` work on the class by instantiating it. `djsupervisor.dj_worker` subclasses it to bind
+#: its module-level worker tables to a schema on first use.
+TableClassMeta: type = type(datajoint.Manual)
+
+
+def table_tier(process: Any) -> str:
+    """The tier of a user table class or instance, as DataJoint names its base class (``Manual``, ``Part``...)."""
+    for tier in (datajoint.Part, datajoint.Lookup, datajoint.Manual, datajoint.Imported, datajoint.Computed):
+        if is_user_table(process, tier):
+            return tier.__name__
+    return "non-user"
+
+
 @contextlib.contextmanager
 def observed_jobs(
     jobs: Any,

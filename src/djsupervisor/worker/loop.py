@@ -179,7 +179,11 @@ class DataJointWorker:
     # ----- registration
 
     def __call__(self, process: Any, **kwargs: Any) -> DataJointWorker:
-        """Register a table (class or instance) or a callable; returns the worker (so it decorates)."""
+        """Register a table (class or instance) or a callable; returns the worker (so it decorates).
+
+        A table of another tier than Imported or Computed is refused (TypeError), and so are
+        ``reserve_jobs=False`` and ``suppress_errors=False`` (ValueError); ``notify_on=[...]`` is kept on the
+        step (its `notify_on`), never passed on."""
         self._steps.append(make_step(process, kwargs))
         return self
 
@@ -208,7 +212,7 @@ class DataJointWorker:
         unknown = sorted(set(overrides) - set(self.SETTINGS))
         if unknown:
             raise TypeError(f"unknown worker setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
-        worker = DataJointWorker(
+        worker = type(self)(  # a subclass (djsupervisor.dj_worker's) copies as itself
             self.name, self.worker_schema_name, **{**self.settings, **overrides}, connection=self._connection
         )
         worker._steps = list(self._steps)

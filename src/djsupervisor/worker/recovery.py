@@ -41,19 +41,23 @@ from djsupervisor.worker.connection import is_connection_error, live_connection_
 from djsupervisor.worker.job_tables import SYSTEM_SCHEMAS, JobTable, list_job_tables
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
-#: nothing wrong, the database or the process around it did.
+#: nothing wrong, the database or the process around it did. Every built-in pattern of datajoint-utilities'
+#: worker (its `_clean_up`) is here or matched by a broader one, so a lab moving over keeps what it cleared.
 TRANSIENT_ERROR_PATTERNS: tuple[str, ...] = (
     "%deadlock%",  # MySQL 1213 "Deadlock found", PostgreSQL "deadlock detected"
     "%lock wait timeout%",  # MySQL 1205
+    "%InternalError: (1205%",  # datajoint-utilities': MySQL 1205 as pymysql's InternalError reports it
     "%could not serialize access%",  # PostgreSQL serialization failure
     "%lost connection%",  # MySQL 2013 "Lost connection to MySQL server"
     "%connection lost%",  # DataJoint's LostConnectionError
+    "%LostConnectionError%",  # datajoint-utilities': the exception's name in a "Class: message" error
     "%connection was lost%",  # DataJoint: "Connection was lost during a transaction."
     "%server has gone away%",  # MySQL 2006
     "%server closed the connection unexpectedly%",  # PostgreSQL
     "%connection already closed%",  # psycopg2
-    "SystemExit: SIGTERM received%",  # DataJoint's own SIGTERM handler aborted the job
-    "KeyboardInterrupt%",  # Ctrl+C or SIGINT during make()
+    "%MaxRetryError%",  # urllib3 gave up on an HTTP request (object stores, web APIs a make() calls)
+    "%SIGTERM%",  # DataJoint's own SIGTERM handler aborted the job ("SystemExit: SIGTERM received")
+    "%KeyboardInterrupt%",  # Ctrl+C or SIGINT during make()
 )
 
 #: Seconds a `JobRecovery` trusts its list of job tables before reading the catalog again. Listing reads

@@ -1,5 +1,12 @@
 """The processes a worker runs each cycle: auto-populated tables and plain callables.
 
+What a worker cannot run is refused here, at registration, with one line, rather than failing (or, worse,
+seeming to work) every cycle: a table of another tier (a ``dj.Manual`` class is callable, and was once
+called as a function each cycle, making every cycle look busy), and ``reserve_jobs=False`` or
+``suppress_errors=False`` (a worker always populates with both True). ``notify_on=`` (datajoint-utilities'
+per-step notification statuses) is kept on the step as `notify_on` and never passed to ``populate()``, which
+would refuse it.
+
 A step knows the worker that runs it only as a `StepHost`: the few questions and reports a step has
 (is a stop requested? a job started, ended; a step failed), so this module does not depend on the loop
 (`djsupervisor.worker.loop`); `djsupervisor.worker.progress.Progress` decides what a report does (counters,
@@ -24,6 +31,9 @@ compat.preload_populate_imports()  # here, in a supervisor's parent: every forke
 
 #: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
+
+#: populate() arguments a worker always sets itself (to True): any other value is refused at registration.
+FIXED_POPULATE_ARGUMENTS = ("reserve_jobs", "suppress_errors")
 
 
 class StepHost(Protocol):
@@ -94,21 +104,43 @@ class TableStep:
     stop is requested: the stop lands between two jobs, with no job started and none aborted.
     """
 
-    def __init__(self, table: Any, populate_kwargs: dict) -> None:
+    def __init__(self, table: Any, populate_kwargs: dict, notify_on: tuple[str, ...] = ()) -> None:
         self.table = table() if isinstance(table, type) else table
+        if not self.table.database:
+            raise ValueError(f"cannot register {table_label(table)}: its class is not bound to a schema (decorate it)")
+        self.name = self.table.full_table_name
+        for argument in FIXED_POPULATE_ARGUMENTS:
+            value = populate_kwargs.pop(argument, True)
+            if value is not True:
+                raise ValueError(
+                    f"cannot register {self.name} with {argument}={value!r}: a worker always populates with "
+                    "reserve_jobs=True and suppress_errors=True (failed jobs are recorded in ErrorLog)"
+                )
         restrictions = populate_kwargs.pop("restrictions", ())
         if not isinstance(restrictions, (list, tuple)):
             restrictions = (restrictions,)
         self.restrictions = tuple(restrictions)
-        populate_kwargs.pop("reserve_jobs", None)
-        populate_kwargs.pop("suppress_errors", None)
         self.populate_kwargs = populate_kwargs
-        self.name = self.table.full_table_name
+        self.notify_on = notify_on  # read by notifications, never passed to populate()
         self._job_table_ready = False
 
     def describe(self) -> dict:
-        """A JSON-ready description for the worker's registration."""
-        return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
+        """A JSON-ready description for the worker's registration: the key source's SQL too, which
+        `djsupervisor.dj_worker`'s progress overview counts (None when it cannot be built)."""
+        return dict(
+            kind="table",
+            name=self.name,
+            populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()},
+            key_source_sql=self._key_source_sql(),
+            notify_on=list(self.notify_on),
+        )
+
+    def _key_source_sql(self) -> str | None:
+        try:
+            return self.table.key_source.proj().make_sql()
+        except Exception as error:  # a registration never fails for the sake of a dashboard
+            logger.debug("no key source SQL for {}: {}: {}", self.name, error.__class__.__name__, error)
+            return None
 
     @property
     def job_table_key(self) -> tuple[str, str]:
@@ -186,14 +218,20 @@ class TableStep:
 class CallableStep:
     """A plain callable, called with its registered keyword arguments once per cycle."""
 
-    def __init__(self, func: Callable, kwargs: dict) -> None:
+    def __init__(self, func: Callable, kwargs: dict, notify_on: tuple[str, ...] = ()) -> None:
         self.func = func
         self.kwargs = kwargs
+        self.notify_on = notify_on  # read by notifications, never passed to the callable
         self.name = callable_name(func)
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
-        return dict(kind="callable", name=self.name, kwargs={k: repr(v) for k, v in self.kwargs.items()})
+        return dict(
+            kind="callable",
+            name=self.name,
+            kwargs={k: repr(v) for k, v in self.kwargs.items()},
+            notify_on=list(self.notify_on),
+        )
 
     def run(self, host: StepHost) -> ProcessCounts:
         """Call it; a raised exception is logged and recorded, never propagated."""
@@ -210,10 +248,35 @@ class CallableStep:
         return ProcessCounts("callable", done=reported_work(result))
 
 
+def table_label(table: Any) -> str:
+    """A table class's or instance's class name, as a registration error names it."""
+    return table.__name__ if isinstance(table, type) else type(table).__name__
+
+
+def notify_on_statuses(value: Any) -> tuple[str, ...]:
+    """`notify_on=` as a step keeps it: a tuple of lower-case statuses (``("error",)``); None is none."""
+    if value is None:
+        return ()
+    statuses = (value,) if isinstance(value, str) else value
+    if not isinstance(statuses, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in statuses):
+        raise TypeError(f"notify_on must be a list of statuses such as ['error'], got {value!r}")
+    return tuple(s.lower() for s in statuses)
+
+
 def make_step(process: Any, kwargs: dict) -> TableStep | CallableStep:
-    """The step for a registered process: a table class or instance, or any callable."""
+    """The step for a registered process: an auto-populated table class or instance, or any other callable.
+
+    A table of another tier is refused (TypeError), and so are populate arguments a worker cannot honour
+    (ValueError, see `TableStep`); `notify_on` goes to the step, not to the call."""
+    kwargs = dict(kwargs)
+    notify_on = notify_on_statuses(kwargs.pop("notify_on", None))
     if compat.is_auto_populated(process):
-        return TableStep(process, dict(kwargs))
+        return TableStep(process, kwargs, notify_on)
+    if compat.is_user_table(process):
+        raise TypeError(
+            f"cannot register {table_label(process)}: a {compat.table_tier(process)} table is not auto-populated "
+            "(a worker populates dj.Imported and dj.Computed tables)"
+        )
     if callable(process):
-        return CallableStep(process, dict(kwargs))
+        return CallableStep(process, kwargs, notify_on)
     raise TypeError(f"cannot register {process!r}: expected an auto-populated table or a callable")
