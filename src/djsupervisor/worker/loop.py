@@ -39,6 +39,7 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
+from djsupervisor.notify.notifiers import check_notifiers
 from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import (
     distinct_connections,
@@ -47,6 +48,7 @@ from djsupervisor.worker.connection import (
     refresh_connection_id,
 )
 from djsupervisor.worker.events import Activity, CycleSummary, WorkerEvent
+from djsupervisor.worker.notifications import StepNotifications
 from djsupervisor.worker.outage import OutageTracker
 from djsupervisor.worker.progress import Progress
 from djsupervisor.worker.record import WorkerRecord
@@ -95,6 +97,11 @@ class DataJointWorker:
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
     connection : datajoint.Connection, optional
         Connection for the worker tables and job recovery (DataJoint's global one by default).
+    notifiers : list, optional
+        Objects with ``notify(title, message, **kwargs)`` (datajoint-utilities' interface, or the built-in
+        `djsupervisor.notify.SlackWebhookNotifier` and `JsonWebhookNotifier`): told of the jobs whose step
+        names their status in ``notify_on``, and, under a supervisor, of its events about this worker's pool
+        (see `djsupervisor.worker.notifications`). Sent from a background thread, rate limited.
 
     Use as a decorator on a function, or call it on tables and callables::
 
@@ -102,6 +109,7 @@ class DataJointWorker:
         worker(Session)                    # an auto-populated table class or instance
         worker(Analysis, max_calls=10)     # kwargs go to populate()
         worker(notify, channel="#lab")     # a callable, called as notify(channel="#lab")
+        worker(Ingest, notify_on=["error"])  # tell the worker's notifiers of Ingest's failed jobs
         worker.run()
     """
 
@@ -122,6 +130,7 @@ class DataJointWorker:
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
         connection: dj.Connection | None = None,
+        notifiers: Sequence[Any] | None = None,
     ) -> None:
         if not isinstance(worker_name, str) or not worker_name:
             raise ValueError(f"worker_name must be a non-empty string, got {worker_name!r}")
@@ -158,6 +167,7 @@ class DataJointWorker:
                     f"max_sleep_duration ({max_sleep_duration!r}) must be >= sleep_duration ({sleep_duration!r})"
                 )
         self.max_sleep_duration = max_sleep_duration
+        self.notifiers = check_notifiers(notifiers)
         self._connection = connection
         self._steps: list[TableStep | CallableStep] = []
         self._listeners: list[Callable[[WorkerEvent], None]] = []
@@ -209,7 +219,11 @@ class DataJointWorker:
         if unknown:
             raise TypeError(f"unknown worker setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
         worker = DataJointWorker(
-            self.name, self.worker_schema_name, **{**self.settings, **overrides}, connection=self._connection
+            self.name,
+            self.worker_schema_name,
+            **{**self.settings, **overrides},
+            connection=self._connection,
+            notifiers=self.notifiers,
         )
         worker._steps = list(self._steps)
         worker._listeners = list(self._listeners)
@@ -338,6 +352,9 @@ class DataJointWorker:
         """
         self._stop_signal.listen()
         log = logger.bind(worker=self.name)
+        notifications = StepNotifications(self.name, self.notifiers, lambda: self._steps) if self.notifiers else None
+        if notifications is not None:
+            self._listeners.append(notifications)
         try:
             keep_connection_id_current(self.connection)
             self._record.attempt("reading the connection id", lambda: refresh_connection_id(self.connection))
@@ -369,6 +386,9 @@ class DataJointWorker:
             self._progress.heartbeat()
             self._progress.emit(WorkerEvent("stopped"))
             self._stop_signal.close()
+            if notifications is not None:
+                self._listeners.remove(notifications)
+                notifications.close()  # what is pending goes out now, within the notifiers' timeouts
 
     def _why_stop(self, began: float, idle_cycles: int, *, slept: bool) -> str | None:
         """Why the loop stops now (as its log line says), or None; after the sleep, idleness is not asked again."""

@@ -25,6 +25,9 @@ compat.preload_populate_imports()  # here, in a supervisor's parent: every forke
 #: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
 
+#: What a step's ``notify_on`` may name: datajoint-utilities' statuses (see `djsupervisor.worker.notifications`).
+NOTIFY_STATUSES = ("start", "success", "error")
+
 
 class StepHost(Protocol):
     """What a step asks of and reports to the worker that runs it (`djsupervisor.worker.progress.Progress`)."""
@@ -70,6 +73,21 @@ def callable_name(func: Callable) -> str:
     return f"{module}.{name}" if module else name
 
 
+def notify_statuses(value: Any, step: str) -> tuple[str, ...]:
+    """A step's ``notify_on`` (None, one status or a list of them, any case) as a tuple of lower-case
+    statuses; ValueError naming the step for anything else (datajoint-utilities ignored a misspelt status
+    with a warning, and its notification never came)."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple, set, frozenset)):
+        raise ValueError(f"{step}: notify_on must be a list of {', '.join(NOTIFY_STATUSES)}, got {value!r}")
+    for status in values:
+        if not isinstance(status, str) or status.lower() not in NOTIFY_STATUSES:
+            raise ValueError(f"{step}: notify_on: unknown status {status!r} (known: {', '.join(NOTIFY_STATUSES)})")
+    return tuple(dict.fromkeys(status.lower() for status in values))
+
+
 def reported_work(result: Any) -> int:
     """How much work a callable's return value reports: a positive integer counts itself, a positive
     float or any other truthy value counts 1, and zero, negatives, None and falsy values count 0."""
@@ -102,13 +120,15 @@ class TableStep:
         self.restrictions = tuple(restrictions)
         populate_kwargs.pop("reserve_jobs", None)
         populate_kwargs.pop("suppress_errors", None)
-        self.populate_kwargs = populate_kwargs
         self.name = self.table.full_table_name
+        self.notify_on = notify_statuses(populate_kwargs.pop("notify_on", None), self.name)  # not populate()'s
+        self.populate_kwargs = populate_kwargs
         self._job_table_ready = False
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
-        return dict(kind="table", name=self.name, populate_kwargs={k: repr(v) for k, v in self.populate_kwargs.items()})
+        kwargs = {k: repr(v) for k, v in self.populate_kwargs.items()}
+        return dict(kind="table", name=self.name, populate_kwargs=kwargs, notify_on=list(self.notify_on))
 
     @property
     def job_table_key(self) -> tuple[str, str]:
@@ -188,12 +208,14 @@ class CallableStep:
 
     def __init__(self, func: Callable, kwargs: dict) -> None:
         self.func = func
-        self.kwargs = kwargs
         self.name = callable_name(func)
+        self.notify_on = notify_statuses(kwargs.pop("notify_on", None), self.name)  # not the callable's
+        self.kwargs = kwargs
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
-        return dict(kind="callable", name=self.name, kwargs={k: repr(v) for k, v in self.kwargs.items()})
+        kwargs = {k: repr(v) for k, v in self.kwargs.items()}
+        return dict(kind="callable", name=self.name, kwargs=kwargs, notify_on=list(self.notify_on))
 
     def run(self, host: StepHost) -> ProcessCounts:
         """Call it; a raised exception is logged and recorded, never propagated."""
