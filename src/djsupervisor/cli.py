@@ -229,7 +229,8 @@ def _start(args) -> int:
         if supervisor_listening(socket_path):
             raise UsageError(f"{early.source}: another supervisor is listening on {socket_path}")
     config, path = _load(args)
-    add_secret(config.database.password)
+    for secret in (config.database.password, config.notify_slack_webhook, config.notify_json_webhook):
+        add_secret(secret)
     if not args.config:
         _logging_for(args, context={"supervisor": config.name})
     try:

@@ -46,13 +46,18 @@ _CLOSE = object()  # the queue's last item: flush everything and end the thread
 class Notification:
     """One notification: upstream's ``notify(title, message, **kwargs)`` arguments, and what it is about
     (`subject`: a table's ``schema.Table`` or a pool's name; `status`: ``ERROR``, ``FATAL``, ...), which a
-    summary counts by."""
+    summary counts by. `to`: the dispatcher's notifiers it is for (None: all of them)."""
 
     title: str
     message: str
     kwargs: Mapping[str, Any]
     subject: str
     status: str
+    to: tuple[Any, ...] | None = None
+
+    def is_for(self, notifier: Any) -> bool:
+        """Whether `notifier` is to get it."""
+        return self.to is None or any(notifier is wanted for wanted in self.to)
 
 
 def _limit(notifier: Any, name: str, default: float) -> float:
@@ -141,7 +146,7 @@ class Dispatcher:
     """
 
     def __init__(self, notifiers: Iterable[Any], *, name: str = "", queue_size: int = QUEUE_SIZE) -> None:
-        self.notifiers = tuple(dict.fromkeys(notifiers))  # one notifier given twice sends once
+        self.notifiers = tuple({id(n): n for n in notifiers}.values())  # given twice: sends once
         self.name = name
         self.queue_size = queue_size
         self.dropped = 0
@@ -235,7 +240,8 @@ class Dispatcher:
                     closing = True
                     continue
                 for channel in channels:
-                    channel.add(item, now)
+                    if item.is_for(channel.notifier):
+                        channel.add(item, now)
             for channel in channels:
                 if channel.count and (closing or channel.due_at() <= time.monotonic()):
                     self._send(channel)

@@ -21,6 +21,8 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from djsupervisor.worker.settings import check_url
+
 #: Seconds a built-in notifier's HTTP request may take to connect, and then for each read.
 DEFAULT_TIMEOUT = 5.0
 #: At most one message per notifier per this many seconds; what comes in between is summarised.
@@ -29,17 +31,6 @@ DEFAULT_WINDOW = 60.0
 DEFAULT_GATHER = 2.0
 
 _MAX_TEXT = 3000  # characters of a message a Slack section shows before "see more"; longer stacks are cut
-
-
-def check_url(url: Any, what: str = "webhook url") -> str:
-    """`url` if it is an http:// or https:// URL with a host; ValueError (one line, without the URL, which
-    holds a secret token in Slack's case) otherwise."""
-    if not isinstance(url, str):
-        raise ValueError(f"{what} must be a string, got {type(url).__name__}")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must be an http:// or https:// URL with a host")
-    return url
 
 
 def _seconds(name: str, value: Any, *, positive: bool) -> float:
@@ -105,7 +96,7 @@ class WebhookNotifier(Notifier):
         gather: float = DEFAULT_GATHER,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.url = check_url(url)
+        self.url = check_url(url, "webhook url must be")
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.window = _seconds("window", window, positive=False)
         self.gather = _seconds("gather", gather, positive=False)
@@ -159,3 +150,15 @@ class JsonWebhookNotifier(WebhookNotifier):
 
     def payload(self, title: str, message: str, **kwargs: Any) -> dict[str, Any]:
         return {**kwargs, "title": title, "message": message}
+
+
+def webhooks(
+    slack: str | None, json_url: str | None, *, timeout: float = DEFAULT_TIMEOUT, window: float = DEFAULT_WINDOW
+) -> list[WebhookNotifier]:
+    """The built-in notifiers a config names (``[supervisor] notify_slack_webhook``, ``notify_json_webhook``)."""
+    found: list[WebhookNotifier] = []
+    if slack:
+        found.append(SlackWebhookNotifier(slack, timeout=timeout, window=window, gather=min(window, DEFAULT_GATHER)))
+    if json_url:
+        found.append(JsonWebhookNotifier(json_url, timeout=timeout, window=window, gather=min(window, DEFAULT_GATHER)))
+    return found
