@@ -86,6 +86,7 @@ class FleetAgent:
         self._starts: dict[int, Any] = {}  # pid -> process_start
         self._connected = False
         self._last_prune: float | None = None
+        self._refusals: set[str] = set()
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
@@ -114,8 +115,15 @@ class FleetAgent:
         return {pool: worker_tables(worker) for pool, worker in self.workers.items()}
 
     def _attempt(self, what: str, action: Callable[[], Any]) -> Any:
+        from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
+
         try:
             return action()
+        except UpstreamWorkerSchema as error:  # no retry will fix it: said once, not every fleet_interval
+            if str(error) not in self._refusals:
+                self._refusals.add(str(error))
+                self.log.error("fleet agent: {}", error)
+            return None
         except Exception as error:
             self.log.warning("fleet agent: {} failed: {}: {}", what, error.__class__.__name__, error)
             return None
@@ -195,10 +203,12 @@ class FleetAgent:
                         heartbeat_window=0.0,
                     )
                 )
+
+        def stamp(schema: Any, rows: list[dict]) -> None:
+            update_heartbeats(schema.connection, schema.tables["RegisteredWorker"].full_table_name, rows)
+
         for pool, rows in by_pool.items():
-            schema = self.schema(pool)
-            table = schema.tables["RegisteredWorker"].full_table_name
-            self._attempt("heartbeat", partial(update_heartbeats, schema.connection, table, rows))
+            self._attempt("heartbeat", partial(stamp, self.schema(pool), rows))
 
     def read(self) -> AgentReport:
         """The report for the parent: tables per pool, their queue depths, the drain flags that apply."""

@@ -57,6 +57,7 @@ from djsupervisor.worker.schema import WorkerSchema
 from djsupervisor.worker.settings import RECOVERY_SCOPES, WORKER_SETTING_NAMES
 from djsupervisor.worker.steps import CallableStep, TableStep, make_step
 from djsupervisor.worker.stop import StopSignal
+from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 
 def _positive_or_disabled(name: str, value: float) -> float:
@@ -347,6 +348,8 @@ class DataJointWorker:
         """Run cycles until a stop condition holds (see the module docstring), then return.
 
         SIGTERM asks for a graceful stop, like `stop()`: the job in flight finishes and no new one starts.
+        A worker schema made by datajoint-utilities stops it at once: `UpstreamWorkerSchema`, logged as one
+        line and raised.
         How SIGTERM reaches the loop (blocked in a supervisor's child, a handler in a main thread, not at
         all in other threads) is told in `djsupervisor.worker.stop`.
         """
@@ -355,6 +358,7 @@ class DataJointWorker:
         notifications = StepNotifications(self.name, self.notifiers, lambda: self._steps) if self.notifiers else None
         if notifications is not None:
             self._listeners.append(notifications)
+        self._record.refused = None  # migrated since the last run(), perhaps
         try:
             keep_connection_id_current(self.connection)
             self._record.attempt("reading the connection id", lambda: refresh_connection_id(self.connection))
@@ -381,6 +385,9 @@ class DataJointWorker:
                 if reason is not None:
                     log.info("worker {} stopping: {}", self.name, reason)
                     break
+        except UpstreamWorkerSchema as refused:
+            log.error("worker {} cannot run: {}", self.name, refused)  # the one line, said once
+            raise
         finally:
             self._progress.set_activity("stopped")
             self._progress.heartbeat()
