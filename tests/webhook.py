@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -16,11 +17,13 @@ from helpers import wait_until
 
 
 class Webhook:
-    """The server, its URL and what it received (`bodies`, in arrival order; `hits` counts hanging ones too)."""
+    """The server, its URL and what it received (`bodies` and their `times`, in arrival order; `hits` counts
+    hanging requests too)."""
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
         self.bodies: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.monotonic() of each body's arrival
         self.hits = 0
         self.released = threading.Event()  # a hanging request returns once the test is done
         self.lock = threading.Lock()
@@ -38,6 +41,7 @@ class Webhook:
                 if webhook.mode == "ok":
                     with webhook.lock:
                         webhook.bodies.append(body)
+                        webhook.times.append(time.monotonic())
                 self.send_response(200 if webhook.mode == "ok" else 500)
                 self.send_header("Content-Length", "2")
                 self.end_headers()

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import signal
 import uuid
 
 import datajoint as dj
 import pytest
-from helpers import run_cli
+from helpers import agent_child, run_cli, wait_until, write_config
 from loguru import logger
 from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
+from djsupervisor.fleet.agent import FleetAgent
+from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.worker.migrate import BACKUP_PREFIX, MIGRATED_HOST
 from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
@@ -259,3 +263,56 @@ def test_migrate_schema_of_a_schema_without_upstream_tables_changes_nothing(db, 
     declare(name)
     result = run_cli(db, tmp_path, "migrate-schema", name)
     assert result.returncode == 2 and "holds no datajoint-utilities worker tables: nothing to migrate" in result.stderr
+
+
+@pytest.mark.process
+def test_a_supervised_worker_on_an_upstream_schema_says_it_once_per_child_and_goes_fatal(db, supervise, tmp_path):
+    name = db.schema_name("workers")  # the worker schema of pipelines.workers' standard worker
+    declare_upstream(name, db.connection)
+    config = write_config(
+        tmp_path / "lab.toml",
+        """
+        [supervisor]
+        fatal_after = 3
+        backoff_initial = 0.05
+        backoff_max = 0.1
+        fleet_interval = 0.2
+
+        [[worker]]
+        name = "standard"
+        target = "pipelines.supervised:standard"
+        """,
+    )
+    sup = supervise(["-c", str(config)])
+    wait_until(lambda: "FATAL" in sup.output, 60, message="standard[0] FATAL")
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(30) == 0
+    lines = sup.output.splitlines()
+    said = [line for line in lines if "holds datajoint-utilities' worker tables" in line]
+    children = [line for line in said if "worker standard cannot run:" in line]
+    assert len(children) == 3, said  # one line per child, fatal_after children
+    assert len([line for line in said if "fleet agent:" in line]) <= 1, said
+    assert len(said) == len(children) + len([line for line in said if "fleet agent:" in line])
+    assert not [line for line in lines if "Traceback" in line or "registering the worker failed" in line]
+
+
+def test_the_fleet_agent_says_it_once_whatever_it_tries(db, tmp_path, monkeypatch):
+    name = db.schema_name("workers")
+    declare_upstream(name, db.connection)
+    module = f"upstream_workers_{db.prefix}"
+    (tmp_path / f"{module}.py").write_text(
+        f"from djsupervisor import DataJointWorker\nw = DataJointWorker('w', {name!r})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    agent = FleetAgent(supervisor="lab", host="", worker_configs=[WorkerConfig("w", f"{module}:w")], fleet_interval=1)
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    try:
+        for _ in range(5):  # five fleet intervals' work: prune, stamp a child, read flags and depths
+            agent._last_prune = None  # due again
+            agent.maybe_prune()
+            agent.heartbeat([agent_child(worker="w", pid=os.getpid())], [])
+            agent.read()
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1 and f"fleet agent: worker schema {name!r} holds datajoint-utilities'" in lines[0], lines
