@@ -71,12 +71,13 @@ class Notifier(abc.ABC):
 
 
 class WebhookNotifier(Notifier):
-    """POSTs each notification as JSON to `url`; the body is `payload`'s.
+    """POSTs each notification as JSON to `webhook_url`; the body is `payload`'s.
 
     Parameters
     ----------
-    url : str
-        The webhook, http:// or https://. It never appears in logs or errors (Slack's holds its token).
+    webhook_url : str
+        The webhook, http:// or https:// (upstream's SlackWebhookNotifier's argument name). It never appears in
+        logs or errors (Slack's holds its token).
     timeout : float
         Seconds to connect, and then for each read of the answer (urllib's timeout).
     window : float
@@ -89,14 +90,14 @@ class WebhookNotifier(Notifier):
 
     def __init__(
         self,
-        url: str,
+        webhook_url: str,
         *,
         timeout: float = DEFAULT_TIMEOUT,
         window: float = DEFAULT_WINDOW,
         gather: float = DEFAULT_GATHER,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.url = check_url(url, "webhook url must be")
+        self.url = check_url(webhook_url, "webhook url must be")
         self.timeout = _seconds("timeout", timeout, positive=True)
         self.window = _seconds("window", window, positive=False)
         self.gather = _seconds("gather", gather, positive=False)
