@@ -1,4 +1,4 @@
-"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume.
+"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, migrate-schema.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
 ``djsupervisor: error: ...``, and exit status 2; never a traceback.
@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
         if " " in self.prog:  # a subcommand's parser: name it
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
-            message = (
+            message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
                 "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"
             )
         raise UsageError(message)
@@ -128,6 +128,18 @@ def _parser() -> argparse.ArgumentParser:
     source_options(run, modules=True)
     run.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
     run.add_argument("--log-format", choices=LOG_FORMATS)
+
+    from djsupervisor.worker.migrate import MAPPING  # text only: importing it loads no DataJoint
+
+    migrate = commands.add_parser(
+        "migrate-schema",
+        help="convert a worker schema made by datajoint-utilities, rows kept",
+        description=MAPPING,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument("schema", metavar="NAME", help="the worker schema (a worker's worker_schema_name)")
+    migrate.add_argument("-c", "--config", help="connect with this config file's [database] (default: DJ_* settings)")
+    migrate.add_argument("--drop-old", action="store_true", help="drop the ~dju_* copies of the old tables at the end")
     return parser
 
 
@@ -229,7 +241,8 @@ def _start(args) -> int:
         if supervisor_listening(socket_path):
             raise UsageError(f"{early.source}: another supervisor is listening on {socket_path}")
     config, path = _load(args)
-    add_secret(config.database.password)
+    for secret in (config.database.password, config.notify_slack_webhook, config.notify_json_webhook):
+        add_secret(secret)
     if not args.config:
         _logging_for(args, context={"supervisor": config.name})
     try:
@@ -332,6 +345,17 @@ def _run(args) -> int:
     return 0
 
 
+def _migrate(args) -> int:
+    from djsupervisor.worker.migrate import MigrationError, run
+
+    early = _logging_for(args, context={"worker": "migrate-schema"}, quiet=True)
+    try:
+        print(run(args.schema, drop_old=args.drop_old, database=early.database if early is not None else None))
+    except MigrationError as error:
+        raise UsageError(f"migrate-schema: {error}") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `djsupervisor` console script."""
     # The CLI reads DJ_* variables and the config's [database]; DataJoint's hint about a missing
@@ -363,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
             return getattr(fleet_cli, args.command)(args, _load)
         if args.command == "run":
             return _run(args)
+        if args.command == "migrate-schema":
+            return _migrate(args)
     except (UsageError, ConfigError, FleetError) as error:
         print(f"djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -306,11 +306,29 @@ class GoneChild(TypedDict):
     pid: int
 
 
-class AgentCommand(TypedDict):
-    """Parent -> agent, every `fleet_interval` seconds."""
+class SupervisorEvent(TypedDict):
+    """Something the supervisor did that its notifiers are told of (the agent sends it: the parent does no
+    network I/O). `kind`: ``fatal`` (a slot gave up), ``job_timeout`` and ``hung`` (a child killed),
+    ``memory`` (a child recycled above max_memory_mb), ``drain`` and ``halt`` (a pool stopped by a fleet flag)."""
 
+    kind: str
+    pool: str
+    slot: int | None
+    message: str  # one line, as the supervisor logged it
+    time: float  # wall clock, when it happened
+
+
+class _AgentCommandBase(TypedDict):
     children: list[AgentChild]
     gone: list[GoneChild]
+
+
+class AgentCommand(_AgentCommandBase, total=False):
+    """Parent -> agent, every `fleet_interval` seconds: the live children, those gone and, when there are
+    some, the supervisor's events (a base class holds the required keys: ``NotRequired`` is not seen
+    through this module's postponed annotations)."""
+
+    events: list[SupervisorEvent]
 
 
 class AgentReport(TypedDict, total=False):
@@ -329,6 +347,8 @@ def parse_agent_command(message: Any) -> AgentCommand:
         _checked(child, "agent command child", AgentChild)
     for gone in command["gone"]:
         _checked(gone, "agent command gone child", GoneChild)
+    for event in command.get("events", []):
+        _checked(event, "agent command event", SupervisorEvent)
     return command
 
 

@@ -9,8 +9,8 @@ accepts all of that and hands it to djsupervisor's `DataJointWorker`, so the sam
 Where djsupervisor's semantics differ on purpose (orphaned reservations re-pended at once, stale ones
 re-pended rather than marked as errors, ErrorLog rows kept as history), this class keeps djsupervisor's;
 MIGRATING.md lists the differences. An argument whose meaning would silently change is warned about once
-(`UpstreamSemanticsWarning`). ``notifiers`` and per-step ``notify_on`` are accepted and kept (`notifiers`,
-and each step's `notify_on`) for djsupervisor's notifications; they never reach populate().
+(`UpstreamSemanticsWarning`). ``notifiers`` and per-step ``notify_on`` work as upstream's (`djsupervisor.notify`);
+they never reach populate().
 """
 
 from __future__ import annotations
@@ -55,15 +55,6 @@ def _prefixes(db_prefix: str | Sequence[str] | None) -> tuple[str, ...] | None:
         db_prefix = [db_prefix]
     kept = tuple(p for p in db_prefix or () if p)
     return kept or None
-
-
-def _check_notifiers(notifiers: Iterable[Any] | None) -> tuple[Any, ...]:
-    """The notifiers, each with a callable ``notify`` (ValueError naming the first that has none)."""
-    found = tuple(notifiers or ())
-    for index, notifier in enumerate(found):
-        if not callable(getattr(notifier, "notify", None)):
-            raise ValueError(f"notifier {index} ({notifier!r}) has no callable 'notify' method")
-    return found
 
 
 class DataJointWorker(loop.DataJointWorker):
@@ -141,8 +132,8 @@ class DataJointWorker(loop.DataJointWorker):
             max_sleep_duration=max_sleep_duration,
             recovery_scope=recovery_scope,
             connection=connection,
+            notifiers=list(notifiers or ()),
         )
-        self.notifiers = _check_notifiers(notifiers)
         worker_schema.context.created = self
 
     @staticmethod
@@ -174,7 +165,6 @@ class DataJointWorker(loop.DataJointWorker):
         finally:
             _as_configured.reset(token)
         assert isinstance(worker, DataJointWorker)
-        worker.notifiers = self.notifiers
         return worker
 
     # ----- datajoint-utilities' attributes

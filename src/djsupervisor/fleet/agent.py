@@ -11,6 +11,8 @@ agent
    last_heartbeat by the server's clock, and a heartbeat window: when the next stamp is due),
 2. marks the rows of children that are gone as ``exited``,
 3. reads the FleetFlag rows of the pools' worker schemas and the job-queue depth of every pool table,
+4. sends the supervisor's events the line carries (a slot gone FATAL, a job timed out, ...) to the
+   notifiers (`djsupervisor.fleet.notify`), whether the database is reachable or not,
 
 and answers with one line the parent keeps as its `FleetView`. A database outage makes the agent skip
 what it cannot do (the parent keeps the last reading, whose age tells it is stale); a crash of the agent
@@ -60,19 +62,31 @@ class FleetAgent:
     """The agent's work, given the worker definitions of the supervisor's pools."""
 
     def __init__(
-        self, *, supervisor: str, host: str, worker_configs: list[WorkerConfig], fleet_interval: float
+        self,
+        *,
+        supervisor: str,
+        host: str,
+        worker_configs: list[WorkerConfig],
+        fleet_interval: float,
+        webhooks: dict[str, Any] | None = None,
     ) -> None:
         import platform
+
+        from djsupervisor.fleet.notify import AgentNotifications
 
         self.supervisor = supervisor
         self.host = host or platform.node()
         self.window = heartbeat_window(fleet_interval)
         self.log = logger.bind(supervisor=supervisor, worker="fleet-agent", slot="-")
         self.workers = {config.name: config.build_worker() for config in worker_configs}
+        self.notifications = AgentNotifications(
+            supervisor=supervisor, host=self.host, workers=self.workers, webhooks_config=webhooks or {}
+        )
         self._schemas: dict[str, Any] = {}
         self._starts: dict[int, Any] = {}  # pid -> process_start
         self._connected = False
         self._last_prune: float | None = None
+        self._refusals: set[str] = set()
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
@@ -101,8 +115,15 @@ class FleetAgent:
         return {pool: worker_tables(worker) for pool, worker in self.workers.items()}
 
     def _attempt(self, what: str, action: Callable[[], Any]) -> Any:
+        from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
+
         try:
             return action()
+        except UpstreamWorkerSchema as error:  # no retry will fix it: said once, not every fleet_interval
+            if str(error) not in self._refusals:
+                self._refusals.add(str(error))
+                self.log.error("fleet agent: {}", error)
+            return None
         except Exception as error:
             self.log.warning("fleet agent: {} failed: {}: {}", what, error.__class__.__name__, error)
             return None
@@ -182,10 +203,12 @@ class FleetAgent:
                         heartbeat_window=0.0,
                     )
                 )
+
+        def stamp(schema: Any, rows: list[dict]) -> None:
+            update_heartbeats(schema.connection, schema.tables["RegisteredWorker"].full_table_name, rows)
+
         for pool, rows in by_pool.items():
-            schema = self.schema(pool)
-            table = schema.tables["RegisteredWorker"].full_table_name
-            self._attempt("heartbeat", partial(update_heartbeats, schema.connection, table, rows))
+            self._attempt("heartbeat", partial(stamp, self.schema(pool), rows))
 
     def read(self) -> AgentReport:
         """The report for the parent: tables per pool, their queue depths, the drain flags that apply."""
@@ -225,6 +248,7 @@ class AgentSpec:
     fleet_interval: float  # seconds between the parent's commands
     parent_pid: int
     worker_configs: list[WorkerConfig]  # the definitions of the supervisor's pools
+    webhooks: dict[str, Any] = dataclasses.field(default_factory=dict)  # SupervisorConfig.webhooks
 
 
 def run_agent(spec: AgentSpec, *, command_fd: int, report_fd: int, close_fds: list[int]) -> None:
@@ -240,11 +264,13 @@ def run_agent(spec: AgentSpec, *, command_fd: int, report_fd: int, close_fds: li
             host=spec.host,
             worker_configs=spec.worker_configs,
             fleet_interval=spec.fleet_interval,
+            webhooks=spec.webhooks,
         )
         commands = _CommandReader(command_fd, agent.log)
         closed = False
         while not closed:  # once the parent closed the pipe: one last round for its last line, then exit
             received, closed = commands.wait()
+            agent.notifications.send(event for command in received for event in command.get("events", []))
             if not received:
                 continue
             children = received[-1]["children"]
@@ -257,6 +283,7 @@ def run_agent(spec: AgentSpec, *, command_fd: int, report_fd: int, close_fds: li
             agent.heartbeat(children, gone)
             if not closed:
                 _write_all(report_fd, encode(agent.read()))
+        agent.notifications.close()
         return EXIT_OK
 
     run_then_exit(body)

@@ -7,7 +7,9 @@ its report pipe joins, and where the agent's readings go. So it can be understoo
 without a supervisor, and the supervisor's internals can change without it.
 
 Both pipes carry JSON lines of `djsupervisor.protocol`: an `AgentCommand` every `fleet_interval` seconds
-(written non-blocking: the loop must never wait for a database-bound agent), an `AgentReport` back.
+(written non-blocking: the loop must never wait for a database-bound agent), an `AgentReport` back. The
+command also carries the supervisor's events for the notifiers (a slot gone FATAL, a child killed or
+recycled, a drain): the agent sends them, since the parent does no network I/O.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from djsupervisor.protocol import (
     AgentReport,
     GoneChild,
     LineDecoder,
+    SupervisorEvent,
     encode,
     parse_agent_report,
 )
@@ -39,6 +42,7 @@ _RESTART_FIRST = 1.0  # seconds before restarting an agent that died, doubling u
 _RESTART_MAX = 60.0
 _STABLE_AFTER = 60.0  # seconds an agent must have run for its restart delay to start over
 _STOP_WAIT = 3.0  # seconds the parent waits for the agent's last write at shutdown
+_MAX_EVENTS = 500  # supervisor events waiting for the agent (it is down, or behind); the oldest go first
 
 #: `fork(child) -> pid | None`: fork; the child runs ``child(fds_to_close)`` and never returns; None if it failed.
 Fork = Callable[[Callable[[list[int]], None]], int | None]
@@ -85,6 +89,8 @@ class FleetAgentLink:
         The supervisor's selector loop; the report pipe joins it with `_on_report` as its callback.
     on_report
         Takes each reading the agent sends (the supervisor's `FleetView.apply`).
+    events
+        Returns the supervisor's events since the last call, for the agent to send to the notifiers.
     """
 
     def __init__(
@@ -95,12 +101,16 @@ class FleetAgentLink:
         fork: Fork,
         selector: selectors.BaseSelector,
         on_report: Callable[[AgentReport], None],
+        events: Callable[[], list[SupervisorEvent]] = list,
     ) -> None:
         self.spec = spec
         self.children = children
         self.fork = fork
         self.selector = selector
         self.on_report = on_report
+        self.take_events = events
+        self.events: list[SupervisorEvent] = []  # not yet told to the agent
+        self.unsent_events = 0  # how many of `events` the command in hand carries
         self.pid: int | None = None
         self.command_w = -1
         self.report_r = -1
@@ -188,14 +198,18 @@ class FleetAgentLink:
             self._send()
             if self.unsent:
                 return
-        line = encode(AgentCommand(children=self.children(), gone=self.gone))
-        self.unsent, self.unsent_gone = line, len(self.gone)
+        command = AgentCommand(children=self.children(), gone=self.gone)
+        self._take_events()
+        if self.events:
+            command["events"] = self.events
+        line = encode(command)
+        self.unsent, self.unsent_gone, self.unsent_events = line, len(self.gone), len(self.events)
         if not self._send():  # the agent is behind (database slow): it gets the next one
             self.unsent = b""
 
     def _send(self) -> int:
         """Write what the pipe takes now of the command in hand (never blocks); returns the bytes written.
-        The `gone` children it carries are forgotten once all of it is written."""
+        The `gone` children and the `events` it carries are forgotten once all of it is written."""
         try:
             written = os.write(self.command_w, self.unsent)
         except OSError:  # full (BlockingIOError), or the agent is gone (it is reaped and restarted)
@@ -203,7 +217,16 @@ class FleetAgentLink:
         self.unsent = self.unsent[written:]
         if not self.unsent:
             del self.gone[: self.unsent_gone]
+            del self.events[: self.unsent_events]
         return written
+
+    def _take_events(self) -> None:
+        """Add the supervisor's new events to those waiting (while no command carrying them is in hand)."""
+        self.events += self.take_events()
+        dropped = len(self.events) - _MAX_EVENTS
+        if dropped > 0:
+            del self.events[:dropped]
+            self.log.warning("fleet agent: {} events for the notifiers dropped (the agent is not taking them)", dropped)
 
     def child_gone(self, worker: str, pid: int) -> None:
         """A child was reaped: its row is marked exited at the next tick."""

@@ -215,11 +215,13 @@ class Supervisor:
                 fleet_interval=self.config.fleet_interval,
                 parent_pid=self.pid,
                 worker_configs=[pool.config for pool in self.pools.values() if pool.config is not None],
+                webhooks=self.config.webhooks,
             ),
             children=lambda: agent_children(s for p in self.pools.values() for s in p.slots.values()),
             fork=self.children.fork,
             selector=self.selector,
             on_report=self.fleet.apply,
+            events=lambda: [event for pool in self.pools.values() for event in pool.notices.take()],
         )
         self.agent.start()
         every = self.timers.every

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, overload
 import setproctitle
 
 from djsupervisor.protocol import ChildReportMessage, encode
-from djsupervisor.supervisor.fork import EXIT_OK, EXIT_ORPHANED, EXIT_RECYCLE, isolate, run_then_exit
+from djsupervisor.supervisor.fork import EXIT_ERROR, EXIT_OK, EXIT_ORPHANED, EXIT_RECYCLE, isolate, run_then_exit
 
 if TYPE_CHECKING:
     import datajoint as dj
@@ -323,7 +323,12 @@ def run_child(
             worker.add_listener(enforce_max_jobs)
         worker.add_listener(reporter.on_event)
         log.info("child {} (pid {}) running", label, os.getpid())
-        worker.run()
+        from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
+
+        try:
+            worker.run()
+        except UpstreamWorkerSchema:  # run() said it in one line; a traceback would only repeat it
+            return EXIT_ERROR
         reporter.close()
         return EXIT_RECYCLE if recycle.is_set() else EXIT_OK
 

@@ -44,7 +44,7 @@ from djsupervisor.supervisor.settings import (
     defaults,
     names,
 )
-from djsupervisor.worker.settings import Setting, type_name
+from djsupervisor.worker.settings import Setting, check_url, type_name
 
 _SUPERVISOR_DEFAULTS = defaults(SUPERVISOR_SETTINGS)
 _POOL_DEFAULTS = defaults(POOL_SETTINGS)
@@ -152,7 +152,21 @@ class SupervisorConfig:
     log_level: str = _SUPERVISOR_DEFAULTS["log_level"]
     log_format: str = _SUPERVISOR_DEFAULTS["log_format"]
     http: str | None = _SUPERVISOR_DEFAULTS["http"]
+    notify_slack_webhook: str | None = dataclasses.field(default=None, repr=False)  # never in logs: holds a token
+    notify_json_webhook: str | None = dataclasses.field(default=None, repr=False)
+    notify_timeout: float = _SUPERVISOR_DEFAULTS["notify_timeout"]
+    notify_window: float = _SUPERVISOR_DEFAULTS["notify_window"]
     database: DatabaseConfig = DatabaseConfig()
+
+    @property
+    def webhooks(self) -> dict[str, Any]:
+        """The webhooks the fleet agent tells of the supervisor's events (`notify.notifiers.webhooks` takes it)."""
+        return dict(
+            slack=self.notify_slack_webhook,
+            json_url=self.notify_json_webhook,
+            timeout=self.notify_timeout,
+            window=self.notify_window,
+        )
 
     @property
     def budget(self) -> HostBudget:
@@ -199,7 +213,11 @@ def _split_target(text: str) -> tuple[str, str]:
 
 
 #: The checks of a string setting's `form`, beyond its type: each raises ValueError with the problem.
-_FORMS: dict[str, Callable[[str], object]] = {"host:port": split_host_port, "module:attribute": _split_target}
+_FORMS: dict[str, Callable[[str], object]] = {
+    "host:port": split_host_port,
+    "module:attribute": _split_target,
+    "url": check_url,  # its problem never shows the URL: a webhook's path is its secret
+}
 
 
 class _Table:

@@ -106,11 +106,13 @@ class ResourceSampler:
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     """What to do with a child: `action` "kill" (SIGKILL its group now) or "recycle" (graceful stop and
-    replace); `timed_out_job` is the job to record as timed out, for a job_timeout kill."""
+    replace); `timed_out_job` is the job to record as timed out, for a job_timeout kill. `kind` says why, for
+    the notifiers: ``hung``, ``job_timeout`` or ``memory``."""
 
     action: str
     reason: str
     timed_out_job: dict | None = None
+    kind: str = ""
 
 
 def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: float) -> Verdict | None:
@@ -119,7 +121,7 @@ def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: flo
         return None
     silence = now - slot.last_report
     if silence > heartbeat_timeout:
-        return Verdict("kill", f"no report for {silence:.0f} s (stopped or hung)")
+        return Verdict("kill", f"no report for {silence:.0f} s (stopped or hung)", kind="hung")
     config = slot.config
     report = slot.report
     if report.job_elapsed is not None:
@@ -129,11 +131,14 @@ def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: flo
             if report.key is not None and report.table:
                 job = {"table": report.table, "key": report.key, "seconds": config.job_timeout}
             what = f"{report.table} {report.key or ''}".strip()
-            return Verdict("kill", f"{what} ran {running_for:.0f} s > job_timeout {config.job_timeout:g} s", job)
+            reason = f"{what} ran {running_for:.0f} s > job_timeout {config.job_timeout:g} s"
+            return Verdict("kill", reason, job, kind="job_timeout")
     else:
         stalled = report.stalled
         if stalled is not None and stalled + silence > hang_timeout:
-            return Verdict("kill", f"no progress for {stalled + silence:.0f} s outside a job (hang_timeout)")
+            return Verdict(
+                "kill", f"no progress for {stalled + silence:.0f} s outside a job (hang_timeout)", kind="hung"
+            )
     if config.max_memory_mb and slot.rss_mb is not None and slot.rss_mb > config.max_memory_mb:
-        return Verdict("recycle", f"RSS {slot.rss_mb:.0f} MB > max_memory_mb {config.max_memory_mb:g}")
+        return Verdict("recycle", f"RSS {slot.rss_mb:.0f} MB > max_memory_mb {config.max_memory_mb:g}", kind="memory")
     return None

@@ -9,6 +9,9 @@ being retired is no longer counted as active; a slot about to be spawned is not 
 
 The rest is the pool's share of reload (`reconfigure`: resize, roll a changed definition one slot at a
 time), of `scale` and TTIN/TTOU, of autoscaling (`observe`, `apply`), and its line of the status.
+
+What the notifiers hear of (a slot gone FATAL, a child killed or recycled, a drain) is decided here, where
+it happens, and kept in the pool's `notices` (`djsupervisor.supervisor.notices`) for the fleet agent.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from djsupervisor.fleet.view import FleetView
 from djsupervisor.supervisor.autoscale import Autoscaler, Decision, HostBudget, Observation
 from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.supervisor.monitor import judge
+from djsupervisor.supervisor.notices import Notices
 from djsupervisor.supervisor.slot import Slot
 from djsupervisor.supervisor.states import DOWN_AFTER_EXIT, LIVE, WORKING, SlotState, StopIntent
 
@@ -69,6 +73,10 @@ class Pool:
     autoscaler: Autoscaler | None = None
     hold_logged: str | None = None  # the kind of the autoscaler's last hold, logged once
     supervisor: str = "-"
+    notices: Notices = dataclasses.field(init=False, repr=False)  # what the notifiers hear of
+
+    def __post_init__(self) -> None:
+        self.notices = Notices(self.name)
 
     @classmethod
     def create(cls, worker: WorkerConfig, budget: HostBudget, supervisor: str = "-") -> Pool:
@@ -110,6 +118,7 @@ class Pool:
         """What brings the pool towards its definition at monotonic time `now`: retire slots beyond its
         size (all of them while `drained` by a fleet flag, "drain" or "halt"), add and start missing
         ones, restart those whose restart delay passed, roll an outdated definition."""
+        self.notices.observe(self.slots.values(), drained)
         if self.config is None:
             return self.stop_all("worker definition removed", StopIntent.RETIRE)
         actions: list[Action] = []
@@ -173,14 +182,17 @@ class Pool:
             if verdict is None:
                 continue
             log = self.slot_log(slot)
+            told = f"{slot.label} (pid {slot.pid}): {verdict.reason}"
             if verdict.action == "kill":
                 log.error("{} (pid {}): {}; killing its process group", slot.label, slot.pid, verdict.reason)
+                self.notices.tell(verdict.kind, slot, f"{told}; killed and replaced")
                 slot.timed_out_job = verdict.timed_out_job
                 actions += self.stop(slot, verdict.reason, StopIntent.RESPAWN, fast=True)
             elif not stopping:
                 log.warning(
                     "{} (pid {}): {}; recycling it after its job in flight", slot.label, slot.pid, verdict.reason
                 )
+                self.notices.tell(verdict.kind, slot, f"{told}; recycled after its job")
                 actions += self.stop(slot, verdict.reason, StopIntent.RESPAWN)
         return actions
 

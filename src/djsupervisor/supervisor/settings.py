@@ -86,6 +86,24 @@ SUPERVISOR_SETTINGS = (
     Setting("log_level", str, "INFO", "the lowest level logged", choices=LOG_LEVELS),
     Setting("log_format", str, "text", "one line of text, or one JSON object, per record", choices=LOG_FORMATS),
     Setting("http", str, None, "metrics and status page address; port 0: any free port", form="host:port"),
+    Setting(
+        "notify_slack_webhook",
+        str,
+        None,
+        "Slack-compatible webhook told of a FATAL slot, a job timeout, a memory recycle, a drain (never logged)",
+        secret=True,
+        form="url",
+    ),
+    Setting(
+        "notify_json_webhook",
+        str,
+        None,
+        "webhook that gets those events as JSON objects (never logged)",
+        secret=True,
+        form="url",
+    ),
+    Setting("notify_timeout", float, 5.0, "seconds a webhook's request may take", exclusive=True),
+    Setting("notify_window", float, 60.0, "at most one message per webhook per this many seconds; the rest summed up"),
 )
 
 DATABASE_SETTINGS = (
@@ -163,10 +181,10 @@ def _allowed_text(setting: Setting) -> str:
     """The bounds in words, e.g. ``> 0 and <= 100``."""
     if setting.choices:
         return ", ".join(f"`{toml_value(choice)}`" for choice in setting.choices)
-    if setting.secret:
-        return "any string"
     if setting.form:
         return f"`{setting.form}`"
+    if setting.secret:
+        return "any string"
     if setting.max_length:
         return f"at most {setting.max_length} characters, not `*`"
     if setting.kind is bool:

@@ -96,6 +96,7 @@ class Slot:
     restarts: int = 0  # children started in this slot after the first
     early_exits: int = 0  # consecutive children that exited before completing a cycle
     crashes: int = 0  # consecutive unplanned exits (drives the restart delay)
+    last_exit: str = ""  # how the last child ended ("exit status 3", "killed by SIGKILL")
     spawned_once: bool = False
     stop_intent: StopIntent = StopIntent.STAY  # what to do once the stopped child is gone
     stop_reason: str = ""
@@ -183,7 +184,7 @@ class Slot:
     def exited(self, code: int, rules: RestartRules, now: float, *, stopping: bool) -> Outcome:
         """The child ended with exit code `code` (negative: killed by that signal); `stopping`: the
         supervisor is stopping, so nothing is restarted."""
-        how = describe_exit(code)
+        how = self.last_exit = describe_exit(code)
         got_going = self.got_going()
         uptime = self.uptime(now) or 0.0
         self.pid = self.pipe_fd = None

@@ -84,13 +84,25 @@ class CycleSummary:
 
 
 EventKind = Literal[
-    "cycle_start", "job_start", "job_end", "callable_start", "callable_end", "sleep", "cycle_end", "stopped"
+    "cycle_start",
+    "job_start",
+    "job_end",
+    "callable_start",
+    "callable_end",
+    "step_failed",
+    "sleep",
+    "cycle_end",
+    "stopped",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class WorkerEvent:
-    """One step of the worker loop, as given to listeners added with `DataJointWorker.add_listener`."""
+    """One step of the worker loop, as given to listeners added with `DataJointWorker.add_listener`.
+
+    ``step_failed``: a step raised outside a job (a callable, or populate's own machinery); `message` is
+    the error, as it is on the ``job_end`` of a failed job.
+    """
 
     kind: EventKind
     table: str | None = None
@@ -98,3 +110,4 @@ class WorkerEvent:
     ok: bool | None = None
     summary: CycleSummary | None = None
     seconds: float | None = None
+    message: str | None = None

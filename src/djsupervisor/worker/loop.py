@@ -39,6 +39,7 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
+from djsupervisor.notify.notifiers import check_notifiers
 from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import (
     distinct_connections,
@@ -47,6 +48,7 @@ from djsupervisor.worker.connection import (
     refresh_connection_id,
 )
 from djsupervisor.worker.events import Activity, CycleSummary, WorkerEvent
+from djsupervisor.worker.notifications import StepNotifications
 from djsupervisor.worker.outage import OutageTracker
 from djsupervisor.worker.progress import Progress
 from djsupervisor.worker.record import WorkerRecord
@@ -55,6 +57,7 @@ from djsupervisor.worker.schema import WorkerSchema
 from djsupervisor.worker.settings import RECOVERY_SCOPES, WORKER_SETTING_NAMES
 from djsupervisor.worker.steps import CallableStep, TableStep, make_step
 from djsupervisor.worker.stop import StopSignal
+from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 
 def _positive_or_disabled(name: str, value: float) -> float:
@@ -95,6 +98,11 @@ class DataJointWorker:
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
     connection : datajoint.Connection, optional
         Connection for the worker tables and job recovery (DataJoint's global one by default).
+    notifiers : list, optional
+        Objects with ``notify(title, message, **kwargs)`` (datajoint-utilities' interface, or the built-in
+        `djsupervisor.notify.SlackWebhookNotifier` and `JsonWebhookNotifier`): told of the jobs whose step
+        names their status in ``notify_on``, and, under a supervisor, of its events about this worker's pool
+        (see `djsupervisor.worker.notifications`). Sent from a background thread, rate limited.
 
     Use as a decorator on a function, or call it on tables and callables::
 
@@ -102,6 +110,7 @@ class DataJointWorker:
         worker(Session)                    # an auto-populated table class or instance
         worker(Analysis, max_calls=10)     # kwargs go to populate()
         worker(notify, channel="#lab")     # a callable, called as notify(channel="#lab")
+        worker(Ingest, notify_on=["error"])  # tell the worker's notifiers of Ingest's failed jobs
         worker.run()
     """
 
@@ -122,6 +131,7 @@ class DataJointWorker:
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
         connection: dj.Connection | None = None,
+        notifiers: Sequence[Any] | None = None,
     ) -> None:
         if not isinstance(worker_name, str) or not worker_name:
             raise ValueError(f"worker_name must be a non-empty string, got {worker_name!r}")
@@ -158,6 +168,7 @@ class DataJointWorker:
                     f"max_sleep_duration ({max_sleep_duration!r}) must be >= sleep_duration ({sleep_duration!r})"
                 )
         self.max_sleep_duration = max_sleep_duration
+        self.notifiers = check_notifiers(notifiers)
         self._connection = connection
         self._steps: list[TableStep | CallableStep] = []
         self._listeners: list[Callable[[WorkerEvent], None]] = []
@@ -213,7 +224,11 @@ class DataJointWorker:
         if unknown:
             raise TypeError(f"unknown worker setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
         worker = type(self)(  # a subclass (djsupervisor.dj_worker's) copies as itself
-            self.name, self.worker_schema_name, **{**self.settings, **overrides}, connection=self._connection
+            self.name,
+            self.worker_schema_name,
+            **{**self.settings, **overrides},
+            connection=self._connection,
+            notifiers=self.notifiers,
         )
         worker._steps = list(self._steps)
         worker._listeners = list(self._listeners)
@@ -337,11 +352,17 @@ class DataJointWorker:
         """Run cycles until a stop condition holds (see the module docstring), then return.
 
         SIGTERM asks for a graceful stop, like `stop()`: the job in flight finishes and no new one starts.
+        A worker schema made by datajoint-utilities stops it at once: `UpstreamWorkerSchema`, logged as one
+        line and raised.
         How SIGTERM reaches the loop (blocked in a supervisor's child, a handler in a main thread, not at
         all in other threads) is told in `djsupervisor.worker.stop`.
         """
         self._stop_signal.listen()
         log = logger.bind(worker=self.name)
+        notifications = StepNotifications(self.name, self.notifiers, lambda: self._steps) if self.notifiers else None
+        if notifications is not None:
+            self._listeners.append(notifications)
+        self._record.refused = None  # migrated since the last run(), perhaps
         try:
             keep_connection_id_current(self.connection)
             self._record.attempt("reading the connection id", lambda: refresh_connection_id(self.connection))
@@ -368,11 +389,17 @@ class DataJointWorker:
                 if reason is not None:
                     log.info("worker {} stopping: {}", self.name, reason)
                     break
+        except UpstreamWorkerSchema as refused:
+            log.error("worker {} cannot run: {}", self.name, refused)  # the one line, said once
+            raise
         finally:
             self._progress.set_activity("stopped")
             self._progress.heartbeat()
             self._progress.emit(WorkerEvent("stopped"))
             self._stop_signal.close()
+            if notifications is not None:
+                self._listeners.remove(notifications)
+                notifications.close()  # what is pending goes out now, within the notifiers' timeouts
 
     def _why_stop(self, began: float, idle_cycles: int, *, slept: bool) -> str | None:
         """Why the loop stops now (as its log line says), or None; after the sleep, idleness is not asked again."""

@@ -106,7 +106,7 @@ class Progress:
             if message.startswith("KeyboardInterrupt"):
                 self.stop("KeyboardInterrupt")
         self.set_activity("populating", table, None)
-        self.emit(WorkerEvent("job_end", table=table, key=dict(key), ok=ok))
+        self.emit(WorkerEvent("job_end", table=table, key=dict(key), ok=ok, message=None if ok else message))
 
     def callable_started(self, name: str) -> None:
         """Callable `name` is about to run."""
@@ -124,3 +124,4 @@ class Progress:
         message = f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
         logger.bind(worker=self.worker_name).error("{} failed: {}", name, message)
         self.record.log_error(kind, name, None, message, stack)
+        self.emit(WorkerEvent("step_failed", table=name, ok=False, message=message))

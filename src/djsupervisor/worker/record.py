@@ -2,7 +2,9 @@
 
 This is bookkeeping: none of it may end the loop. Every write goes through `WorkerRecord.attempt`, which
 logs a failure as a warning (and counts it towards the outage backoff when the server was unreachable)
-instead of raising. The rows are keyed by the process identity (worker name, host, pid, process start),
+instead of raising; except for one thing: a worker schema made by datajoint-utilities
+(`UpstreamWorkerSchema`), which no retry will fix, ends the loop with its one line instead of a warning
+every cycle. The rows are keyed by the process identity (worker name, host, pid, process start),
 computed again after a fork, so a forked child registers itself rather than updating its parent's row.
 """
 
@@ -21,6 +23,7 @@ from loguru import logger
 from djsupervisor.worker.events import Activity, CycleSummary
 from djsupervisor.worker.outage import OutageTracker
 from djsupervisor.worker.schema import WorkerSchema, process_start
+from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
 
@@ -59,11 +62,16 @@ class WorkerRecord:
         self._schema: WorkerSchema | None = None
         self._registered_pid: int | None = None
         self._last_heartbeat = 0.0
+        self.refused: UpstreamWorkerSchema | None = None  # the worker schema is datajoint-utilities'
 
     def attempt(self, what: str, action: Callable[[], Any]) -> Any:
-        """`action()`, or None after logging its failure (bookkeeping never ends the loop)."""
+        """`action()`, or None after logging its failure (bookkeeping never ends the loop, but for a worker
+        schema made by datajoint-utilities: raised, and remembered in `refused`)."""
         try:
             return action()
+        except UpstreamWorkerSchema as error:
+            self.refused = error
+            raise
         except Exception as error:
             self.outage.note(error)
             logger.bind(worker=self.worker_name).warning("{} failed: {}: {}", what, error.__class__.__name__, error)
@@ -113,6 +121,8 @@ class WorkerRecord:
         worker run by hand. A supervised worker (placed) only registers and reports its stop: its
         supervisor's fleet agent stamps its row, with the window, on a fixed period, from what the child
         reports to the parent."""
+        if self.refused is not None:  # the loop is ending on it: nothing to write to
+            return
         self._last_heartbeat = time.monotonic()
         if self._registered_pid != os.getpid():
             self._register()

@@ -23,13 +23,14 @@ from loguru import logger
 
 from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.connection import is_connection_error
+from djsupervisor.worker.upstream_schema import refuse_upstream
 
 T = TypeVar("T")
 
 _DECLARE_ATTEMPTS = 6
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """`value` with everything JSON cannot hold turned into text (dates, UUIDs, bytes, numpy scalars)."""
     return json.loads(json.dumps(value, default=str))
 
@@ -170,7 +171,7 @@ def update_heartbeats(connection: dj.Connection, table: str, rows: list[dict]) -
     for row in rows:
         fields = [f for f in _HEARTBEAT_FIELDS if f in row]
         values = [
-            json.dumps(_json_safe(row[f])) if f == "current_key" and row[f] is not None else row[f] for f in fields
+            json.dumps(json_safe(row[f])) if f == "current_key" and row[f] is not None else row[f] for f in fields
         ]
         assignments = ", ".join(f"{q(f)} = %s" for f in fields)
         where = " AND ".join(f"{q(f)} = %s" for f in _IDENTITY_FIELDS)
@@ -198,6 +199,10 @@ class WorkerSchema:
         return self._tables
 
     def _declare(self) -> dict[str, Any]:
+        # Upstream's registered_worker has our table's name and another heading: declaring "over" it keeps it,
+        # and every row we write fails. Refuse at once, in one line (outside the retry: it is no collision).
+        refuse_upstream(self.connection, self.schema_name)
+
         def declare() -> dict[str, Any]:
             _declare_schema(self.connection, self.schema_name)
             return _define_tables(dj.Schema(self.schema_name, connection=self.connection))
@@ -209,7 +214,7 @@ class WorkerSchema:
         self.tables["RegisteredWorker"].insert1(
             dict(
                 identity,
-                settings=_json_safe(settings),
+                settings=json_safe(settings),
                 connection_id=self.connection.connection_id,
                 state=state,
                 last_heartbeat=datetime.datetime.now(),
@@ -292,7 +297,7 @@ class WorkerSchema:
                 error_time=when or datetime.datetime.now(),
                 kind=kind,
                 process=process[:255],
-                key=_json_safe(key),
+                key=json_safe(key),
                 error_message=(message or "")[:2047],
                 error_stack=stack,
             )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import urllib.parse
 from typing import Any
 
 
@@ -113,6 +114,17 @@ class Setting:
             why = f" ({self.maximum_why})" if self.maximum_why else ""
             raise ValueError(f"must be <= {self.maximum}{why}, got {value!r}")
         return value
+
+
+def check_url(value: Any, what: str = "must be") -> str:
+    """`value` if it is an http:// or https:// URL with a host; ValueError otherwise, whose text never holds
+    the URL (a Slack webhook's path is its secret token). `what` starts the problem (``webhook url must be``)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} a string, got {type_name(value)}")
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} an http:// or https:// URL with a host")
+    return value
 
 
 def type_name(value: Any) -> str:

@@ -34,6 +34,8 @@ POPULATE_BATCH = 250
 
 #: populate() arguments a worker always sets itself (to True): any other value is refused at registration.
 FIXED_POPULATE_ARGUMENTS = ("reserve_jobs", "suppress_errors")
+#: What a step's ``notify_on`` may name: datajoint-utilities' statuses (see `djsupervisor.worker.notifications`).
+NOTIFY_STATUSES = ("start", "success", "error")
 
 
 class StepHost(Protocol):
@@ -78,6 +80,21 @@ def callable_name(func: Callable) -> str:
     module = getattr(func, "__module__", None) or ""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     return f"{module}.{name}" if module else name
+
+
+def notify_statuses(value: Any, step: str) -> tuple[str, ...]:
+    """A step's ``notify_on`` (None, one status or a list of them, any case) as a tuple of lower-case
+    statuses; ValueError naming the step for anything else (datajoint-utilities ignored a misspelt status
+    with a warning, and its notification never came)."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple, set, frozenset)):
+        raise ValueError(f"{step}: notify_on must be a list of {', '.join(NOTIFY_STATUSES)}, got {value!r}")
+    for status in values:
+        if not isinstance(status, str) or status.lower() not in NOTIFY_STATUSES:
+            raise ValueError(f"{step}: notify_on: unknown status {status!r} (known: {', '.join(NOTIFY_STATUSES)})")
+    return tuple(dict.fromkeys(status.lower() for status in values))
 
 
 def reported_work(result: Any) -> int:
@@ -223,6 +240,8 @@ class CallableStep:
         self.kwargs = kwargs
         self.notify_on = notify_on  # read by notifications, never passed to the callable
         self.name = callable_name(func)
+        self.notify_on = notify_statuses(kwargs.pop("notify_on", None), self.name)  # not the callable's
+        self.kwargs = kwargs
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
@@ -253,30 +272,20 @@ def table_label(table: Any) -> str:
     return table.__name__ if isinstance(table, type) else type(table).__name__
 
 
-def notify_on_statuses(value: Any) -> tuple[str, ...]:
-    """`notify_on=` as a step keeps it: a tuple of lower-case statuses (``("error",)``); None is none."""
-    if value is None:
-        return ()
-    statuses = (value,) if isinstance(value, str) else value
-    if not isinstance(statuses, (list, tuple, set, frozenset)) or not all(isinstance(s, str) for s in statuses):
-        raise TypeError(f"notify_on must be a list of statuses such as ['error'], got {value!r}")
-    return tuple(s.lower() for s in statuses)
-
-
 def make_step(process: Any, kwargs: dict) -> TableStep | CallableStep:
     """The step for a registered process: an auto-populated table class or instance, or any other callable.
 
     A table of another tier is refused (TypeError), and so are populate arguments a worker cannot honour
     (ValueError, see `TableStep`); `notify_on` goes to the step, not to the call."""
     kwargs = dict(kwargs)
-    notify_on = notify_on_statuses(kwargs.pop("notify_on", None))
+    notify_on = kwargs.pop("notify_on", None)
     if compat.is_auto_populated(process):
-        return TableStep(process, kwargs, notify_on)
+        return TableStep(process, kwargs, notify_statuses(notify_on, table_label(process)))
     if compat.is_user_table(process):
         raise TypeError(
             f"cannot register {table_label(process)}: a {compat.table_tier(process)} table is not auto-populated "
             "(a worker populates dj.Imported and dj.Computed tables)"
         )
     if callable(process):
-        return CallableStep(process, kwargs, notify_on)
+        return CallableStep(process, kwargs, notify_statuses(notify_on, callable_name(process)))
     raise TypeError(f"cannot register {process!r}: expected an auto-populated table or a callable")
