@@ -241,7 +241,7 @@ def test_upstream_constructor_arguments(db, monkeypatch):
     copy = worker.configure(sleep_duration=1)
     assert type(copy) is DataJointWorker and copy.notifiers == (notifier,) and copy._sleep_duration == 1
     assert copy.processes == worker.processes
-    with pytest.raises(ValueError, match="notifier 0 .* has no callable 'notify' method"):
+    with pytest.raises(ValueError, match=r"notifiers\[0\] \(object\) has no callable notify method"):
         DataJointWorker("w", name, notifiers=[object()])
 
 

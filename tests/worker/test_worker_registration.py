@@ -72,7 +72,7 @@ def test_notify_on_stays_on_the_step_and_never_reaches_populate(db, pipe):
     assert calls == [{"channel": "#lab"}]
     assert [step.notify_on for step in worker._steps] == [("error", "success"), ("error",), ()]
     assert worker.configure()._steps[0].notify_on == ("error", "success")
-    with pytest.raises(TypeError, match=r"notify_on must be a list of statuses such as \['error'\], got 3"):
+    with pytest.raises(ValueError, match=r"notify_on must be a list of start, success, error, got 3"):
         worker(pipe.Square, notify_on=3)
 
 

@@ -240,8 +240,6 @@ class CallableStep:
         self.kwargs = kwargs
         self.notify_on = notify_on  # read by notifications, never passed to the callable
         self.name = callable_name(func)
-        self.notify_on = notify_statuses(kwargs.pop("notify_on", None), self.name)  # not the callable's
-        self.kwargs = kwargs
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration."""
