@@ -177,3 +177,33 @@ def test_the_loop_folds_idle_cycles_and_a_hand_run_worker_prunes_its_schema(db):
     assert [(r["cycle"], r["jobs_done"], r["idle_cycles"]) for r in rows] == [(1, 2, 0), (2, 0, 41)]
     assert len(tables["ErrorLog"]()) == 1  # the old error went after the first cycle
     assert [r["pid"] for r in tables["RegisteredWorker"]().to_dicts()] == [os.getpid()]
+
+
+OLD_WORKER_LOG = """
+log_id          : char(32)
+---
+worker_name     : varchar(64)
+host            : varchar(255)
+pid             : int32
+cycle           : int32
+process         : varchar(255)
+log_time        : datetime(3)
+jobs_done       : int32
+jobs_failed     : int32
+duration        : float64
+recovered=0     : int32
+cleared=0       : int32
+"""
+
+
+def test_a_worker_log_of_0_1_0_still_gets_one_row_per_cycle(db):
+    name = db.schema_name("workers")
+    old = dj.Schema(name, connection=db.connection)
+    old(type("WorkerLog", (dj.Manual,), {"definition": OLD_WORKER_LOG}))  # as djsupervisor 0.1.0 declared it
+    schema = WorkerSchema(name, db.connection)
+    log = CycleLog(lambda: schema)
+    start = time.time()
+    for second in range(3):
+        log.log(identity(os.getpid()), idle_summary(second + 1, start + second), {"lab.step": 0.0})
+    log.close()
+    assert sorted(schema.tables["WorkerLog"]().to_arrays("cycle")) == [1, 2, 3]

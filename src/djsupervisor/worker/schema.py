@@ -141,6 +141,11 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
     return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog, FleetFlag=FleetFlag)
 
 
+def _without_stretch(rows: list[dict]) -> list[dict]:
+    """WorkerLog rows without the idle-stretch columns, for a table declared before them."""
+    return [{k: v for k, v in row.items() if k not in ("idle_cycles", "last_time")} for row in rows]
+
+
 _HEARTBEAT_FIELDS = (
     "state",
     "current_table",
@@ -193,6 +198,7 @@ class WorkerSchema:
         self.schema_name = schema_name
         self.connection = connection
         self._tables: dict[str, Any] | None = None
+        self._idle_stretches: bool | None = None
 
     @property
     def tables(self) -> dict[str, Any]:
@@ -253,8 +259,11 @@ class WorkerSchema:
 
     def log_cycle(self, identity: dict, summary, durations: dict[str, float], *, idle: bool = False) -> dict[str, str]:
         """Insert one WorkerLog row per registered process for the cycle `summary` describes; `idle`: the
-        rows open an idle stretch (`update_idle_stretch` extends them). Returns the log_id of each process's row."""
+        rows open an idle stretch (`update_idle_stretch` extends them). Returns the log_id of each process's row
+        that opened a stretch (none when the table predates idle stretches: its cycles are logged one by one)."""
         started = datetime.datetime.fromtimestamp(summary.started)
+        if idle and not self.has_idle_stretches():
+            idle = False
         rows: list[dict] = []
         for index, (process, counts) in enumerate(summary.processes.items()):
             rows.append(
@@ -276,8 +285,19 @@ class WorkerSchema:
                 )
             )
         if rows:
-            self.tables["WorkerLog"].insert(rows)
-        return {row["process"]: row["log_id"] for row in rows}
+            self.tables["WorkerLog"].insert(rows if idle or self.has_idle_stretches() else _without_stretch(rows))
+        return {row["process"]: row["log_id"] for row in rows} if idle else {}
+
+    def has_idle_stretches(self) -> bool:
+        """Whether WorkerLog has the idle-stretch columns (a table declared by djsupervisor 0.1.0 has not)."""
+        if self._idle_stretches is None:
+            self._idle_stretches = "idle_cycles" in self.tables["WorkerLog"].heading.names
+            if not self._idle_stretches:
+                logger.warning(
+                    "{}: WorkerLog predates idle stretches (no idle_cycles column): one row per idle cycle, as before",
+                    self.schema_name,
+                )
+        return self._idle_stretches
 
     def update_idle_stretch(self, stretch) -> bool:
         """Write an idle stretch's totals (`cycle_log.IdleStretch`) into its WorkerLog rows, in place; False
