@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import uuid
 
 import datajoint as dj
 import pytest
@@ -15,6 +14,7 @@ from helpers import run_cli, write_config
 from djsupervisor import DataJointWorker
 from djsupervisor.fleet.agent import FleetAgent
 from djsupervisor.worker import retention
+from djsupervisor.worker.events import CycleSummary, ProcessCounts
 from djsupervisor.worker.schema import WorkerSchema
 
 pytestmark = pytest.mark.timeout(120)
@@ -93,24 +93,6 @@ class Pool:
         return self.worker
 
 
-def log_rows(days_ago: list[int], now: datetime.datetime) -> list[dict]:
-    return [
-        dict(
-            log_id=uuid.uuid4().hex,
-            worker_name="standard",
-            host="node-a",
-            pid=1,
-            cycle=1,
-            process="lab.step",
-            log_time=now - days * DAY,
-            jobs_done=0,
-            jobs_failed=0,
-            duration=0.0,
-        )
-        for days in days_ago
-    ]
-
-
 def test_the_fleet_agent_prunes_with_the_longest_retention_and_skips_a_held_lock(db):
     name = db.schema_name("workers")
     pools = [
@@ -120,7 +102,11 @@ def test_the_fleet_agent_prunes_with_the_longest_retention_and_skips_a_held_lock
     agent = FleetAgent(supervisor="sup", host="node-a", worker_configs=pools, fleet_interval=5)  # type: ignore[arg-type]
     schema = agent.schema("short")
     now = retention.server_now(db.connection)
-    schema.tables["WorkerLog"].insert(log_rows([1, 20, 39, 41, 60], now))
+    me = dict(worker_name="short", host="node-a", pid=1, process_start=now)
+    for days in (1, 20, 39, 41, 60):
+        summary = CycleSummary(cycle=1, started=(now - days * DAY).timestamp())
+        summary.processes["lab.step"] = ProcessCounts("callable", done=1)
+        schema.log_cycle(me, summary, {})
     register(schema, "node-z", 9, now - 50 * DAY, "exited")
 
     settings = db.settings

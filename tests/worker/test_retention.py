@@ -7,7 +7,6 @@ import datetime
 import os
 import platform
 import time
-import uuid
 
 import datajoint as dj
 import pytest
@@ -28,31 +27,15 @@ def identity(pid: int = 4242, host: str = "node-a") -> dict:
     return dict(worker_name="lab", host=host, pid=pid, process_start=datetime.datetime(2026, 1, 1, 12, 0, 0))
 
 
-def log_row(when: datetime.datetime) -> dict:
-    return dict(
-        log_id=uuid.uuid4().hex,
-        worker_name="lab",
-        host="node-a",
-        pid=1,
-        cycle=1,
-        process="lab.step",
-        log_time=when,
-        jobs_done=1,
-        jobs_failed=0,
-        duration=0.1,
-    )
+def log_at(schema: WorkerSchema, when: datetime.datetime) -> None:
+    """A WorkerLog row of a busy cycle that started at `when`, written as the loop writes it."""
+    schema.log_cycle(identity(), busy_summary(when.timestamp()), {"lab.step": 0.1})
 
 
-def error_row(when: datetime.datetime) -> dict:
-    return dict(
-        error_id=uuid.uuid4().hex,
-        worker_name="lab",
-        host="node-a",
-        pid=1,
-        error_time=when,
-        kind="job",
-        process="lab.step",
-        error_message="ValueError: old",
+def error_at(schema: WorkerSchema, when: datetime.datetime) -> None:
+    """An ErrorLog row of a job that failed at `when`."""
+    schema.log_error(
+        identity(), kind="job", process="lab.step", key=None, message="ValueError: old", stack=None, when=when
     )
 
 
@@ -70,10 +53,10 @@ def registered_row(pid: int, heartbeat: datetime.datetime, state: str, host: str
 def seed(schema: WorkerSchema, now: datetime.datetime) -> None:
     """7 WorkerLog, 5 ErrorLog and 4 RegisteredWorker rows older than 30 days; 3, 2 and 2 younger ones."""
     tables = schema.tables
-    tables["WorkerLog"].insert([log_row(now - 40 * DAY - i * DAY) for i in range(7)])
-    tables["WorkerLog"].insert([log_row(now - 29 * DAY), log_row(now - DAY), log_row(now)])
-    tables["ErrorLog"].insert([error_row(now - 31 * DAY - i * DAY) for i in range(5)])
-    tables["ErrorLog"].insert([error_row(now - 20 * DAY), error_row(now)])
+    for when in [now - 40 * DAY - i * DAY for i in range(7)] + [now - 29 * DAY, now - DAY, now]:
+        log_at(schema, when)
+    for when in [now - 31 * DAY - i * DAY for i in range(5)] + [now - 20 * DAY, now]:
+        error_at(schema, when)
     old = [(1, "stopped"), (2, "exited"), (3, "running"), (4, "sleeping")]  # the last two: overdue for weeks
     tables["RegisteredWorker"].insert([registered_row(pid, now - 35 * DAY, state) for pid, state in old])
     tables["RegisteredWorker"].insert([registered_row(5, now - 2 * DAY, "exited"), registered_row(6, now, "running")])
@@ -122,6 +105,8 @@ def test_the_lock_makes_a_second_concurrent_pruner_skip(db):
         retention.release_lock(other, name)
         result = retention.prune(schema, 30)
         assert not result.skipped and result.total == 7 + 5 + 4
+        count = f"SELECT COUNT(*) FROM {schema.tables['WorkerLog'].full_table_name}"
+        assert other.query(count).fetchone()[0] == 3  # committed batch by batch: other sessions see it at once
         assert retention.try_lock(other, name)  # the pass gave the lock back
         retention.release_lock(other, name)
     finally:
@@ -136,9 +121,14 @@ def test_a_lock_name_fits_mysql_for_the_longest_schema_name():
 
 
 def idle_summary(cycle: int, started: float, *, done: int = 0) -> CycleSummary:
+    """Cycle `cycle` of a one-callable worker, started at `started` (epoch seconds): idle unless `done`."""
     summary = CycleSummary(cycle=cycle, started=started)
     summary.processes["lab.step"] = ProcessCounts("callable", done=done)
     return summary
+
+
+def busy_summary(started: float) -> CycleSummary:
+    return idle_summary(1, started, done=1)
 
 
 def test_a_week_of_one_second_idle_cycles_writes_a_few_hundred_rows(db):
@@ -169,7 +159,8 @@ def test_the_loop_folds_idle_cycles_and_a_hand_run_worker_prunes_its_schema(db):
     worker(pipe.Square)
     tables = worker.schema.tables
     now = retention.server_now(db.connection)
-    tables["ErrorLog"].insert([error_row(now - 31 * DAY), error_row(now - DAY)])
+    error_at(worker.schema, now - 31 * DAY)
+    error_at(worker.schema, now - DAY)
     tables["RegisteredWorker"].insert1(registered_row(7, now - 40 * DAY, "exited", host=platform.node()))
     worker.run()
 
