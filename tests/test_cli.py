@@ -22,7 +22,10 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"),
+        (
+            [],
+            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; --help for more)",
+        ),
         (["bogus"], "invalid choice: 'bogus'"),
         (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
         (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),

@@ -1,4 +1,5 @@
-"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, migrate-schema.
+"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, forget,
+migrate-schema.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
 ``djsupervisor: error: ...``, and exit status 2; never a traceback.
@@ -31,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
             message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
-                "no command given (start, status, stop, reload, scale, check, run, drain, resume; --help for more)"
+                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; "
+                "--help for more)"
             )
         raise UsageError(message)
 
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return _check(args)
-        if args.command in ("drain", "resume"):
+        if args.command in ("drain", "resume", "forget"):
             from djsupervisor.fleet import cli as fleet_cli
 
             _logging_for(args, context={"worker": args.command}, quiet=True)

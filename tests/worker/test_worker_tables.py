@@ -46,7 +46,9 @@ def test_tables_record_registration_cycles_and_errors(db):
     assert registered["process_start"] <= registered["last_heartbeat"]
 
     logs = tables["WorkerLog"]().to_dicts(order_by="cycle, process")
-    assert len(logs) == 6  # 3 cycles x 2 processes
+    assert len(logs) == 4  # the busy cycle 1, then the idle stretch of cycles 2-3 (one row per process each)
+    assert [(r["cycle"], r["idle_cycles"]) for r in logs] == [(1, 0), (1, 0), (2, 2), (2, 2)]
+    assert all(r["last_time"] > r["log_time"] for r in logs if r["idle_cycles"])  # written at the stop
     first = {r["process"]: r for r in logs if r["cycle"] == 1}
     assert first[pipe.Square().full_table_name]["jobs_done"] == 2
     assert first[pipe.Square().full_table_name]["jobs_failed"] == 1

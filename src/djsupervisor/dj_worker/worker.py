@@ -83,7 +83,7 @@ class DataJointWorker(loop.DataJointWorker):
         Deprecated (DeprecationWarning); False means ``stale_timeout_hours=0``, as in datajoint-utilities.
     notifiers : list, optional
         Objects with a ``notify`` method, kept in `notifiers` for djsupervisor's notifications.
-    max_sleep_duration, recovery_scope, connection
+    max_sleep_duration, recovery_scope, log_retention_days, connection
         djsupervisor's own settings (see `djsupervisor.worker.loop.DataJointWorker`).
     """
 
@@ -102,6 +102,7 @@ class DataJointWorker(loop.DataJointWorker):
         notifiers: Iterable[Any] | None = None,
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
+        log_retention_days: float = 30,
         connection: dj.Connection | None = None,
     ) -> None:
         if remove_stale_reserved_jobs is not None:
@@ -131,6 +132,7 @@ class DataJointWorker(loop.DataJointWorker):
             db_prefix=_prefixes(db_prefix),
             max_sleep_duration=max_sleep_duration,
             recovery_scope=recovery_scope,
+            log_retention_days=log_retention_days,
             connection=connection,
             notifiers=list(notifiers or ()),
         )

@@ -177,15 +177,18 @@ class WorkerLog(dj.Manual, metaclass=_WorkerTableMeta):
     @classmethod
     def get_recent_jobs(cls, backtrack_minutes: float = 60) -> Any:
         """Per process logged in the last `backtrack_minutes`: worker_count (distinct pids),
-        minutes_since_oldest and minutes_since_newest (a query: ``.to_pandas()``, ``.to_dicts()``)."""
+        minutes_since_oldest and minutes_since_newest (a query: ``.to_pandas()``, ``.to_dicts()``).
+
+        An idle stretch's row counts from its first cycle (``log_time``) to its last (``last_time``)."""
         now = datetime.datetime.now()
         since = now - datetime.timedelta(minutes=check_number("backtrack_minutes", backtrack_minutes))
         backend = compat.backend(cls.connection)
+        last = "COALESCE(last_time, log_time)"
         return dj.U("process").aggr(
-            cls & f"log_time > '{_sql_time(since)}'",
+            cls & f"{last} > '{_sql_time(since)}'",
             worker_count="count(DISTINCT pid)",
             minutes_since_oldest=_minutes_since(backend, "MIN(log_time)", now),
-            minutes_since_newest=_minutes_since(backend, "MAX(log_time)", now),
+            minutes_since_newest=_minutes_since(backend, f"MAX({last})", now),
         )
 
     @classmethod

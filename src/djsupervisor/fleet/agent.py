@@ -13,6 +13,9 @@ agent
 3. reads the FleetFlag rows of the pools' worker schemas and the job-queue depth of every pool table,
 4. sends the supervisor's events the line carries (a slot gone FATAL, a job timed out, ...) to the
    notifiers (`djsupervisor.fleet.notify`), whether the database is reachable or not,
+5. every `_RETENTION_INTERVAL` seconds, prunes the pools' worker schemas of rows older than their
+   `log_retention_days` (`djsupervisor.worker.retention`: under a database lock, so one agent of the fleet
+   prunes a schema at a time; in short batches),
 
 and answers with one line the parent keeps as its `FleetView`. A database outage makes the agent skip
 what it cannot do (the parent keeps the last reading, whose age tells it is stale); a crash of the agent
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from djsupervisor.supervisor.config import WorkerConfig
 
 _PRUNE_INTERVAL = 600.0  # seconds between deletions of this supervisor's rows of processes that are gone
+_RETENTION_INTERVAL = 300.0  # seconds between retention passes (each at most 100,000 rows per table)
 
 
 def heartbeat_window(fleet_interval: float) -> float:
@@ -87,6 +91,7 @@ class FleetAgent:
         self._connected = False
         self._last_prune: float | None = None
         self._refusals: set[str] = set()
+        self._last_retention: float | None = None
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
@@ -141,6 +146,27 @@ class FleetAgent:
         if self._last_prune is None or now - self._last_prune >= _PRUNE_INTERVAL:
             self._last_prune = now
             self._attempt("pruning RegisteredWorker", self.prune)
+        if self._last_retention is None or now - self._last_retention >= _RETENTION_INTERVAL:
+            self._last_retention = now
+            self.apply_retention()
+
+    def apply_retention(self) -> None:
+        """Prune each worker schema of the pools, keeping the longest `log_retention_days` of the pools that
+        share it (no pool loses rows it asked to keep)."""
+        from djsupervisor.worker import retention
+
+        days: dict[str, float] = {}
+        pools: dict[str, str] = {}
+        for pool, worker in self.workers.items():
+            name = worker.worker_schema_name
+            days[name] = max(days.get(name, 0.0), worker.log_retention_days)
+            pools.setdefault(name, pool)
+        for name, pool in pools.items():
+            result = self._attempt(f"pruning {name}", partial(retention.prune, self.schema(pool), days[name]))
+            if result is not None and result.total:
+                self.log.info(
+                    "fleet agent: pruned {} rows older than {:g} days from {}", result.total, days[name], name
+                )
 
     def prune(self) -> None:
         """Delete this supervisor's rows on this host whose process is gone (earlier runs' children)."""

@@ -1,4 +1,4 @@
-"""`djsupervisor status --fleet`, `drain` and `resume`: the fleet as the database sees it.
+"""`djsupervisor status --fleet`, `drain`, `resume` and `forget`: the fleet as the database sees it.
 
 These read and write the worker schemas directly (RegisteredWorker, FleetFlag), so they work from any host
 that reaches the database, whether a supervisor runs there or not. The worker schemas come from the
@@ -36,6 +36,9 @@ def add_arguments(parsers, source_options) -> None:
                 action="store_true",
                 help="also make the matching supervisors exit once every pool of theirs is halted",
             )
+    forget = parsers.add_parser("forget", help="remove a decommissioned host's RegisteredWorker rows at once")
+    source_options(forget)
+    forget.add_argument("--host", required=True, help="the host name, as `status --fleet` shows it")
 
 
 def add_schema_option(command) -> None:
@@ -108,6 +111,20 @@ def resume(args, load) -> int:
             print(f"no flag covered by {selector.describe()} in schema {schema.schema_name}")
         for flag in _guarded(f"schema {schema.schema_name}", lambda s=schema: read_flags(s)):
             print(f"still set {flag.mode}: {flag.selector.describe()} (by {flag.set_by})")
+    return 0
+
+
+def forget(args, load) -> int:
+    """Delete every RegisteredWorker row of one host (its logs stay until `log_retention_days` prunes them)."""
+    from djsupervisor.worker.retention import forget_host
+
+    host = args.host.strip()
+    if not host or host == ANY:
+        raise FleetError(f"forget: --host must name one host, got {args.host!r}")
+    for schema in _schemas(args, load):
+        removed = _guarded(f"schema {schema.schema_name}", lambda s=schema: forget_host(s, host))
+        processes = "process" if removed == 1 else "processes"
+        print(f"forgot {removed} worker {processes} of host {host} in schema {schema.schema_name}")
     return 0
 
 

@@ -96,6 +96,10 @@ class DataJointWorker:
     max_sleep_duration : float, optional
         Adaptive sleep: the wait doubles after each idle cycle up to this, and drops back to
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
+    log_retention_days : float
+        WorkerLog and ErrorLog rows older than this, and RegisteredWorker rows of processes gone this long,
+        are pruned (by the fleet agent of a supervised worker; by a worker run by hand, hourly; see
+        `djsupervisor.worker.retention`).
     connection : datajoint.Connection, optional
         Connection for the worker tables and job recovery (DataJoint's global one by default).
     notifiers : list, optional
@@ -130,6 +134,7 @@ class DataJointWorker:
         db_prefix: str | Sequence[str] | None = None,
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
+        log_retention_days: float = 30,
         connection: dj.Connection | None = None,
         notifiers: Sequence[Any] | None = None,
     ) -> None:
@@ -161,6 +166,9 @@ class DataJointWorker:
         if recovery_scope == "db_prefix" and not self.db_prefix:
             raise ValueError("recovery_scope 'db_prefix' needs a db_prefix (recovery is never server-wide)")
         self.recovery_scope = recovery_scope
+        if not _positive_or_disabled("log_retention_days", log_retention_days) > 0:
+            raise ValueError(f"log_retention_days must be > 0, got {log_retention_days!r}")
+        self.log_retention_days = log_retention_days
         if max_sleep_duration is not None:
             _positive_or_disabled("max_sleep_duration", max_sleep_duration)
             if max_sleep_duration < self.sleep_duration:

@@ -20,12 +20,15 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
+from djsupervisor.worker import retention
+from djsupervisor.worker.cycle_log import CycleLog
 from djsupervisor.worker.events import Activity, CycleSummary
 from djsupervisor.worker.outage import OutageTracker
 from djsupervisor.worker.schema import WorkerSchema, process_start
 from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
+_PRUNE_INTERVAL = 3600.0  # seconds between a worker run by hand's retention passes over its worker schema
 
 
 class WorkerRecord:
@@ -63,6 +66,8 @@ class WorkerRecord:
         self._registered_pid: int | None = None
         self._last_heartbeat = 0.0
         self.refused: UpstreamWorkerSchema | None = None  # the worker schema is datajoint-utilities'
+        self._cycle_log = CycleLog(lambda: self.schema)
+        self._last_prune: float | None = None
 
     def attempt(self, what: str, action: Callable[[], Any]) -> Any:
         """`action()`, or None after logging its failure (bookkeeping never ends the loop, but for a worker
@@ -126,6 +131,8 @@ class WorkerRecord:
         self._last_heartbeat = time.monotonic()
         if self._registered_pid != os.getpid():
             self._register()
+        if activity.state == "stopped":  # the open idle stretch's last minute of counts
+            self.attempt("writing WorkerLog", self._cycle_log.close)
         if self.placement:
             if activity.state != "stopped":
                 return  # the fleet agent stamps the row every fleet_interval: no statements of our own
@@ -158,7 +165,22 @@ class WorkerRecord:
             summary.cleared_errors,
             " (stopped early)" if summary.stopped_early else "",
         )
-        self.attempt("writing WorkerLog", lambda: self.schema.log_cycle(self.identity(), summary, durations))
+        self.attempt("writing WorkerLog", lambda: self._cycle_log.log(self.identity(), summary, durations))
+        self.maybe_prune()
+
+    def maybe_prune(self) -> None:
+        """A worker run by hand prunes its worker schema (`djsupervisor.worker.retention`) after its first
+        cycle and then at most every `_PRUNE_INTERVAL` seconds; a supervised one leaves it to its fleet agent."""
+        now = time.monotonic()
+        if self.placement or (self._last_prune is not None and now - self._last_prune < _PRUNE_INTERVAL):
+            return
+        self._last_prune = now
+        days = self._settings()["log_retention_days"]
+        result = self.attempt("pruning the worker tables", lambda: retention.prune(self.schema, days))
+        if result is not None and result.total:
+            logger.bind(worker=self.worker_name).info(
+                "pruned {} rows older than {:g} days from {}", result.total, days, self.schema_name
+            )
 
     def log_error(
         self,

@@ -100,21 +100,24 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
     @schema
     class WorkerLog(dj.Manual):
         definition = """
-        # What each cycle of each worker process did, one row per registered process and cycle
+        # What each cycle of each worker process did: one row per registered process and busy cycle, or idle stretch
         log_id          : char(32)        # a random UUID, hex
         ---
         worker_name     : varchar(64)
         host            : varchar(255)
         pid             : int32
-        cycle           : int32
+        cycle           : int32           # the cycle (an idle stretch: its first)
         process         : varchar(255)    # table full name or callable name
-        log_time        : datetime(3)     # when the cycle started
+        log_time        : datetime(3)     # when the cycle (an idle stretch: its first cycle) started
         jobs_done       : int32
         jobs_failed     : int32
-        duration        : float64         # seconds spent in this process
+        duration        : float64         # seconds spent in this process (an idle stretch: in all its cycles)
         recovered=0     : int32           # (on the cycle's first row) stale + orphaned jobs re-pended
         cleared=0       : int32           # (on the cycle's first row) transient errors re-pended
+        idle_cycles=0   : int32           # an idle stretch: the idle cycles it stands for; 0: a cycle that did work
+        last_time=null  : datetime(3)     # an idle stretch: when its last cycle started
         INDEX (worker_name, log_time)
+        INDEX (log_time)
         """
 
     @schema
@@ -133,9 +136,15 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
         error_message   : varchar(2047)
         error_stack=null : <blob>
         INDEX (worker_name, error_time)
+        INDEX (error_time)
         """
 
     return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog, FleetFlag=FleetFlag)
+
+
+def _without_stretch(rows: list[dict]) -> list[dict]:
+    """WorkerLog rows without the idle-stretch columns, for a table declared before them."""
+    return [{k: v for k, v in row.items() if k not in ("idle_cycles", "last_time")} for row in rows]
 
 
 _HEARTBEAT_FIELDS = (
@@ -190,6 +199,7 @@ class WorkerSchema:
         self.schema_name = schema_name
         self.connection = connection
         self._tables: dict[str, Any] | None = None
+        self._idle_stretches: bool | None = None
 
     @property
     def tables(self) -> dict[str, Any]:
@@ -252,10 +262,14 @@ class WorkerSchema:
             row["heartbeat_window"] = window
         update_heartbeats(self.connection, self.tables["RegisteredWorker"].full_table_name, [row])
 
-    def log_cycle(self, identity: dict, summary, durations: dict[str, float]) -> None:
-        """Insert one WorkerLog row per registered process for the cycle `summary` describes."""
+    def log_cycle(self, identity: dict, summary, durations: dict[str, float], *, idle: bool = False) -> dict[str, str]:
+        """Insert one WorkerLog row per registered process for the cycle `summary` describes; `idle`: the
+        rows open an idle stretch (`update_idle_stretch` extends them). Returns the log_id of each process's row
+        that opened a stretch (none when the table predates idle stretches: its cycles are logged one by one)."""
         started = datetime.datetime.fromtimestamp(summary.started)
-        rows = []
+        if idle and not self.has_idle_stretches():
+            idle = False
+        rows: list[dict] = []
         for index, (process, counts) in enumerate(summary.processes.items()):
             rows.append(
                 dict(
@@ -271,10 +285,48 @@ class WorkerSchema:
                     duration=durations.get(process, 0.0),
                     recovered=(summary.recovered_stale + summary.recovered_orphaned) if index == 0 else 0,
                     cleared=summary.cleared_errors if index == 0 else 0,
+                    idle_cycles=1 if idle else 0,
+                    last_time=started if idle else None,
                 )
             )
         if rows:
-            self.tables["WorkerLog"].insert(rows)
+            self.tables["WorkerLog"].insert(rows if idle or self.has_idle_stretches() else _without_stretch(rows))
+        return {row["process"]: row["log_id"] for row in rows} if idle else {}
+
+    def has_idle_stretches(self) -> bool:
+        """Whether WorkerLog has the idle-stretch columns (a table declared by djsupervisor 0.1.0 has not)."""
+        if self._idle_stretches is None:
+            self._idle_stretches = "idle_cycles" in self.tables["WorkerLog"].heading.names
+            if not self._idle_stretches:
+                logger.warning(
+                    "{}: WorkerLog predates idle stretches (no idle_cycles column): one row per idle cycle, as before",
+                    self.schema_name,
+                )
+        return self._idle_stretches
+
+    def update_idle_stretch(self, stretch) -> bool:
+        """Write an idle stretch's totals (`cycle_log.IdleStretch`) into its WorkerLog rows, in place; False
+        when its rows are gone (deleted by hand, or pruned)."""
+        q = functools.partial(identifiers.quote, compat.backend(self.connection))
+        table = self.tables["WorkerLog"].full_table_name
+        assignments = ", ".join(
+            f"{q(column)} = %s" for column in ("idle_cycles", "last_time", "duration", "recovered", "cleared")
+        )
+        found = 0
+        for index, (process, log_id) in enumerate(stretch.log_ids.items()):
+            first = index == 0  # recovery counts go on the first row, as for a busy cycle
+            values = (
+                stretch.cycles,
+                datetime.datetime.fromtimestamp(stretch.last_started),
+                stretch.durations.get(process, 0.0),
+                stretch.recovered if first else 0,
+                stretch.cleared if first else 0,
+            )
+            cursor = self.connection.query(
+                f"UPDATE {table} SET {assignments} WHERE {q('log_id')} = %s", args=(*values, log_id)
+            )
+            found += cursor.rowcount > 0
+        return found == len(stretch.log_ids)
 
     def log_error(
         self,

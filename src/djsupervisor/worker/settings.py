@@ -161,5 +161,12 @@ WORKER_SETTINGS = (
         "job tables recovery touches: the worker's own, or every one under db_prefix",
         choices=RECOVERY_SCOPES,
     ),
+    Setting(
+        "log_retention_days",
+        float,
+        30,
+        "WorkerLog, ErrorLog and gone processes' RegisteredWorker rows older than this are pruned",
+        exclusive=True,
+    ),
 )
 WORKER_SETTING_NAMES = tuple(setting.name for setting in WORKER_SETTINGS)
