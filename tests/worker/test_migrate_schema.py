@@ -186,7 +186,8 @@ def test_migrate_schema_converts_the_tables_keeping_their_rows(db, tmp_path):
         f"as {BACKUP_PREFIX}* (drop them when you no longer need them)\n"
     )
 
-    worker = DataJointWorker("standard", name, run_duration=0.001)  # the schema is djsupervisor's now
+    # the schema is djsupervisor's now; a retention longer than the rows' age keeps the migrated rows
+    worker = DataJointWorker("standard", name, run_duration=0.001, log_retention_days=36500)
     tables = worker.schema.tables
     [registered] = tables["RegisteredWorker"].to_dicts()
     assert {k: registered[k] for k in ("worker_name", "host", "pid", "state", "process_start")} == {
