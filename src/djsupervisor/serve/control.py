@@ -1,4 +1,4 @@
-"""The control socket: a Unix stream socket, mode 0600 in a 0700 directory, JSON lines (`djsupervisor.protocol`).
+"""The control socket: a Unix stream socket, mode 0600 in a private (or sticky) directory, JSON lines.
 
 Request ``{"cmd": "status" | "stop" | "reload" | "scale", ...}`` (`ControlRequest`), one per line; response
 ``{"ok": true, ...}`` or ``{"ok": false, "error": "one line"}`` (`ControlResponse`). The server lives in the
@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import stat
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,12 +42,13 @@ class ControlError(Exception):
     """A control request could not be made; str() is one line."""
 
 
-def default_socket_path(name: str) -> str:
+def default_socket_path(name: str, *, create: bool = False) -> str:
     """Where a supervisor called `name` listens unless its config says otherwise.
 
     In order: ``$DJSUPERVISOR_RUNTIME_DIR`` (the systemd units set it to ``/run/djsupervisor``);
     ``/run/djsupervisor`` when it is ours (or we are root); ``$XDG_RUNTIME_DIR/djsupervisor``;
-    ``/tmp/djsupervisor-<uid>``.
+    ``/tmp/djsupervisor-<uid>``, unless another user made it (or it is not 0700): then a private
+    ``/tmp/djsupervisor-XXXXXXXX`` (`fallback_directory`; made if `create`, the supervisor's side).
     """
     explicit = os.environ.get("DJSUPERVISOR_RUNTIME_DIR")
     if explicit:
@@ -60,7 +62,55 @@ def default_socket_path(name: str) -> str:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return str(Path(runtime) / "djsupervisor" / f"{name}.sock")
-    return f"/tmp/djsupervisor-{os.getuid()}/{name}.sock"
+    directory = Path(tempfile.gettempdir()) / f"djsupervisor-{os.getuid()}"
+    if _usable_default(directory):
+        return str(directory / f"{name}.sock")
+    return str(fallback_directory(name, create=create) / f"{name}.sock")
+
+
+def _usable_default(directory: Path) -> bool:
+    """Whether `directory` is absent (we make it) or ours, a real directory and 0700."""
+    return not os.path.lexists(directory) or _private(directory)
+
+
+def _private(path: Path) -> bool:
+    """Whether `path` is a real directory (not a link), ours and 0700."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) == 0o700
+
+
+def fallback_directory(name: str, *, create: bool = False) -> Path:
+    """The private runtime directory used when another user holds ``/tmp/djsupervisor-<uid>``.
+
+    No file records it: the supervisor and the command line both look for ``djsupervisor-*`` directories in
+    the temporary directory that are ours, real directories and 0700 (another user cannot make one that
+    passes), preferring one that holds ``NAME.sock``, then the oldest name in sorted order. With `create`
+    and none found, `tempfile.mkdtemp` makes one (0700, a random name nobody could have pre-created).
+    """
+    candidates = sorted(path for path in Path(tempfile.gettempdir()).glob("djsupervisor-*") if _private(path))
+    for path in candidates:
+        if (path / f"{name}.sock").exists():
+            return path
+    if candidates:
+        return candidates[0]
+    if create:
+        made = Path(tempfile.mkdtemp(prefix="djsupervisor-"))
+        _log_fallback(made)
+        return made
+    return Path(tempfile.gettempdir()) / f"djsupervisor-{os.getuid()}"  # nothing listens; the answer says so
+
+
+def _log_fallback(made: Path) -> None:
+    from loguru import logger
+
+    logger.warning(
+        "{} is not ours or not private (another user made it?): the control socket goes to {} instead",
+        Path(tempfile.gettempdir()) / f"djsupervisor-{os.getuid()}",
+        made,
+    )
 
 
 def supervisor_listening(path: str) -> bool:
@@ -79,17 +129,35 @@ def _answers(path: str) -> bool:
 
 
 def _private_directory(directory: Path) -> None:
+    """Make `directory` 0700 if it is not there; use an existing one as it is, never changing its mode.
+
+    Only a directory made here is ours to chmod: ``control_socket = "/tmp/lab.sock"`` run as root once made
+    /tmp ``drwx------``. An existing directory that others can write to is refused unless it is sticky
+    (like /tmp: others can then not remove or replace our socket)."""
+    created = False
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+            created = True
+        except FileExistsError:
+            pass
         info = directory.lstat()
     except OSError as error:
         raise ControlError(f"control socket directory {directory}: {error.strerror or error}") from None
     if stat.S_ISLNK(info.st_mode):  # e.g. a link planted in /tmp: follow nothing someone else set up
         raise ControlError(f"control socket directory {directory} is a symbolic link; refusing it")
-    if info.st_uid != os.getuid():
+    mode = stat.S_IMODE(info.st_mode)
+    if created:
+        if mode != 0o700:
+            os.chmod(directory, 0o700)
+        return
+    if info.st_uid not in (os.getuid(), 0):
         raise ControlError(f"control socket directory {directory} belongs to uid {info.st_uid}, not to us")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(directory, 0o700)
+    if mode & 0o002 and not mode & stat.S_ISVTX:
+        raise ControlError(
+            f"control socket directory {directory} is writable by others and not sticky (mode {mode:04o}); refusing it"
+        )
 
 
 #: Answers one request; a response that is not a dict is answered as "no answer".

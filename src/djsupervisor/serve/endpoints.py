@@ -40,7 +40,7 @@ class Endpoints:
     ) -> None:
         """Listen: the control socket at `control_socket` (or the default path for supervisor `name`), then
         HTTP at `http` if given, serving `supervisor`'s pages."""
-        path = control_socket or default_socket_path(name)
+        path = control_socket or default_socket_path(name, create=True)
         self.control = ControlServer(str(path), answer)
         self.control.register(selector)
         self.log.info("control socket {}", path)

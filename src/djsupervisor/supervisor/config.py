@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
 from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
+from djsupervisor.supervisor.import_path import ImportPathError, append_directories, config_directories
 from djsupervisor.supervisor.settings import (
     DATABASE_SETTINGS,
     POOL_SETTINGS,
@@ -137,6 +137,7 @@ class SupervisorConfig:
     source: str = "<config>"
     graceful_timeout: float = _SUPERVISOR_DEFAULTS["graceful_timeout"]
     control_socket: str | None = _SUPERVISOR_DEFAULTS["control_socket"]
+    pythonpath: tuple[str, ...] = _SUPERVISOR_DEFAULTS["pythonpath"]
     backoff_initial: float = _SUPERVISOR_DEFAULTS["backoff_initial"]
     backoff_max: float = _SUPERVISOR_DEFAULTS["backoff_max"]
     stable_after: float = _SUPERVISOR_DEFAULTS["stable_after"]
@@ -331,10 +332,15 @@ def parse_config(
                 source, f"worker[{i}].name", f"duplicate worker name {worker.name!r} (also worker[{seen[worker.name]}])"
             )
         seen[worker.name] = i
+    socket_path = settings.get("control_socket")
+    if socket_path is not None and ".." in Path(socket_path).parts:
+        raise ConfigError(source, "supervisor.control_socket", f"must not contain '..' components, got {socket_path!r}")
     if check_targets:
         database.apply()  # pipeline modules connect when imported
-        if str(Path.cwd()) not in sys.path and "" not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # targets in the working directory, as `python -m` finds them
+        try:  # after site-packages, never the working directory (import_path's docstring says why)
+            append_directories(config_directories(Path(source), settings.get("pythonpath", ())))
+        except ImportPathError as error:
+            raise ConfigError(source, "", str(error))
         for i, worker in enumerate(workers):
             _check_target(source, worker, f"worker[{i}] ({worker.name})")
     return SupervisorConfig(workers=tuple(workers), source=source, database=database, **settings)
@@ -370,8 +376,10 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
     source = "modules " + ",".join(modules) if modules else "<no modules>"
     if not modules:
         raise ConfigError(source, "", "no modules given")
-    if str(Path.cwd()) not in sys.path and "" not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
+    try:  # appended after site-packages: a planted module cannot shadow the standard library
+        append_directories([Path.cwd()])
+    except ImportPathError as error:
+        raise ConfigError(source, "", str(error))
     workers: list[WorkerConfig] = []
     names: dict[str, str] = {}
     found: set[int] = set()  # a worker imported into several of the modules runs once

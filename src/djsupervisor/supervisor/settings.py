@@ -43,7 +43,20 @@ SUPERVISOR_SETTINGS = (
         default_text="the file's stem",
     ),
     Setting("graceful_timeout", float, 30.0, "seconds from a stop request to SIGKILL of a child's process group"),
-    Setting("control_socket", str, None, "path of the control socket", default_text="`NAME.sock` in the runtime dir"),
+    Setting(
+        "control_socket",
+        str,
+        None,
+        "path of the control socket (no `..` in it)",
+        default_text="`NAME.sock` in the runtime dir",
+    ),
+    Setting(
+        "pythonpath",
+        list,
+        (),
+        "directories to import targets from, appended after site-packages (relative: to the config file)",
+        default_text="the config file's directory only",
+    ),
     Setting("backoff_initial", float, 0.25, "seconds before the first restart after a crash"),
     Setting("backoff_max", float, 60.0, "cap of the doubling restart delay"),
     Setting("stable_after", float, 60.0, "up this long and the restart delay starts over"),
@@ -174,7 +187,7 @@ def toml_value(value: Any) -> str:
 def _kind_text(setting: Setting) -> str:
     if setting.choices:
         return "string"
-    return {str: "string", float: "number", int: "integer", bool: "boolean"}[setting.kind]
+    return {str: "string", float: "number", int: "integer", bool: "boolean", list: "list of strings"}[setting.kind]
 
 
 def _allowed_text(setting: Setting) -> str:
@@ -189,6 +202,8 @@ def _allowed_text(setting: Setting) -> str:
         return f"at most {setting.max_length} characters, not `*`"
     if setting.kind is bool:
         return "`true`, `false`"
+    if setting.kind is list:
+        return "non-empty strings"
     if setting.kind in (int, float):
         text = f"{'>' if setting.exclusive else '>='} {setting.minimum:g}"
         return f"{text} and <= {setting.maximum:g}" if setting.maximum is not None else text

@@ -92,6 +92,10 @@ class Setting:
             return value
         if self.kind in (int, float):
             return self._check_number(value)
+        if self.kind is list:
+            if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+                raise ValueError(f"must be a list of non-empty strings, got {type_name(value)} {value!r}")
+            return tuple(value)
         raise TypeError(f"{self.name}: a {self.kind.__name__} setting cannot be read from a config file")
 
     def _check_string(self, value: Any) -> str:
