@@ -172,11 +172,32 @@ def _route_standard_logging(level: str) -> None:
     datajoint_logger.propagate = False
 
 
-def _known_secrets() -> None:
+def mask_value(value):
+    """`value` (text, or JSON-ready dicts and lists of text) with every known secret masked, the database
+    password DataJoint ends up with included: for rows written to the worker tables."""
+    known_secrets()
+    return _mask_deep(value)
+
+
+def _mask_deep(value):
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {_mask_deep(k): _mask_deep(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask_deep(v) for v in value]
+    return value
+
+
+def known_secrets() -> None:
+    """Add the password DataJoint holds (`dj.config["database.password"]`, which a pipeline module may set
+    when imported) and DJ_PASS to the masked values."""
+    add_secret(os.environ.get("DJ_PASS"))
     datajoint = sys.modules.get("datajoint")
     if datajoint is not None:
         try:
-            add_secret(datajoint.config["database.password"])
+            password = datajoint.config["database.password"]
+            add_secret(password.get_secret_value() if hasattr(password, "get_secret_value") else password)
         except Exception:  # a config without the key, or an unexpected config object
             pass
 
@@ -201,7 +222,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
     else:  # tracebacks are formatted by the sink without local variables (they may hold credentials)
         logger.add(functools.partial(_text_sink, journal=journal), level=level, format="{message}")
     _route_standard_logging(level)  # after the sink exists: DataJoint's import-time output lands in it
-    _known_secrets()
+    known_secrets()
 
 
 def bind_context(**context) -> None:
