@@ -97,3 +97,71 @@ def test_journald_gets_syslog_priorities(tmp_path, fmt):
     assert lines[0].startswith("<6>") and "working on key 7" in lines[0]
     assert lines[1].startswith("<4>") and "from datajoint" in lines[1]
     assert lines[4].startswith("<3>") and "boom" in lines[4]
+
+
+INJECTION = """
+import sys, warnings
+warnings.filterwarnings("ignore", message="No datajoint.json found")  # as the CLI does
+from loguru import logger
+from djsupervisor.log import setup_logging
+setup_logging("INFO", sys.argv[1], supervisor="lab")
+logger.info("key done\\n<0>forged emergency\\r\\x1b[31mred\\x85")
+try:
+    raise RuntimeError("bad row\\n<0>forged from a traceback")
+except RuntimeError:
+    logger.exception("failed")
+logger.warning("after")
+"""
+
+
+def journal_output(script: str, fmt: str) -> list[str]:
+    left, right = socket.socketpair()
+    try:
+        info = os.fstat(right.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, fmt], stderr=right, stdout=subprocess.DEVNULL, env=env
+        )
+        right.close()
+        left.settimeout(30)
+        data = b""
+        while chunk := left.recv(65536):
+            data += chunk
+        assert process.wait(30) == 0
+    finally:
+        left.close()
+    return data.decode().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_message_cannot_forge_a_journal_record(fmt):
+    """A newline and a "<0>" in a message stay inside its one line, which keeps the record's own priority;
+    a traceback's lines carry the record's priority and cannot pass for a record."""
+    lines = journal_output(INJECTION, fmt)
+    assert not any(line.startswith("<0>") for line in lines)
+    assert all(line[:3] in ("<6>", "<3>", "<4>") for line in lines)
+    assert "\x1b" not in "".join(lines) and "\r" not in "".join(lines) and "\x85" not in "".join(lines)
+    if fmt == "json":
+        assert json.loads(lines[0][3:])["message"] == "key done\n<0>forged emergency\r\x1b[31mred\x85"
+        assert len(lines) == 3 and "forged from a traceback" in json.loads(lines[1][3:])["exception"]
+        return
+    assert lines[0].startswith("<6>") and lines[0].endswith(r"key done\n<0>forged emergency\r\x1b[31mred\x85")
+    assert lines[1].startswith("<3>") and lines[1].endswith("failed")
+    trace = lines[2:-1]
+    assert trace[0] == "<3>  | Traceback (most recent call last):"
+    assert all(line.startswith("<3>  | ") for line in trace)
+    assert trace[-2:] == ["<3>  | RuntimeError: bad row", "<3>  | <0>forged from a traceback"]
+    assert lines[-1].startswith("<4>") and lines[-1].endswith("after")
+
+
+def test_text_lines_escape_control_characters_without_journald():
+    env = dict(os.environ)
+    env.pop("JOURNAL_STREAM", None)
+    result = subprocess.run(
+        [sys.executable, "-c", INJECTION, "text"], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.split("\n")[:-1]
+    assert "INFO" in lines[0] and lines[0].endswith(r"key done\n<0>forged emergency\r\x1b[31mred\x85")
+    assert all(line.startswith("  | ") for line in lines[2:-1]) and "WARNING" in lines[-1]
+    assert "\x1b" not in result.stderr and "\r" not in result.stderr

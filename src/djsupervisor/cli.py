@@ -228,11 +228,34 @@ def _logging_for(args, *, context: dict, quiet: bool = False):
         context.setdefault("supervisor", early.name)
     level = getattr(args, "log_level", None) or ("WARNING" if quiet else level)
     setup_logging(level, getattr(args, "log_format", None) or fmt, **context)
+    if args.config:
+        _warn_if_password_readable(args.config)
     return early
 
 
+def _warn_if_password_readable(path) -> None:
+    """One warning when the config file holds a `[database] password` that its group or others can read."""
+    import stat
+    import tomllib
+
+    from loguru import logger
+
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, "rb") as file:
+            database = tomllib.load(file).get("database")
+    except (OSError, ValueError):
+        return  # load_config has already said what is wrong with it
+    if mode & (stat.S_IRWXG | stat.S_IRWXO) and isinstance(database, dict) and database.get("password"):
+        logger.warning(
+            "{} holds a [database] password and is readable by group or others (mode {:o}): chmod 600 it",
+            path,
+            stat.S_IMODE(mode),
+        )
+
+
 def _start(args) -> int:
-    from djsupervisor.log import add_secret
+    from djsupervisor.log import add_secret, known_secrets
     from djsupervisor.serve.control import ControlError, default_socket_path, supervisor_listening
     from djsupervisor.serve.http import HttpError
     from djsupervisor.supervisor.arbiter import Supervisor
@@ -245,6 +268,7 @@ def _start(args) -> int:
     config, path = _load(args)
     for secret in (config.database.password, config.notify_slack_webhook, config.notify_json_webhook):
         add_secret(secret)
+    known_secrets()  # the targets are imported: a pipeline module may have set dj.config's password
     if not args.config:
         _logging_for(args, context={"supervisor": config.name})
     try:
@@ -329,7 +353,7 @@ def _check(args) -> int:
 
 
 def _run(args) -> int:
-    from djsupervisor.log import add_secret, setup_logging
+    from djsupervisor.log import add_secret, known_secrets, setup_logging
 
     early = _logging_for(args, context={"worker": args.worker})
     if early is not None:
@@ -337,6 +361,7 @@ def _run(args) -> int:
     config, _ = _load(args)
     add_secret(config.database.password)
     worker = config.worker_named(args.worker).build_worker()
+    known_secrets()
     setup_logging(
         args.log_level or config.log_level,
         args.log_format or config.log_format,

@@ -5,6 +5,12 @@ writes one JSON object per line for log shippers. Under journald (stderr is the 
 starts with its syslog priority, so `journalctl -p warning` works. No `enqueue=True`: it starts a thread,
 and the parent forks. Passwords never reach the output: the database password, DJ_PASS and any value given
 to `add_secret` are masked in whole lines, exceptions included.
+
+Every text record is one line that nobody but this module can start: control characters (newlines, carriage
+returns, ESC, the other C0 and C1 controls) in a message are written escaped (`\\n`, `\\x1b`), so a message
+cannot forge a record, a journald priority prefix (`<0>` is an emergency broadcast) or a terminal sequence. A
+traceback keeps one line per frame for readability, each continuation line escaped the same way and starting
+with `  | ` (under journald: the record's own `<N>` first), which no record's first line does.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -20,13 +27,25 @@ from types import FrameType
 
 from loguru import logger
 
-TEXT_FORMAT = (
-    "{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} [{extra[supervisor]} {extra[worker]}{extra[slot_label]}] {message}"
-)
 _NO_CONTEXT = (None, "", "-")
 # syslog priorities by loguru level number (journald reads a "<N>" prefix)
 _PRIORITIES = ((40, 3), (30, 4), (25, 5), (15, 6), (0, 7))  # ERROR+, WARNING, SUCCESS, INFO/JOBS, DEBUG
 _secrets: set[str] = set()
+# C0 controls, DEL, C1 controls, and the Unicode line and paragraph separators
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+TRACE_PREFIX = "  | "
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as an escape (`\\n`, `\\x1b`): one inert line."""
+    return _CONTROLS.sub(_escape_one, text)
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
 
 
 def add_secret(value: str | None) -> None:
@@ -89,6 +108,23 @@ def _write(text: str) -> None:
     sys.stderr.flush()  # nothing important may live only in a buffer when a process dies
 
 
+def _text_sink(message, journal: bool = False) -> None:
+    """One escaped line per record; a traceback's lines follow, each escaped and starting with TRACE_PREFIX."""
+    record = message.record
+    extra = record["extra"]
+    time = record["time"]
+    head = (
+        f"{time:%Y-%m-%d %H:%M:%S}.{time.microsecond // 1000:03d} {record['level'].name: <7} "
+        f"[{extra['supervisor']} {extra['worker']}{extra['slot_label']}] {record['message']}"
+    )
+    prefix = f"<{_priority(record['level'].no)}>" if journal else ""
+    lines = [prefix + escape_controls(mask(head))]
+    if record["exception"] is not None:
+        trace = mask("".join(traceback.format_exception(*record["exception"]))).rstrip("\n")
+        lines.extend(prefix + TRACE_PREFIX + escape_controls(line) for line in trace.split("\n"))
+    _write("\n".join(lines) + "\n")
+
+
 def _json_sink(message, journal: bool = False) -> None:
     record = message.record
     extra = {k: v for k, v in record["extra"].items() if k != "slot_label"}
@@ -136,11 +172,32 @@ def _route_standard_logging(level: str) -> None:
     datajoint_logger.propagate = False
 
 
-def _known_secrets() -> None:
+def mask_value(value):
+    """`value` (text, or JSON-ready dicts and lists of text) with every known secret masked, the database
+    password DataJoint ends up with included: for rows written to the worker tables."""
+    known_secrets()
+    return _mask_deep(value)
+
+
+def _mask_deep(value):
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, dict):
+        return {_mask_deep(k): _mask_deep(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask_deep(v) for v in value]
+    return value
+
+
+def known_secrets() -> None:
+    """Add the password DataJoint holds (`dj.config["database.password"]`, which a pipeline module may set
+    when imported) and DJ_PASS to the masked values."""
+    add_secret(os.environ.get("DJ_PASS"))
     datajoint = sys.modules.get("datajoint")
     if datajoint is not None:
         try:
-            add_secret(datajoint.config["database.password"])
+            password = datajoint.config["database.password"]
+            add_secret(password.get_secret_value() if hasattr(password, "get_secret_value") else password)
         except Exception:  # a config without the key, or an unexpected config object
             pass
 
@@ -162,19 +219,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
             backtrace=False,
             diagnose=False,
         )
-    else:
-        text_format = TEXT_FORMAT + "\n{exception}"
-
-        def line_format(record) -> str:
-            return (
-                f"\\<{_priority(record['level'].no)}>" + text_format if journal else text_format
-            )  # escaped: not a color tag
-
-        colorize = sys.stderr.isatty() and not journal and "NO_COLOR" not in os.environ
-        # diagnose=False: tracebacks never show local variables (they may hold credentials)
-        logger.add(_write, level=level, format=line_format, colorize=colorize, backtrace=False, diagnose=False)
+    else:  # tracebacks are formatted by the sink without local variables (they may hold credentials)
+        logger.add(functools.partial(_text_sink, journal=journal), level=level, format="{message}")
     _route_standard_logging(level)  # after the sink exists: DataJoint's import-time output lands in it
-    _known_secrets()
+    known_secrets()
 
 
 def bind_context(**context) -> None:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from djsupervisor.fleet.registry import ANY, Selector, clear_flags, fleet_rows, read_flags, set_flag
+from djsupervisor.log import escape_controls
 from djsupervisor.serve.status_format import format_table
 
 
@@ -164,7 +165,7 @@ def format_fleet(report: list[dict]) -> str:
     out = []
     header = ("HOST", "SUPERVISOR", "WORKER", "SLOT", "PID", "STATE", "DOING", "DONE", "FAILED", "LAST SEEN")
     for entry in report:
-        out.append(f"schema {entry['schema']}: {len(entry['workers'])} worker processes")
+        out.append(escape_controls(f"schema {entry['schema']}: {len(entry['workers'])} worker processes"))
         rows = []
         for row in entry["workers"]:
             doing = row["current_table"] or ""
@@ -189,8 +190,10 @@ def format_fleet(report: list[dict]) -> str:
         out.extend(format_table(header, rows))
         for flag in entry["flags"]:
             out.append(
-                f"flag {flag['mode']}: host={flag['host']} supervisor={flag['supervisor']} "
-                f"worker={flag['worker_name']} (set by {flag['set_by']} at {flag['set_at']})"
+                escape_controls(
+                    f"flag {flag['mode']}: host={flag['host']} supervisor={flag['supervisor']} "
+                    f"worker={flag['worker_name']} (set by {flag['set_by']} at {flag['set_at']})"
+                )
             )
         out.append("")
     return "\n".join(out).rstrip()

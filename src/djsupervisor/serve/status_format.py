@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from djsupervisor.log import escape_controls
+
 
 def status_slots(status: Mapping[str, Any]) -> list[Any]:
     """The per-slot entries of a supervisor's status: under "slots", or "workers" from an older supervisor."""
@@ -58,7 +60,10 @@ def _summary(data: dict, workers: list[dict]) -> str:
 
 
 def format_table(header: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> list[str]:
-    """Left-aligned columns, two spaces apart, header first."""
+    """Left-aligned columns, two spaces apart, header first; control characters in a cell are escaped (the
+    cells come from children and the database: a newline or an ESC sequence must not reach the terminal)."""
+    header = tuple(escape_controls(str(cell)) for cell in header)
+    rows = [tuple(escape_controls(str(cell)) for cell in row) for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
 

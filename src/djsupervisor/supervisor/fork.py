@@ -21,7 +21,6 @@ import os
 import random
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -128,8 +127,10 @@ def run_then_exit(body: Callable[[], int]) -> None:
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
     except BaseException:
-        try:
-            traceback.print_exc()
+        try:  # through the logger: masked, and one record with its traceback lines marked as such
+            from loguru import logger
+
+            logger.opt(exception=True).error("child {} ended by an uncaught exception", os.getpid())
         except Exception:
             pass
     finally:

@@ -20,11 +20,12 @@ from typing import Any
 import datajoint as dj
 from loguru import logger
 
+from djsupervisor.log import mask_value
 from djsupervisor.worker import retention
 from djsupervisor.worker.cycle_log import CycleLog
 from djsupervisor.worker.events import Activity, CycleSummary
 from djsupervisor.worker.outage import OutageTracker
-from djsupervisor.worker.schema import WorkerSchema, process_start
+from djsupervisor.worker.schema import WorkerSchema, json_safe, process_start
 from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 _DB_HEARTBEAT_INTERVAL = 5.0  # seconds between RegisteredWorker updates while jobs run
@@ -112,7 +113,7 @@ class WorkerRecord:
     def _register(self) -> None:
         identity = self.identity()
         placement = {k: v for k, v in self.placement.items() if k in ("supervisor", "slot", "heartbeat_window")}
-        settings = self._settings()
+        settings = mask_value(json_safe(self._settings()))  # a step's kwargs may hold a password
         if self.attempt(
             "registering the worker", lambda: self.schema.register(identity, settings, "running", placement)
         ):
@@ -191,7 +192,9 @@ class WorkerRecord:
         stack: str | None,
         when: datetime.datetime | None = None,
     ) -> None:
-        """An ErrorLog row: a failed job or step (`kind` job, populate, callable) or a cleared error."""
+        """An ErrorLog row: a failed job or step (`kind` job, populate, callable) or a cleared error; known
+        secrets (the database password, DJ_PASS, `log.add_secret`'s) masked."""
+        message, stack = mask_value(message), mask_value(stack)
         self.attempt(
             "writing ErrorLog",
             lambda: self.schema.log_error(
