@@ -76,22 +76,7 @@ def test_json_lines_for_log_shippers():
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_journald_gets_syslog_priorities(tmp_path, fmt):
     """With stderr on the journal stream (JOURNAL_STREAM names its device:inode), lines start with <N>."""
-    left, right = socket.socketpair()
-    try:
-        info = os.fstat(right.fileno())
-        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
-        process = subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, fmt], stderr=right, stdout=subprocess.DEVNULL, env=env
-        )
-        right.close()
-        left.settimeout(30)
-        data = b""
-        while chunk := left.recv(65536):
-            data += chunk
-        assert process.wait(30) == 0
-    finally:
-        left.close()
-    lines = data.decode().splitlines()
+    lines = journal_output(SCRIPT, fmt)
     if fmt == "json":  # journald strips the prefix; what remains is the JSON object
         assert json.loads(lines[0][3:])["message"] == "working on key 7"
     assert lines[0].startswith("<6>") and "working on key 7" in lines[0]
@@ -115,6 +100,7 @@ logger.warning("after")
 
 
 def journal_output(script: str, fmt: str) -> list[str]:
+    """The lines `script` (run with `fmt`) writes to a stderr that is the journal stream."""
     left, right = socket.socketpair()
     try:
         info = os.fstat(right.fileno())
