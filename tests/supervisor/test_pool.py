@@ -100,12 +100,16 @@ def test_a_drain_flag_stops_every_slot_and_a_slot_without_a_child_leaves_at_once
 
 def test_a_slot_is_restarted_once_its_restart_delay_passed():
     pool = running_pool()
-    assert exit_(pool, 0, code=1, now=5.0) is Then.BACKOFF
+    # a child that got going is replaced at once after a crash
+    assert exit_(pool, 0, code=1, now=5.0) is Then.BACKOFF and pool.slots[0].next_start == 5.0
+    assert carry_out(pool, pool.reconcile(5.0, None), now=5.0) == [("spawn", 0)]
+    # its replacement crashes too before getting going: now the restart delay runs
+    assert exit_(pool, 0, code=1, now=6.0) is Then.BACKOFF
     due = pool.slots[0].next_start
-    assert 5.0 < due <= 5.0 + RULES.backoff_initial
-    assert pool.reconcile(5.0, None) == []
+    assert 6.0 + RULES.backoff_initial <= due <= 6.0 + 2 * RULES.backoff_initial
+    assert pool.reconcile(6.0, None) == []
     assert carry_out(pool, pool.reconcile(due, None)) == [("spawn", 0)]
-    assert pool.slots[0].restarts == 1
+    assert pool.slots[0].restarts == 2
 
 
 def test_a_changed_definition_rolls_one_slot_at_a_time_in_index_order():

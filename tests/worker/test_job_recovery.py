@@ -20,7 +20,7 @@ from loguru import logger
 from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
-from djsupervisor.worker.recovery import TRANSIENT_ERROR_PATTERNS, JobRecovery, record_job_error, recover_jobs
+from djsupervisor.worker.recovery import TRANSIENT_ERROR_PATTERNS, JobRecovery, recover_jobs
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,7 +50,8 @@ def test_stale_orphan_and_live_reservations(db, pipe):
     for source_id, holder in cases.items():
         set_reservation(pipe.Square, dict(source_id=source_id), **holder)
 
-    worker = DataJointWorker("t", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
+    # retry_delay 0: a re-pended job may be taken at once (by default it waits 10 s, doubling per attempt)
+    worker = DataJointWorker("t", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, retry_delay=0)
     worker(pipe.Square)
     summary = worker.run_once()
     alive.kill()
@@ -236,14 +237,3 @@ def test_job_table_list_is_kept_and_read_again_when_needed(db, pipe):
         recovery.run()
     assert recovery.run().orphaned == 0
     assert [t.name for t in recovery.job_tables()] == ["~~square"]
-
-
-def test_record_job_error_marks_a_reservation_as_timed_out(db, pipe):
-    orphan_reservation(db, pipe.Square, dict(source_id=1))
-    message = "JobTimeout: make() ran longer than job_timeout=5 s; its process group was killed"
-    assert record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)
-    row = (pipe.Square.jobs & dict(source_id=1)).to_dicts()[0]
-    assert row["status"] == "error" and row["error_message"] == message
-    # an error is not re-pended by recovery (timeouts are not transient), and a second call changes nothing
-    assert recover_jobs(db.connection, db_prefix=[db.prefix]).cleared == 0
-    assert not record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), message)

@@ -51,7 +51,8 @@ def registered_row(pid: int, heartbeat: datetime.datetime, state: str, host: str
 
 
 def seed(schema: WorkerSchema, now: datetime.datetime) -> None:
-    """7 WorkerLog, 5 ErrorLog and 4 RegisteredWorker rows older than 30 days; 3, 2 and 2 younger ones."""
+    """7 WorkerLog, 5 ErrorLog, 4 RegisteredWorker and 3 JobAttempt rows older than 30 days; 3, 2, 2 and 1
+    younger ones."""
     tables = schema.tables
     for when in [now - 40 * DAY - i * DAY for i in range(7)] + [now - 29 * DAY, now - DAY, now]:
         log_at(schema, when)
@@ -60,6 +61,13 @@ def seed(schema: WorkerSchema, now: datetime.datetime) -> None:
     old = [(1, "stopped"), (2, "exited"), (3, "running"), (4, "sleeping")]  # the last two: overdue for weeks
     tables["RegisteredWorker"].insert([registered_row(pid, now - 35 * DAY, state) for pid, state in old])
     tables["RegisteredWorker"].insert([registered_row(5, now - 2 * DAY, "exited"), registered_row(6, now, "running")])
+    tables["JobAttempt"].insert(
+        [
+            dict(table_name="`lab`.`__step`", key_hash=f"{i:032x}", job_key={"id": i}, attempts=1, incident="h:1")
+            | dict(kind="died", reason="its process was gone", last_time=when)
+            for i, when in enumerate([now - 31 * DAY, now - 45 * DAY, now - 60 * DAY, now - DAY])
+        ]
+    )
 
 
 def test_only_rows_older_than_the_retention_go_in_batches(db):
@@ -67,18 +75,29 @@ def test_only_rows_older_than_the_retention_go_in_batches(db):
     now = retention.server_now(db.connection)
     seed(schema, now)
     tables = schema.tables
-    names = {name: tables[name].full_table_name for name in ("WorkerLog", "ErrorLog", "RegisteredWorker")}
+    names = {name: tables[name].full_table_name for name in ("WorkerLog", "ErrorLog", "RegisteredWorker", "JobAttempt")}
 
     first = retention.prune(schema, 30, batch_size=2, max_batches=2)  # a pass stops after max_batches
     assert not first.skipped
-    assert first.batches == {names["WorkerLog"]: [2, 2], names["ErrorLog"]: [2, 2], names["RegisteredWorker"]: [2, 2]}
+    assert first.batches == {
+        names["WorkerLog"]: [2, 2],
+        names["ErrorLog"]: [2, 2],
+        names["RegisteredWorker"]: [2, 2],
+        names["JobAttempt"]: [2, 1],
+    }
 
     second = retention.prune(schema, 30, batch_size=2, max_batches=2)
-    assert second.batches == {names["WorkerLog"]: [2, 1], names["ErrorLog"]: [1], names["RegisteredWorker"]: [0]}
+    assert second.batches == {
+        names["WorkerLog"]: [2, 1],
+        names["ErrorLog"]: [1],
+        names["RegisteredWorker"]: [0],
+        names["JobAttempt"]: [0],
+    }
     assert retention.prune(schema, 30, batch_size=2).total == 0
 
     assert len(tables["WorkerLog"]()) == 3 and len(tables["ErrorLog"]()) == 2
     assert sorted(tables["RegisteredWorker"]().to_arrays("pid")) == [5, 6]
+    assert len(tables["JobAttempt"]()) == 1
     cutoff = now - 30 * DAY
     assert min(tables["WorkerLog"]().to_arrays("log_time")) > cutoff
     assert min(tables["ErrorLog"]().to_arrays("error_time")) > cutoff
@@ -104,7 +123,7 @@ def test_the_lock_makes_a_second_concurrent_pruner_skip(db):
         assert len(schema.tables["WorkerLog"]()) == 10 and len(schema.tables["ErrorLog"]()) == 7
         retention.release_lock(other, name)
         result = retention.prune(schema, 30)
-        assert not result.skipped and result.total == 7 + 5 + 4
+        assert not result.skipped and result.total == 7 + 5 + 4 + 3
         count = f"SELECT COUNT(*) FROM {schema.tables['WorkerLog'].full_table_name}"
         assert other.query(count).fetchone()[0] == 3  # committed batch by batch: other sessions see it at once
         assert retention.try_lock(other, name)  # the pass gave the lock back

@@ -9,13 +9,13 @@ statements ran the attacker's function with the worker's privileges on every cyc
 from __future__ import annotations
 
 import pytest
-from jobtools import THIS_HOST, dead_connection_id, dead_pid, job_status, orphan_reservation
+from jobtools import THIS_HOST, dead_connection_id, dead_pid
 from loguru import logger
 from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
 from djsupervisor.worker import identifiers
-from djsupervisor.worker.recovery import JobRecovery, record_job_error
+from djsupervisor.worker.recovery import JobRecovery
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -115,19 +115,6 @@ def test_quote_doubles_the_quote_character_on_the_server(db):
         "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", args=(schema,)
     ).fetchall()
     assert sorted(r[0] for r in listed) == sorted(names)
-
-
-def test_record_job_error_refuses_names_datajoint_would_not_make(db):
-    pipe = declare(db.schema_name("pipe"))
-    pipe.seed([1])
-    orphan_reservation(db, pipe.Square, dict(source_id=1))
-    for bad in ("`x`.`__a` WHERE 1=1 #`", '"x"."a";DROP TABLE y;--"', "x.Y", "x.y;--", "`x`.`a b`"):
-        with pytest.raises(identifiers.UnsafeIdentifier):
-            record_job_error(db.connection, bad, dict(source_id=1), "boom")
-    with pytest.raises(identifiers.UnsafeIdentifier):
-        record_job_error(db.connection, pipe.Square().full_table_name, {"source_id=1 OR 1": 1}, "boom")
-    assert job_status(pipe.Square, dict(source_id=1)) == "reserved"
-    assert record_job_error(db.connection, pipe.Square().full_table_name, dict(source_id=1), "boom")
 
 
 def test_identifier_rules():

@@ -18,7 +18,8 @@ def pipe(db):
 
 
 def new_worker(db) -> DataJointWorker:
-    return DataJointWorker("reg", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0)
+    # retry_delay 0: a cleared error may be worked again at once (by default it waits 10 s)
+    return DataJointWorker("reg", db.schema_name("workers"), db_prefix=db.prefix, sleep_duration=0, retry_delay=0)
 
 
 def test_tables_that_are_not_auto_populated_are_refused(db, pipe):

@@ -322,7 +322,7 @@ class Supervisor:
         """Carry out what a child's exit (or a failed fork) leads to, and log it."""
         self._slot_log(slot).log(outcome.level, outcome.message, *outcome.args)
         if outcome.recover:
-            self.recoveries.need(slot.config)
+            self.recoveries.need(slot)
         if outcome.then is Then.RETIRE and (pool := self.pools.get(slot.worker)) is not None:
             pool.remove(slot)
         elif outcome.then is Then.RESPAWN:
@@ -334,7 +334,7 @@ class Supervisor:
         """Fork a child into `slot`, on its pool's current definition."""
         config = self.pools[slot.worker].config
         slot.config = config or slot.config  # a respawn after the definition was removed: retired next turn
-        worker_config, timed_out_job = slot.config, slot.timed_out_job
+        worker_config, died_job = slot.config, slot.died_job
 
         def child(report_fd: int, close_fds: list[int]) -> None:
             run_child(
@@ -345,7 +345,7 @@ class Supervisor:
                 report_fd=report_fd,
                 close_fds=close_fds,
                 heartbeat_interval=min(self.config.heartbeat_interval, self.config.heartbeat_timeout / 3),
-                timed_out_job=timed_out_job,
+                died_job=died_job,
                 host=self.config.host,
                 fleet_window=heartbeat_window(self.config.fleet_interval),
             )

@@ -10,8 +10,9 @@ The order matters:
    descriptors closed, `random` reseeded.
 2. Set the process title, start reporting.
 3. Reconnect every DataJoint connection the worker uses (fork-safe: the parent's session is untouched).
-4. If the previous child of this slot was killed for running past `job_timeout`, record that job as an
-   error (before this worker's first cycle, whose recovery would otherwise put it back to pending).
+4. If the previous child of this slot died in a job, settle that job with how it died (counted toward its
+   `max_attempts`; `djsupervisor.worker.dead_jobs`), before this worker's first cycle, whose recovery
+   would otherwise settle it with a generic reason.
 5. Run the worker; stop it after `max_jobs` jobs.
 
 Reporting: `protocol.ChildReportMessage` snapshots, as JSON lines on a pipe to the parent, sent on worker
@@ -48,7 +49,9 @@ setproctitle.getproctitle()  # initialise before anything changes the environmen
 _CONNECT_RETRY_FIRST = 1.0  # seconds before retrying to connect at start, doubling up to _CONNECT_RETRY_MAX
 _CONNECT_RETRY_MAX = 30.0
 _THROTTLE = 0.1  # seconds between event-driven reports (heartbeats and key events are never throttled)
-_ALWAYS_REPORTED = {"sleep", "stopped"}
+# A job's start is always reported: if the child dies in it, the parent must know which job it was (the
+# job's failure, counted toward its max_attempts) and not take the death for a start-up failure.
+_ALWAYS_REPORTED = {"sleep", "stopped", "job_start"}
 # Not reported by themselves: the next report (a job event, a long sleep, the heartbeat) carries them, so
 # a fleet of idle children polling every second does not wake the parent three times a second each. A
 # sleep shorter than the heartbeat interval is carried the same way.
@@ -187,20 +190,17 @@ class Reporter:
         self._closed.set()
 
 
-def record_timed_out_job(connection, job: dict, log) -> None:
-    """Turn the job the previous child was killed over into an error that says it timed out."""
-    from djsupervisor.worker.recovery import record_job_error
+def settle_died_job(worker: DataJointWorker, job: dict, log) -> None:
+    """Settle the job the previous child died in (re-pended after a delay, or given up after max_attempts)."""
+    from djsupervisor.worker.attempts import attempt_book
+    from djsupervisor.worker.dead_jobs import settle_dead_job
 
-    message = f"TimeoutError: job timed out after {job['seconds']:g} s (killed by djsupervisor: job_timeout)"
     try:
-        changed = record_job_error(connection, job["table"], job["key"], message)
-    except Exception as error:
-        log.warning("could not record timed-out job {} {}: {}", job["table"], job["key"], error)
+        done = settle_dead_job(worker.connection, job, attempt_book(worker))
+    except Exception as error:  # its recovery will re-pend it with a generic reason
+        log.warning("could not settle job {} {} (a child died in it): {}", job["table"], job["key"], error)
         return
-    if changed:
-        log.warning("job {} {} recorded as error: timed out after {:g} s", job["table"], job["key"], job["seconds"])
-    else:
-        log.info("timed-out job {} {} was no longer reserved", job["table"], job["key"])
+    log.warning("job {} {} ({} {}): {}", job["table"], job["key"], job["kind"], job["reason"], done)
 
 
 def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
@@ -232,12 +232,15 @@ def connect_until_stopped(connections: list, reporter: Reporter, log) -> bool:
             delay = min(delay * 2, _CONNECT_RETRY_MAX)
 
 
-def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, close_fds: list[int]) -> None:
+def run_recovery(
+    *, supervisor: str, worker_configs: list, died_jobs: list[tuple[str, dict]], parent_pid: int, close_fds: list[int]
+) -> None:
     """The body of a short-lived recovery child; never returns.
 
     Re-pends the jobs of children that are gone when no replacement will do it in its first cycle
-    (after a fast stop, or when a slot gave up): one pass of `recover_jobs` per distinct worker scope, a
-    second one a moment later for sessions the server had not yet seen close.
+    (after a fast stop, or when a slot gave up): first the jobs children died in (`died_jobs`: definition
+    name, job), then one pass of `recover_jobs` per distinct worker scope, a second one a moment later for
+    sessions the server had not yet seen close.
     """
 
     def body() -> int:
@@ -245,14 +248,16 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
         setproctitle.setproctitle(f"djsupervisor: {supervisor} recovery")
         from loguru import logger
 
+        from djsupervisor.worker.attempts import attempt_book
         from djsupervisor.worker.connection import reconnect_after_fork
         from djsupervisor.worker.recovery import recover_jobs
 
         log = logger.bind(supervisor=supervisor, worker="recovery", slot="-")
         reconnected: set[int] = set()
         scopes: dict[tuple, DataJointWorker] = {}
+        workers: dict[str, DataJointWorker] = {}
         for worker_config in worker_configs:
-            worker = worker_config.build_worker()
+            worker = workers[worker_config.name] = worker_config.build_worker()
             for connection in worker_connections(worker):
                 if id(connection) not in reconnected:
                     reconnect_after_fork(connection)
@@ -260,13 +265,19 @@ def run_recovery(*, supervisor: str, worker_configs: list, parent_pid: int, clos
             prefix = worker.db_prefix if worker.recovery_scope == "db_prefix" else None
             scope = (tuple(worker.job_tables), prefix, worker.stale_timeout_hours, id(worker.connection))
             scopes.setdefault(scope, worker)
+        for name, job in died_jobs:
+            settle_died_job(workers[name], job, log)
         for attempt in range(2):
             if attempt:
                 time.sleep(0.5)
             for tables, prefix, stale_timeout_hours, _ in scopes:
                 worker = scopes[tables, prefix, stale_timeout_hours, _]
                 counts = recover_jobs(
-                    worker.connection, tables=tables, db_prefix=prefix, stale_timeout_hours=stale_timeout_hours
+                    worker.connection,
+                    tables=tables,
+                    db_prefix=prefix,
+                    stale_timeout_hours=stale_timeout_hours,
+                    attempts=attempt_book(worker),
                 )
                 if counts.orphaned or counts.stale:
                     log.info("re-pended {} orphaned and {} stale reservations", counts.orphaned, counts.stale)
@@ -284,7 +295,7 @@ def run_child(
     report_fd: int,
     close_fds: list[int],
     heartbeat_interval: float,
-    timed_out_job: dict | None,
+    died_job: dict | None,
     host: str = "",
     fleet_window: float = 0.0,
 ) -> None:
@@ -312,8 +323,8 @@ def run_child(
         os.environ.pop("DJ_PASS", None)
         reporter.worker = worker
         reporter.send({"event": "connected", "connection_ids": [c.connection_id for c in connections]})
-        if timed_out_job:
-            record_timed_out_job(worker.connection, timed_out_job, log)
+        if died_job:
+            settle_died_job(worker, died_job, log)
 
         recycle = threading.Event()
         if worker_config.max_jobs:

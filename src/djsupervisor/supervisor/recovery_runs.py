@@ -19,6 +19,7 @@ from loguru import logger
 from djsupervisor.supervisor.child import run_recovery
 from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.supervisor.fork import describe_exit, killpg
+from djsupervisor.supervisor.slot import Slot
 from djsupervisor.supervisor.timers import Timers
 
 #: Seconds a recovery child may take before its process group is killed.
@@ -31,22 +32,28 @@ class RecoveryRuns:
     def __init__(self, supervisor: str, parent_pid: int, timers: Timers) -> None:
         self.supervisor, self.parent_pid, self.timers = supervisor, parent_pid, timers
         self.due: dict[str, WorkerConfig] = {}
+        self.died_jobs: list[tuple[str, dict]] = []  # (definition, job a child died in) to settle
         self.pids: set[int] = set()
 
     @property
     def log(self):
         return logger.bind(supervisor=self.supervisor, worker="-", slot="-")
 
-    def need(self, config: WorkerConfig) -> None:
-        """A child of `config` died and may have left jobs reserved that no replacement will recover."""
-        self.due[config.name] = config
+    def need(self, slot: Slot) -> None:
+        """The child of `slot` died and may have left jobs reserved that no replacement will recover (and
+        the job it died in, which the recovery run settles; the slot's next child, if any, will not)."""
+        self.due[slot.config.name] = slot.config
+        if slot.died_job is not None:
+            self.died_jobs.append((slot.config.name, slot.died_job))
+            slot.died_job = None
 
     def start(self, fork: Callable[[Callable[[list[int]], None]], int | None]) -> None:
         """Fork (with `fork`, the arbiter's) one recovery child for every definition that needs one."""
         if not self.due:
             return
         configs, self.due = list(self.due.values()), {}
-        pid = fork(partial(self._run, configs))
+        died_jobs, self.died_jobs = self.died_jobs, []
+        pid = fork(partial(self._run, configs, died_jobs))
         if pid is None:
             return
         self.pids.add(pid)
@@ -57,9 +64,13 @@ class RecoveryRuns:
         if pid in self.pids:
             killpg(pid, signal.SIGKILL)
 
-    def _run(self, worker_configs: list[WorkerConfig], close_fds: list[int]) -> None:
+    def _run(self, worker_configs: list[WorkerConfig], died_jobs: list[tuple[str, dict]], close_fds: list[int]) -> None:
         run_recovery(
-            supervisor=self.supervisor, worker_configs=worker_configs, parent_pid=self.parent_pid, close_fds=close_fds
+            supervisor=self.supervisor,
+            worker_configs=worker_configs,
+            died_jobs=died_jobs,
+            parent_pid=self.parent_pid,
+            close_fds=close_fds,
         )
 
     def reaped(self, pid: int, status: int) -> bool:

@@ -8,8 +8,14 @@ here, apart from fork and signals, is what lets a test drive a slot through ever
 
 A child is STARTING until it completes its first cycle or job; a slot whose children keep exiting before
 that goes FATAL after `fatal_after` tries and is not restarted (until a reload rolls it). A child that got
-going is always replaced (policy permitting), after a restart delay that doubles with each crash, with
-jitter, and starts over once a child has been up for `stable_after` seconds.
+going is always replaced (policy permitting): at once after its first crash, then after a restart delay
+that doubles with each crash in a row, with jitter, and starts over once a child has been up for
+`stable_after` seconds.
+
+A child that dies in a job is a job failure, not a start-up failure: the job (`died_job`, with how the
+child died) goes to the next child, which counts it toward the job's `max_attempts`
+(`djsupervisor.worker.dead_jobs`); the slot's `fatal_after` and restart delay do not count it, and the
+child is replaced at once. One poison key thus costs a few restarts of one slot, never the pool.
 """
 
 from __future__ import annotations
@@ -101,7 +107,9 @@ class Slot:
     stop_intent: StopIntent = StopIntent.STAY  # what to do once the stopped child is gone
     stop_reason: str = ""
     kill_reason: str = ""  # set when the supervisor SIGKILLed the child (hang, job_timeout)
-    timed_out_job: dict[str, Any] | None = None  # handed to the next child: {"table", "key", "seconds"}
+    timed_out_job: dict[str, Any] | None = None  # set by the monitor's job_timeout kill: {"table", "key", "seconds"}
+    stop_overran: bool = False  # the graceful stop ran past graceful_timeout: SIGKILLed
+    died_job: dict[str, Any] | None = None  # the job the last child died in, for the next one (`dead_job`)
     next_start: float | None = None  # monotonic deadline of a BACKOFF
     report: ChildReport = dataclasses.field(default_factory=ChildReport)
     last_report: float = 0.0  # monotonic
@@ -159,7 +167,7 @@ class Slot:
         self.jobs_done_before, self.jobs_failed_before = self.jobs_done_total, self.jobs_failed_total
         self.report = ChildReport()
         self.stop_intent, self.stop_reason, self.kill_reason = StopIntent.STAY, "", ""
-        self.timed_out_job = None  # handed to this child
+        self.timed_out_job, self.died_job, self.stop_overran = None, None, False  # died_job: handed to this child
         self.rss_mb = self.cpu_percent = None
 
     def spawn_failed(self, rules: RestartRules, now: float) -> Outcome:
@@ -187,6 +195,7 @@ class Slot:
         how = self.last_exit = describe_exit(code)
         got_going = self.got_going()
         uptime = self.uptime(now) or 0.0
+        self.died_job = self.dead_job(code, how)
         self.pid = self.pipe_fd = None
         if self.state is SlotState.STOPPING:
             self.change(SlotState.STOPPED)
@@ -219,7 +228,30 @@ class Slot:
             self.crashes = 0
         if code == 0 and got_going:  # the worker's loop ended by itself (run_duration, max_idled_cycle)
             self.crashes = 0
+        if self.died_job is not None:  # the job's failure (its attempts count it), not the slot's: replace at once
+            self.early_exits = 0
+            self.change(SlotState.BACKOFF)
+            self.next_start = now
+            message = "{} died in a job ({} after {:.1f} s); replacing it"
+            return Outcome(Then.BACKOFF, message, (self.label, how, uptime), "WARNING", restart_at=now)
         return self._crashed(f"{how} after {uptime:.1f} s", got_going, rules, now)
+
+    def dead_job(self, code: int, how: str) -> dict[str, Any] | None:
+        """The job the child ending with `code` (`how`) died in, for the next child to settle; None if it
+        was in none or ended by itself."""
+        report = self.report
+        if code == 0 or code == EXIT_RECYCLE or report.key is None or not report.table:
+            return None
+        job: dict[str, Any] = {"table": report.table, "key": report.key, "pid": self.pid}
+        if self.timed_out_job is not None:
+            return {**job, "kind": "timeout", "reason": f"after {self.timed_out_job['seconds']:g} s"}
+        if self.stop_overran:
+            return {**job, "kind": "stopped", "reason": f"{how} at the end of a graceful stop"}
+        rss = ""
+        if self.rss_mb is not None:
+            rss = f", RSS {self.rss_mb / 1024:.1f} GiB" if self.rss_mb >= 1024 else f", RSS {self.rss_mb:.0f} MiB"
+        killed = f" by djsupervisor: {self.kill_reason}" if self.kill_reason else ""
+        return {**job, "kind": "died", "reason": f"{how}{rss}{killed}"}
 
     def _crashed(self, what: str, got_going: bool, rules: RestartRules, now: float) -> Outcome:
         """An exit the restart rules handle: BACKOFF with a growing delay, or FATAL after too many early ones."""
@@ -229,7 +261,8 @@ class Slot:
             message = "{} exited ({}) before completing a cycle, {} times in a row: FATAL, not restarted"
             return Outcome(Then.STAY, message, (self.label, what, self.early_exits), level="ERROR", recover=True)
         self.crashes += 1
-        delay = restart_delay(self.crashes, rules.backoff_initial, rules.backoff_max)
+        # a child that got going is replaced at once after one crash; crashes in a row back off
+        delay = restart_delay(self.crashes - got_going, rules.backoff_initial, rules.backoff_max)
         self.change(SlotState.BACKOFF)
         self.next_start = now + delay
         early = "" if got_going else " before completing a cycle"
@@ -264,6 +297,7 @@ class Slot:
         if self.pid != pid or self.state is not SlotState.STOPPING:
             return False
         self.kill_reason = reason
+        self.stop_overran = True
         return True
 
     # ----- what is known of the child

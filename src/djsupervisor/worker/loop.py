@@ -30,7 +30,6 @@ reach the loop), `progress` (the activity and counters the steps report to, thei
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +40,7 @@ from loguru import logger
 
 from djsupervisor.notify.notifiers import check_notifiers
 from djsupervisor.worker import compat, identifiers
+from djsupervisor.worker.attempts import attempt_book
 from djsupervisor.worker.connection import (
     distinct_connections,
     keep_connection_id_current,
@@ -96,6 +96,11 @@ class DataJointWorker:
     max_sleep_duration : float, optional
         Adaptive sleep: the wait doubles after each idle cycle up to this, and drops back to
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
+    max_attempts : int
+        Failed attempts at a job (its process died, it timed out, a transient error was cleared) after which
+        it becomes an error that nothing re-pends (see `djsupervisor.worker.attempts`).
+    retry_delay : float
+        Seconds a failed job waits before its next attempt, doubling with each attempt, at most an hour.
     log_retention_days : float
         WorkerLog and ErrorLog rows older than this, and RegisteredWorker rows of processes gone this long,
         are pruned (by the fleet agent of a supervised worker; by a worker run by hand, hourly; see
@@ -134,6 +139,8 @@ class DataJointWorker:
         db_prefix: str | Sequence[str] | None = None,
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
+        max_attempts: int = 3,
+        retry_delay: float = 10,
         log_retention_days: float = 30,
         connection: dj.Connection | None = None,
         notifiers: Sequence[Any] | None = None,
@@ -169,6 +176,12 @@ class DataJointWorker:
         if not _positive_or_disabled("log_retention_days", log_retention_days) > 0:
             raise ValueError(f"log_retention_days must be > 0, got {log_retention_days!r}")
         self.log_retention_days = log_retention_days
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
+        self.max_attempts = max_attempts
+        if _positive_or_disabled("retry_delay", retry_delay) < 0:
+            raise ValueError(f"retry_delay must be >= 0, got {retry_delay!r}")
+        self.retry_delay = retry_delay
         if max_sleep_duration is not None:
             _positive_or_disabled("max_sleep_duration", max_sleep_duration)
             if max_sleep_duration < self.sleep_duration:
@@ -320,11 +333,13 @@ class DataJointWorker:
                 db_prefix=self.db_prefix if self.recovery_scope == "db_prefix" else None,
                 autoclear_error_patterns=self.autoclear_error_patterns,
                 on_cleared_error=functools.partial(self._record.log_error, "cleared"),
+                attempts=attempt_book(self),
             )
         own = [step.job_table_id for step in self._steps if isinstance(step, TableStep) and step.job_table_id]
         counts = self._record.attempt("job recovery", functools.partial(self._recovery.run, own))
         if counts is not None:
-            summary.recovered_stale, summary.recovered_orphaned, summary.cleared_errors = dataclasses.astuple(counts)
+            summary.recovered_stale, summary.recovered_orphaned = counts.stale, counts.orphaned
+            summary.cleared_errors = counts.cleared
 
     # ----- the loop
 

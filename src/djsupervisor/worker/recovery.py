@@ -15,6 +15,11 @@ another lab's reservations and errors are theirs to handle.
   worker's `autoclear_error_patterns` or of `TRANSIENT_ERROR_PATTERNS` go back to pending, after being
   copied to the worker's ErrorLog. Other errors stay.
 
+Each of these is a failed attempt at the job, counted in the worker schema's JobAttempt table when the
+worker gives an `AttemptBook` (`djsupervisor.worker.attempts`): the job goes back to pending after a
+growing delay, and after `max_attempts` it becomes an error that says why and that no rule clears again
+(`djsupervisor.worker.settle`).
+
 The job tables are found by `djsupervisor.worker.job_tables`, which keeps only names DataJoint would have
 made; every name is quoted by `identifiers` (never by DataJoint's adapter, which does not escape quotes
 inside a name).
@@ -37,8 +42,10 @@ import psutil
 from loguru import logger
 
 from djsupervisor.worker import compat, identifiers
+from djsupervisor.worker.attempts import GAVE_UP, AttemptBook, Failure
 from djsupervisor.worker.connection import is_connection_error, live_connection_ids, sees_all_connections, user_name
 from djsupervisor.worker.job_tables import SYSTEM_SCHEMAS, JobTable, list_job_tables
+from djsupervisor.worker.settle import JobQueue, settle
 
 #: Error messages (SQL LIKE, matched case-insensitively) of failures that are worth retrying: the job did
 #: nothing wrong, the database or the process around it did. Every built-in pattern of datajoint-utilities'
@@ -75,6 +82,7 @@ class RecoveryCounts:
     stale: int = 0
     orphaned: int = 0
     cleared: int = 0
+    given_up: int = 0  # jobs that reached max_attempts and became errors
 
 
 #: Called for each cleared error before it is re-pended: (target table's full name, key, message, stack,
@@ -90,6 +98,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def _first_line(message: str | None, limit: int = 500) -> str:
+    """The first line of an error message, cut to `limit` characters."""
+    lines = (message or "").strip().splitlines()
+    return lines[0][:limit] if lines else "(no message)"
 
 
 def _decode_stack(value) -> str:
@@ -119,6 +133,7 @@ class JobRecovery:
         autoclear_error_patterns: Iterable[str] = (),
         on_cleared_error: ClearedErrorSink | None = None,
         relist_seconds: float = RELIST_SECONDS,
+        attempts: AttemptBook | None = None,
     ) -> None:
         self.connection = connection
         self.tables = frozenset(tables)  # (schema, job table) pairs in scope by name
@@ -128,6 +143,8 @@ class JobRecovery:
         self.on_cleared_error = on_cleared_error
         self.host = platform.node()
         self.relist_seconds = relist_seconds
+        self.attempts = attempts  # None: nothing counted, every job re-pended at once
+        self._queues: dict[tuple[str, str], JobQueue] = {}
         self._sees_all: bool | None = None
         self._user: str | None = None
         self._warned_unprivileged = False
@@ -141,13 +158,13 @@ class JobRecovery:
     def _full_name(self, table: JobTable) -> str:
         return identifiers.full_name(compat.backend(self.connection), table.schema, table.name)
 
-    def _pending_assignments(self) -> str:
-        q = self._q
-        return (
-            f"{q('status')}='pending', {q('reserved_time')}=NULL, {q('completed_time')}=NULL, "
-            f"{q('error_message')}='', {q('error_stack')}=NULL, {q('host')}='', {q('pid')}=0, "
-            f"{q('connection_id')}=0, {q('user')}=''"
-        )
+    def _queue(self, table: JobTable) -> JobQueue:
+        """The job queue of `table`, with the quoted name of the table it queues for (read once)."""
+        pair = (table.schema, table.name)
+        if pair not in self._queues:
+            full_name = self._full_name(table)
+            self._queues[pair] = JobQueue(self.connection, full_name, table.key_columns, self.target_full_name(table))
+        return self._queues[pair]
 
     def _in_scope(self, pair: tuple[str, str]) -> bool:
         schema = pair[0]
@@ -170,6 +187,7 @@ class JobRecovery:
     def forget_tables(self) -> None:
         """Drop the list of job tables: the next pass reads the catalog again."""
         self._tables = None
+        self._queues.clear()
 
     def run(self, known_tables: Iterable[tuple[str, str]] = ()) -> RecoveryCounts:
         """One pass over every job table in scope; returns how many jobs went back to pending.
@@ -185,28 +203,29 @@ class JobRecovery:
                 if reserved:
                     if live is None:
                         live = live_connection_ids(self.connection)
-                    stale, orphaned = self._recover_reservations(table, reserved, live)
-                    counts.stale += stale
-                    counts.orphaned += orphaned
+                    self._recover_reservations(table, reserved, live, counts)
                 if errors:
-                    counts.cleared += self._clear_errors(table, errors)
+                    self._clear_errors(table, errors, counts)
         except Exception as error:
             if not is_connection_error(error):
                 self.forget_tables()  # a table dropped since the listing, most likely
             raise
-        if counts.stale or counts.orphaned or counts.cleared:
+        if counts.stale or counts.orphaned or counts.cleared or counts.given_up:
             logger.info(
-                "job recovery: {} stale and {} orphaned reservations re-pended, {} transient errors cleared",
+                "job recovery: {} stale and {} orphaned reservations re-pended, {} transient errors cleared, "
+                "{} jobs given up after max_attempts",
                 counts.stale,
                 counts.orphaned,
                 counts.cleared,
+                counts.given_up,
             )
         return counts
 
     def _candidate_condition(self) -> str:
         q = self._q
         like = " OR ".join(f"LOWER({q('error_message')}) LIKE LOWER(%s)" for _ in self.error_patterns)
-        return f"{q('status')}='reserved' OR ({q('status')}='error' AND ({like}))"
+        given_up = f"{q('error_message')} NOT LIKE '{GAVE_UP}%%'"  # never cleared again, whatever it says
+        return f"{q('status')}='reserved' OR ({q('status')}='error' AND {given_up} AND ({like}))"
 
     def _tables_with_candidates(self, tables: list[JobTable]) -> list[JobTable]:
         """The tables holding a reservation or a clearable error: one counting statement per
@@ -231,7 +250,7 @@ class JobRecovery:
         keys = "".join(f", {q(c)}" for c in table.key_columns)
         stack = q("error_stack") if self.on_cleared_error is not None else "NULL"
         rows = self.connection.query(
-            f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('user')}, "
+            f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('user')}, {q('reserved_time')}, "
             f"CASE WHEN {q('reserved_time')} < CURRENT_TIMESTAMP(3) - {interval} THEN 1 ELSE 0 END, "
             f"{q('error_message')}, {q('completed_time')}, {stack}{keys} FROM {self._full_name(table)} "
             f"WHERE {self._candidate_condition()}",
@@ -239,12 +258,13 @@ class JobRecovery:
         ).fetchall()
         reserved: list[dict] = []
         errors: list[dict] = []
-        for status, host, pid, conn_id, user, old, message, completed, stack, *key_values in rows:
+        for status, host, pid, conn_id, user, reserved_time, old, message, completed, stack, *key_values in rows:
             row = dict(
                 host=host,
                 pid=pid,
                 connection_id=conn_id,
                 user=user,
+                reserved_time=reserved_time,
                 old=bool(old),
                 message=message,
                 completed=completed,
@@ -271,32 +291,37 @@ class JobRecovery:
             )
         return mine
 
-    def _recover_reservations(self, table: JobTable, rows: list[dict], live: set[int]) -> tuple[int, int]:
-        q = self._q
-        holders: dict[tuple, bool] = {}  # (host, pid, connection_id) -> any of its reservations is old
+    def _recover_reservations(self, table: JobTable, rows: list[dict], live: set[int], counts: RecoveryCounts) -> None:
+        """Settle the reservations whose connection is gone: orphans (holder process gone from this host, or
+        this process's own lost session) at once, others once older than `stale_timeout_hours`."""
+        orphans: list[dict] = []
+        stale: list[dict] = []
         for row in self._judgeable(rows):
             if row["connection_id"] in live:
                 continue
-            holder = (row["host"], row["pid"], row["connection_id"])
-            holders[holder] = holders.get(holder, False) or row["old"]
-        stale = orphaned = 0
-        interval = compat.interval_sql(self.connection, int(self.stale_timeout_hours * 3600))
-        where_holder = f"{q('status')}='reserved' AND {q('host')}=%s AND {q('pid')}=%s AND {q('connection_id')}=%s"
-        for (host, pid, conn_id), any_old in holders.items():
-            if host == self.host and (pid == os.getpid() or not _pid_alive(pid)):
-                cursor = self.connection.query(
-                    f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} WHERE {where_holder}",
-                    args=(host, pid, conn_id),
-                )
-                orphaned += cursor.rowcount
-            elif any_old:
-                cursor = self.connection.query(
-                    f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} WHERE {where_holder} "
-                    f"AND {q('reserved_time')} < CURRENT_TIMESTAMP(3) - {interval}",
-                    args=(host, pid, conn_id),
-                )
-                stale += cursor.rowcount
-        return stale, orphaned
+            if row["host"] == self.host and (row["pid"] == os.getpid() or not _pid_alive(row["pid"])):
+                orphans.append(row)
+            elif row["old"]:
+                stale.append(row)
+        queue = self._queue(table)
+        for found, kind in ((orphans, "died"), (stale, "stale")):
+            if not found:
+                continue
+            failures = [self._reservation_failure(row, kind) for row in found]
+            holders = [(row["host"], row["pid"], row["connection_id"]) for row in found]
+            settled = settle(queue, "reserved", failures, holders, self.attempts)
+            counts.given_up += settled.given_up
+            if kind == "died":
+                counts.orphaned += settled.repended
+            else:
+                counts.stale += settled.repended
+
+    def _reservation_failure(self, row: dict, kind: str) -> Failure:
+        if kind == "died":
+            reason = f"its process (pid {row['pid']} on {row['host']}) was gone"
+        else:
+            reason = f"connection {row['connection_id']} of {row['host']} gone for over {self.stale_timeout_hours:g} h"
+        return Failure(row["key"], f"{row['host']}:{row['pid']}", kind, reason)
 
     def target_full_name(self, table: JobTable) -> str:
         """Quoted full name of the auto-populated table that `table` queues jobs for."""
@@ -307,24 +332,19 @@ class JobRecovery:
         name = min((r[0] for r in found), key=len, default=table.target_candidates[0])
         return identifiers.full_name(compat.backend(self.connection), table.schema, name)
 
-    def _clear_errors(self, table: JobTable, rows: list[dict]) -> int:
-        """Copy each error to the sink, then re-pend them, `_CLEAR_BATCH` keys per statement."""
-        q = self._q
+    def _clear_errors(self, table: JobTable, rows: list[dict], counts: RecoveryCounts) -> None:
+        """Copy each error to the sink, then settle them (re-pended, or given up after max_attempts)."""
+        queue = self._queue(table)
         if self.on_cleared_error is not None:
-            target = self.target_full_name(table)
             for row in rows:
-                self.on_cleared_error(target, row["key"], row["message"], _decode_stack(row["stack"]), row["completed"])
-        one_key = "(" + " AND ".join(f"{q(c)}=%s" for c in table.key_columns) + ")"
-        cleared = 0
-        for start in range(0, len(rows), _CLEAR_BATCH):
-            batch = rows[start : start + _CLEAR_BATCH]
-            cursor = self.connection.query(
-                f"UPDATE {self._full_name(table)} SET {self._pending_assignments()} "
-                f"WHERE {q('status')}='error' AND ({' OR '.join([one_key] * len(batch))})",
-                args=tuple(value for row in batch for value in row["key"].values()),
-            )
-            cleared += cursor.rowcount
-        return cleared
+                sink = self.on_cleared_error
+                sink(queue.target, row["key"], row["message"], _decode_stack(row["stack"]), row["completed"])
+        failures = [
+            Failure(row["key"], f"error:{row['completed']}", "transient", _first_line(row["message"])) for row in rows
+        ]
+        settled = settle(queue, "error", failures, [()] * len(rows), self.attempts)
+        counts.cleared += settled.repended
+        counts.given_up += settled.given_up
 
 
 def recover_jobs(
@@ -334,39 +354,16 @@ def recover_jobs(
     db_prefix: Sequence[str] | None = None,
     stale_timeout_hours: float = 24,
     autoclear_error_patterns: Iterable[str] = (),
+    attempts: AttemptBook | None = None,
 ) -> RecoveryCounts:
     """One pass of stale/orphan recovery and transient-error clearing (see the module docstring) over the
-    job tables named in `tables` and, if given, every job table of the schemas starting with `db_prefix`."""
+    job tables named in `tables` and, if given, every job table of the schemas starting with `db_prefix`;
+    failures counted in `attempts` if given."""
     return JobRecovery(
         connection,
         tables=tables,
         db_prefix=db_prefix,
         stale_timeout_hours=stale_timeout_hours,
         autoclear_error_patterns=autoclear_error_patterns,
+        attempts=attempts,
     ).run()
-
-
-def record_job_error(connection: dj.Connection, table_full_name: str, key: dict, message: str) -> bool:
-    """Mark the reserved job `key` of auto-populated table `table_full_name` as an error with `message`.
-
-    `table_full_name` is the target table's quoted full name (as DataJoint's `full_table_name` gives it).
-    Used by the supervisor when it killed a job that ran past its `job_timeout`. Returns True if a
-    reservation was turned into an error (False if the job was no longer reserved).
-    """
-    backend = compat.backend(connection)
-    schema, name = identifiers.split_full_name(table_full_name)
-    if not all(identifiers.is_column_name(k) for k in key):
-        raise identifiers.UnsafeIdentifier(f"not DataJoint attribute names: {sorted(key)!r}")
-
-    def q(name: str) -> str:
-        return identifiers.quote(backend, name)
-
-    job_table = identifiers.full_name(backend, schema, compat.job_table_name(name))
-    message = message[:2047]
-    where = " AND ".join(f"{q(k)}=%s" for k in key)
-    cursor = connection.query(
-        f"UPDATE {job_table} SET {q('status')}='error', {q('error_message')}=%s, "
-        f"{q('completed_time')}=CURRENT_TIMESTAMP(3) WHERE {q('status')}='reserved' AND {where}",
-        args=(message, *key.values()),
-    )
-    return cursor.rowcount == 1

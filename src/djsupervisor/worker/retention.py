@@ -133,10 +133,10 @@ def prune(
 ) -> PruneResult:
     """Prune worker schema `schema` (a `WorkerSchema`) of what is older than `retention_days`, under its lock.
 
-    WorkerLog rows logged, and ErrorLog rows raised, before the cutoff; RegisteredWorker rows whose last
-    heartbeat is before it. A process that is still there heartbeats at least once a cycle, every few
-    seconds while a job runs, and before each sleep; a row unstamped for the whole retention is a process
-    gone (stopped, exited, or overdue by days), whatever its state says.
+    WorkerLog rows logged, ErrorLog rows raised and JobAttempt rows last counted before the cutoff;
+    RegisteredWorker rows whose last heartbeat is before it. A process that is still there heartbeats at
+    least once a cycle, every few seconds while a job runs, and before each sleep; a row unstamped for the
+    whole retention is a process gone (stopped, exited, or overdue by days), whatever its state says.
     """
     connection = schema.connection
     name = lock_name(schema.schema_name)
@@ -150,6 +150,7 @@ def prune(
             ("WorkerLog", "log_time"),
             ("ErrorLog", "error_time"),
             ("RegisteredWorker", "last_heartbeat"),
+            ("JobAttempt", "last_time"),  # attempts at jobs that have since succeeded (given-up ones go at once)
         ):
             full_name = tables[table].full_table_name
             quoted = identifiers.quote(compat.backend(connection), column)

@@ -139,7 +139,29 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
         INDEX (error_time)
         """
 
-    return dict(RegisteredWorker=RegisteredWorker, WorkerLog=WorkerLog, ErrorLog=ErrorLog, FleetFlag=FleetFlag)
+    @schema
+    class JobAttempt(dj.Manual):
+        definition = """
+        # Failed attempts at a job, shared by every host: its process died, it timed out, a transient error
+        table_name      : varchar(255)    # the auto-populated table's full name
+        key_hash        : char(32)        # md5 of the job's key (see djsupervisor.worker.attempts.key_hash)
+        ---
+        job_key         : json
+        attempts        : int32
+        incident        : varchar(255)    # the last failure counted: a reservation's holder, an error's time
+        kind            : varchar(16)     # died, timeout, stale or transient
+        reason          : varchar(2047)   # the last failure, in one line
+        last_time       : datetime(3)
+        INDEX (last_time)
+        """
+
+    return dict(
+        RegisteredWorker=RegisteredWorker,
+        WorkerLog=WorkerLog,
+        ErrorLog=ErrorLog,
+        FleetFlag=FleetFlag,
+        JobAttempt=JobAttempt,
+    )
 
 
 def _without_stretch(rows: list[dict]) -> list[dict]:

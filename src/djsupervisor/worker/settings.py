@@ -166,6 +166,19 @@ WORKER_SETTINGS = (
         choices=RECOVERY_SCOPES,
     ),
     Setting(
+        "max_attempts",
+        int,
+        3,
+        "a job whose process died, that timed out or hit a transient error this often becomes an error",
+        minimum=1,
+    ),
+    Setting(
+        "retry_delay",
+        float,
+        10,
+        "seconds a failed job waits before its next attempt, doubling per attempt (at most an hour)",
+    ),
+    Setting(
         "log_retention_days",
         float,
         30,
