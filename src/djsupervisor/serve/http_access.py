@@ -95,7 +95,7 @@ def read_token_file(path: Path) -> str:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO must not hang the start
     except OSError as error:
         raise ValueError(f"cannot open {str(path)!r}: {error.strerror or error}") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         info = os.fstat(fd)  # of the file we read, not of whatever the path names a moment later
         mode = stat.S_IMODE(info.st_mode)
         if not stat.S_ISREG(info.st_mode):
@@ -105,7 +105,9 @@ def read_token_file(path: Path) -> str:
         shared_by_root = info.st_uid == 0 and info.st_gid == os.getegid() and mode & 0o070 == 0o040
         if mode & 0o007 or (mode & 0o070 and not shared_by_root):
             raise ValueError(f"{str(path)!r} is accessible to group or others (mode {mode:o}): chmod 600 it")
-        data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+        data = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)  # a regular file: one read returns all there is, to the cap
+    finally:
+        os.close(fd)
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise ValueError(f"{str(path)!r} is larger than {MAX_TOKEN_FILE_BYTES} bytes")
     token = data.decode("ascii", "replace").strip()
