@@ -289,7 +289,8 @@ def test_bad_http_addresses_are_one_line_config_errors(value, problem):
 
 def test_good_http_addresses():
     for value in ("127.0.0.1:9108", "localhost:0", "[::1]:9108", "0.0.0.0:80"):
-        data = {"supervisor": {"http": value}, "worker": [{"name": "w", "target": "m:w"}]}
+        supervisor = {"http": value, "http_token_file": "/t"} if value.startswith("0") else {"http": value}
+        data = {"supervisor": supervisor, "worker": [{"name": "w", "target": "m:w"}]}
         assert parse_config(data, "lab.toml", "lab", check_targets=False).http == value
 
 
