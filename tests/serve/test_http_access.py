@@ -227,3 +227,20 @@ def test_wrong_hosts_and_missing_tokens_are_refused(server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(f"http://{server.address}/metrics", timeout=5)
     assert caught.value.code == 401
+
+
+def test_a_reload_keeps_the_endpoints_settings_until_the_next_start():
+    from djsupervisor.supervisor.config import kept_at_reload
+
+    warnings: list[str] = []
+
+    class Log:
+        def warning(self, text, *args):
+            warnings.append(text.format(*args))
+
+    running = config(http="0.0.0.0:9108", http_token_file="/run/a", http_allowed_hosts=["a.lab.org"])
+    new = config(http="0.0.0.0:9108", http_allow_anonymous=True)
+    kept = kept_at_reload(running, new, None, Log())
+    assert (kept.http_token_file, kept.http_allowed_hosts) == ("/run/a", ("a.lab.org",))
+    assert not kept.http_allow_anonymous
+    assert len(warnings) == 3 and all("applies at the next start" in text for text in warnings)
