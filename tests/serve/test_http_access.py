@@ -196,6 +196,20 @@ def test_many_peers_fill_the_server_and_a_newcomer_still_gets_in(server):
         sock.close()
 
 
+def test_clients_that_have_their_answer_but_never_close_make_room_too(server):
+    lingering = [connect(server) for _ in range(http_status.MAX_PER_PEER)]
+    for sock in lingering:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        data = b""
+        while not data.endswith(b"up 1\n"):  # the answer read, the connection kept open
+            data += sock.recv(65536)
+    wait_until(lambda: all(c.answered and not c.outbox for c in server.clients.values()), 5, message="all answered")
+    assert len(server.clients) == http_status.MAX_PER_PEER
+    assert fetch(server)[0] == 200  # the peer's cap is full of lingerers: the oldest makes room
+    for sock in lingering:
+        sock.close()
+
+
 def test_a_client_without_a_request_head_is_dropped_after_the_head_deadline(server, monkeypatch):
     monkeypatch.setattr(http_status, "HEAD_TIMEOUT", 0.2)
     slow = connect(server)

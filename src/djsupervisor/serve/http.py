@@ -9,9 +9,10 @@ nothing a client does raises into the loop.
 
 Nor can clients lock a scrape out: 32 silent connections, renewed before the 5 s lifetime ran out, used to
 fill every place. Now one peer holds at most `MAX_PER_PEER` connections, a client that has not sent its
-request head within `HEAD_TIMEOUT` is dropped, and when a cap is reached the oldest such idle client makes
-room for the newcomer (`loop_server.LoopServer._make_room`). Who may read the pages (the `Host` allow-list,
-the token) is `http_access.HttpAccess`, checked before any page is rendered.
+request head within `HEAD_TIMEOUT` is dropped, and when a cap is reached the oldest idle client (no request
+yet, or its answer all sent and only its close awaited) makes room for the newcomer
+(`loop_server.LoopServer._make_room`). Who may read the pages (the `Host` allow-list, the token) is
+`http_access.HttpAccess`, checked before any page is rendered.
 """
 
 from __future__ import annotations
@@ -117,7 +118,10 @@ class StatusServer(LoopServer):
         return peer
 
     def _idle(self, client: _Client) -> bool:
-        return not client.answered  # answered as soon as the head is complete: not answered = no request yet
+        # No request yet (a client is answered as soon as its head is complete), or the whole answer is with
+        # the kernel and we only wait for the client's EOF (`_finish`): a client that never closes must not
+        # hold its place for the full lifetime either.
+        return not client.answered or not client.outbox
 
     @property
     def max_clients(self) -> int:

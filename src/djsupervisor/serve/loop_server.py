@@ -3,8 +3,8 @@ clients on the caller's selector loop, accepted in batches, capped in number, dr
 
 A server open to a network (HTTP) must not let a few silent connections lock everyone else out: it caps
 connections per peer (`max_per_peer`) and, when a cap is reached, makes room by dropping the oldest *idle*
-client (one `_idle` says has not completed a request yet) instead of refusing the newcomer; it also drops
-an idle client after `head_timeout`, sooner than `idle_timeout`. The control socket (a private Unix socket)
+client (one `_idle` says is not being answered) instead of refusing the newcomer; it also drops an idle
+client after `head_timeout`, sooner than `idle_timeout`. The control socket (a private Unix socket)
 keeps the plain rule: refuse when full."""
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class LoopServer(Generic[ClientT]):
         return str(address[0]) if isinstance(address, tuple) and address else ""
 
     def _idle(self, client: ClientT) -> bool:
-        """Whether `client` has not completed a request: it may be dropped to make room (default: never)."""
+        """Whether `client` is not being answered: it may be dropped to make room (default: never)."""
         return False
 
     @property
