@@ -130,3 +130,5 @@ def test_a_network_bind_without_a_token_and_a_readable_token_file_stop_the_start
         f"{str(token)!r} is accessible to group or others (mode 644): chmod 600 it"
     )
     assert TOKEN not in line
+    check = run_cli(db, tmp_path, "check", "-c", str(config))  # `check` reads the token file as `start` would
+    assert check.returncode == 2 and check.stderr == line + "\n"
