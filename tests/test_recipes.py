@@ -26,6 +26,7 @@ import yaml
 from helpers import wait_until
 
 from djsupervisor.cli import UsageError, _parser
+from djsupervisor.serve.http_access import is_loopback
 from djsupervisor.supervisor.config import ConfigError, SupervisorConfig, parse_config
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,7 +166,28 @@ def test_k8s_metrics_port_is_the_one_scraped_and_probed(k8s):
     annotations = k8s["deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
     (metrics,) = [p for p in k8s["container"]["ports"] if p["containerPort"] == port]
-    assert k8s["container"]["readinessProbe"]["httpGet"]["port"] == metrics["name"]
+    assert k8s["container"]["readinessProbe"]["tcpSocket"]["port"] == metrics["name"]  # httpGet: no token, 401
+
+
+def test_k8s_metrics_token_is_a_secret_file_the_supervisor_accepts(k8s):
+    """A network bind needs http_token_file; the Secret must come out as root:GROUP 0440 with GROUP the
+    supervisor's own (fsGroup = runAsGroup): the one group-readable token file the supervisor reads."""
+    supervisor = k8s["toml"]["supervisor"]
+    assert not is_loopback(supervisor["http"].rsplit(":", 1)[0])
+    token = Path(supervisor["http_token_file"])
+    mounts = {m["name"]: m for m in k8s["container"]["volumeMounts"]}
+    secrets = [v for v in k8s["pod"]["volumes"] if "secret" in v]
+    (volume,) = [v for v in secrets if Path(mounts[v["name"]]["mountPath"]) == token.parent]
+    assert volume["secret"]["defaultMode"] == 0o440 and mounts[volume["name"]]["readOnly"]
+    security = k8s["pod"]["securityContext"]
+    assert security["fsGroup"] == security["runAsGroup"] and security["runAsUser"] != 0
+    assert "http_allow_anonymous" not in supervisor
+
+
+def test_the_shared_fleet_config_binds_loopback():
+    """compose and Slurm share it; a Slurm node is shared with other users."""
+    data = tomllib.loads((FLEET / "djsupervisor.toml").read_text())
+    assert is_loopback(data["supervisor"]["http"].rsplit(":", 1)[0])
 
 
 def test_k8s_memory_limit_holds_every_pool_at_its_largest(k8s):

@@ -334,6 +334,13 @@ def _check(args) -> int:
             worker.build_worker()
         except (TypeError, ValueError) as error:
             raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
+    if config.http_token_file:  # as `start` will read it: run `check` as the supervisor's user
+        from djsupervisor.serve.http_access import read_token_file
+
+        try:
+            read_token_file(Path(config.http_token_file))
+        except ValueError as error:
+            raise UsageError(f"{args.config}: supervisor.http_token_file: {error}") from None
     print(
         f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
         + ", ".join(f"{w.name}×{_pool_size(w)} ({w.target})" for w in config.workers)

@@ -165,8 +165,8 @@ Handler = Callable[[ControlRequest], Mapping[str, Any]]
 
 
 class _Client(LoopClient):
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
+    def __init__(self, sock: socket.socket, peer: str = "") -> None:
+        super().__init__(sock, peer)
         self.requests = LineDecoder(MAX_REQUEST_BYTES)
         self.closing = False
 

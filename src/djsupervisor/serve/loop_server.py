@@ -1,5 +1,11 @@
 """What the supervisor's socket servers (control socket, HTTP status) share: a non-blocking listener and its
-clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long."""
+clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long.
+
+A server open to a network (HTTP) must not let a few silent connections lock everyone else out: it caps
+connections per peer (`max_per_peer`) and, when a cap is reached, makes room by dropping the oldest *idle*
+client (one `_idle` says is not being answered) instead of refusing the newcomer; it also drops an idle
+client after `head_timeout`, sooner than `idle_timeout`. The control socket (a private Unix socket)
+keeps the plain rule: refuse when full."""
 
 from __future__ import annotations
 
@@ -14,8 +20,9 @@ from typing import Generic, TypeVar
 class LoopClient:
     """One connection: its socket, what it sent so far, and when it connected (monotonic)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, peer: str = "") -> None:
         self.sock = sock
+        self.peer = peer  # what the per-peer cap counts by (`LoopServer.peer_of`); "" on a Unix socket
         self.inbox = b""
         self.outbox: bytes | memoryview = b""  # what is left to send
         self.since = time.monotonic()
@@ -46,6 +53,24 @@ class LoopServer(Generic[ClientT]):
     def idle_timeout(self) -> float:
         """Seconds a client may stay connected without completing a request."""
         return 10.0
+
+    @property
+    def max_per_peer(self) -> int | None:
+        """Connections one peer may hold at once (None: no cap of its own)."""
+        return None
+
+    @property
+    def head_timeout(self) -> float | None:
+        """Seconds an idle client (`_idle`) may stay connected; None: only `idle_timeout` applies."""
+        return None
+
+    def peer_of(self, address: object) -> str:
+        """The key the per-peer cap counts connections by, from `accept()`'s address."""
+        return str(address[0]) if isinstance(address, tuple) and address else ""
+
+    def _idle(self, client: ClientT) -> bool:
+        """Whether `client` is not being answered: it may be dropped to make room (default: never)."""
+        return False
 
     @property
     def loop(self) -> selectors.BaseSelector:
@@ -104,16 +129,36 @@ class LoopServer(Generic[ClientT]):
         self.expire_idle()  # a client that connects and never asks must not pile up descriptors
         for _ in range(16):
             try:
-                sock, _ = self.listener.accept()
+                sock, address = self.listener.accept()
             except OSError:  # nothing pending, or out of descriptors: again on the next event
                 return
-            if len(self.clients) >= self.max_clients:
+            peer = self.peer_of(address)
+            if not self._make_room(peer):
                 sock.close()
                 continue
             sock.setblocking(False)
-            client = self.client_class(sock)
+            client = self.client_class(sock, peer)
             self.clients[sock.fileno()] = client
             self.loop.register(sock, selectors.EVENT_READ, data=self._callback(client))
+
+    def _make_room(self, peer: str) -> bool:
+        """Whether a new client of `peer` may be served, once the oldest idle client of that peer (at its
+        cap) or of all (at the total cap) is dropped; False when every client in the way is being answered."""
+        cap = self.max_per_peer
+        if cap is not None:
+            same = [client for client in self.clients.values() if client.peer == peer]
+            if len(same) >= cap and not self._evict(same):
+                return False
+        return len(self.clients) < self.max_clients or self._evict(list(self.clients.values()))
+
+    def _evict(self, clients: list[ClientT]) -> bool:
+        # The oldest idle one: a scrape sends its head within milliseconds of connecting, so whoever has
+        # sat longest without asking is the likeliest to be holding the place on purpose.
+        idle = [client for client in clients if self._idle(client)]
+        if not idle:
+            return False
+        self._drop(min(idle, key=lambda client: client.since))
+        return True
 
     def _drop(self, client: ClientT) -> None:
         if self.clients.get(client.sock.fileno()) is client:
@@ -124,11 +169,13 @@ class LoopServer(Generic[ClientT]):
             client.sock.close()
 
     def expire_idle(self, now: float | None = None) -> None:
-        """Drop clients connected for longer than `idle_timeout`; runs on every new connection, and the
-        supervisor's loop calls it from a timer."""
+        """Drop clients connected for longer than `idle_timeout`, and idle ones for longer than `head_timeout`;
+        runs on every new connection, and the supervisor's loop calls it from a timer."""
         now = time.monotonic() if now is None else now
+        head_timeout = self.head_timeout
         for client in list(self.clients.values()):
-            if now - client.since > self.idle_timeout:
+            age = now - client.since
+            if age > self.idle_timeout or (head_timeout is not None and age > head_timeout and self._idle(client)):
                 self._drop(client)
 
     def close(self) -> None:

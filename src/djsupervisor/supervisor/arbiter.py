@@ -246,6 +246,8 @@ class Supervisor:
             http=config.http,
             answer=self.handle_control,
             supervisor=self,
+            allowed_hosts=config.http_allowed_hosts,
+            token_file=config.http_token_file,
         )
 
     def _teardown(self) -> None:

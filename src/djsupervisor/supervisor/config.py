@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from djsupervisor.serve.http_access import exposure_problem
 from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
 from djsupervisor.supervisor.import_path import ImportPathError, append_directories, config_directories
 from djsupervisor.supervisor.settings import (
@@ -153,6 +154,9 @@ class SupervisorConfig:
     log_level: str = _SUPERVISOR_DEFAULTS["log_level"]
     log_format: str = _SUPERVISOR_DEFAULTS["log_format"]
     http: str | None = _SUPERVISOR_DEFAULTS["http"]
+    http_allowed_hosts: tuple[str, ...] = _SUPERVISOR_DEFAULTS["http_allowed_hosts"]
+    http_token_file: str | None = _SUPERVISOR_DEFAULTS["http_token_file"]  # the path; read at start only
+    http_allow_anonymous: bool = _SUPERVISOR_DEFAULTS["http_allow_anonymous"]
     notify_slack_webhook: str | None = dataclasses.field(default=None, repr=False)  # never in logs: holds a token
     notify_json_webhook: str | None = dataclasses.field(default=None, repr=False)
     notify_timeout: float = _SUPERVISOR_DEFAULTS["notify_timeout"]
@@ -335,6 +339,11 @@ def parse_config(
     socket_path = settings.get("control_socket")
     if socket_path is not None and ".." in Path(socket_path).parts:
         raise ConfigError(source, "supervisor.control_socket", f"must not contain '..' components, got {socket_path!r}")
+    if "http_token_file" in settings:  # relative: to the config file, as pythonpath
+        settings["http_token_file"] = str(Path(source).parent / settings["http_token_file"])
+    http, token_file = settings.get("http"), settings.get("http_token_file")  # a network bind needs a token
+    if exposed := exposure_problem(http, token_file, settings.get("http_allow_anonymous", False)):
+        raise ConfigError(source, "supervisor.http", exposed)
     if check_targets:
         database.apply()  # pipeline modules connect when imported
         try:  # after site-packages, never the working directory (import_path's docstring says why)
@@ -410,14 +419,15 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
 def kept_at_reload(
     running: SupervisorConfig, new: SupervisorConfig, host_override: str | None, log: Any
 ) -> SupervisorConfig:
-    """`new` as a reload applies it: the supervisor's name and HTTP address stay until the next start (with
+    """`new` as a reload applies it: the supervisor's name and HTTP settings stay until the next start (with
     a warning if the file changed them), and a host given on the command line stays."""
     if new.name != running.name:
         log.warning("reload: the supervisor name change to {!r} applies at the next start", new.name)
         new = dataclasses.replace(new, name=running.name)
-    if new.http != running.http:
-        log.warning("reload: the http address change to {!r} applies at the next start", new.http)
-        new = dataclasses.replace(new, http=running.http)
+    for key in ("http", "http_allowed_hosts", "http_token_file", "http_allow_anonymous"):  # the endpoint's
+        if getattr(new, key) != getattr(running, key):
+            log.warning("reload: the {} change to {!r} applies at the next start", key, getattr(new, key))
+            new = dataclasses.replace(new, **{key: getattr(running, key)})
     if host_override:
         new = dataclasses.replace(new, host=host_override)
     return new

@@ -100,6 +100,26 @@ SUPERVISOR_SETTINGS = (
     Setting("log_format", str, "text", "one line of text, or one JSON object, per record", choices=LOG_FORMATS),
     Setting("http", str, None, "metrics and status page address; port 0: any free port", form="host:port"),
     Setting(
+        "http_allowed_hosts",
+        list,
+        (),
+        "more names the `Host` header may give (DNS rebinding guard; ports not compared; `*`: any)",
+        default_text="loopback names; for another bind also IP addresses and the machine's name",
+    ),
+    Setting(
+        "http_token_file",
+        str,
+        None,
+        "file holding the token every request must carry (bearer, or basic auth password); mode 600",
+        default_text="no token",
+    ),
+    Setting(
+        "http_allow_anonymous",
+        bool,
+        False,
+        "serve a non-loopback `http` without a token: only on a network you trust",
+    ),
+    Setting(
         "notify_slack_webhook",
         str,
         None,
