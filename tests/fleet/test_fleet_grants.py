@@ -79,7 +79,7 @@ def test_a_worker_account_runs_but_cannot_set_flags_an_operator_can(db, accounts
         done = run_cli(db, tmp_path, *command, *schema, env=worker.env)
         assert done.returncode == 2, (done.stdout, done.stderr)
         assert len(done.stderr.splitlines()) == 1, done.stderr
-        assert "permission denied" in done.stderr and "operator account" in done.stderr
+        assert "permission denied" in done.stderr and "README, Security" in done.stderr
 
     refused("drain", "--all", "--halt")
     assert read_flags(workers_schema) == []
