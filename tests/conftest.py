@@ -5,6 +5,7 @@ and connection for that backend and yields a `TestDatabase` with a unique schema
 schema with that prefix is dropped. `db.env` gives a subprocess what it needs to reach the same server
 (the DJ_* variables) and to import the test pipeline under the test's prefix (tests/ on PYTHONPATH,
 DJS_TEST_PREFIX); process tests pass it to the real `djsupervisor` through the `supervise` fixture.
+`accounts` makes database accounts of the test's own with the grants README's Security section documents.
 
 Fixtures live here, not in helpers.py, so that tests use them by name without importing them.
 

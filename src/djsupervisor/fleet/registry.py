@@ -100,7 +100,8 @@ def set_flag(schema: WorkerSchema, selector: Selector, mode: str) -> Flag:
         f"INSERT INTO {table} ({', '.join(key + stamp)}) VALUES ({values}) {upsert}",
         (selector.host, selector.supervisor, selector.worker_name, mode),
     )
-    return next(flag for flag in read_flags(schema) if flag.selector == selector)
+    # (MySQL's collations may match another spelling of the key, "Node1" for "node1": that row was updated)
+    return next((flag for flag in read_flags(schema) if flag.selector == selector), Flag(selector, mode))
 
 
 def clear_flags(schema: WorkerSchema, selector: Selector) -> list[Flag]:
