@@ -4,16 +4,28 @@
 listens there, 2 (with the reason on stderr) if something listens but the login fails.
 `python scripts/throwaway_db.py start DIR` starts a throwaway MariaDB (preferred) or PostgreSQL from the
 installed server binaries with its data in DIR, on a free loopback port, and prints shell `export` lines
-for DJ_HOST/DJ_PORT/DJ_USER/DJ_PASS/DJ_BACKEND; exit 3 when no server binaries are installed, 4 (the reasons
-on stderr) when they are but none started.
+for DJ_HOST/DJ_PORT/DJ_USER/DJ_PASS/DJ_BACKEND (also written to DIR/demo.env, mode 0600); exit 3 when no
+server binaries are installed, 4 (the reasons on stderr) when they are but none started.
 `python scripts/throwaway_db.py stop DIR` stops it. This is what pytest-mysql and pytest-postgresql do.
+
+The server is no gift to other local users (issue 18: it used to run MariaDB as root with a passwordless
+root account and no `secure_file_priv`, so anyone on the host could write root-owned files anywhere with
+``SELECT ... INTO OUTFILE``; PostgreSQL trusted every TCP login). Now: DIR is the caller's private (0700)
+directory and the server's files sit in a 0700 directory of the server user's inside it; the superuser has a
+random password (`secrets.token_urlsafe`), on TCP and the Unix socket alike; MariaDB's `secure_file_priv`
+is an empty directory of its own, so ``INTO OUTFILE`` and ``LOAD_FILE`` reach nothing else; and run as
+root, the server runs as an unprivileged user: ``mysql`` (else ``nobody``) for MariaDB, ``postgres`` for
+PostgreSQL (initdb refuses root).
 """
 
 from __future__ import annotations
 
 import glob
+import grp
 import os
 import pwd
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -124,13 +136,46 @@ def tail(log: Path, lines: int = 15) -> str:
         return ""
 
 
+def server_directory(directory: Path, name: str, candidates: tuple[str, ...]) -> tuple[Path, str]:
+    """DIR/`name`, mode 0700, owned by the user the server runs as: ourselves, or as root the first of
+    `candidates` that exists (DIR then admits that user's group to pass through it, mode 0710)."""
+    server = directory / name
+    server.mkdir(mode=0o700)
+    if os.getuid() != 0:
+        return server, pwd.getpwuid(os.getuid()).pw_name
+    for user in candidates:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            continue
+        if entry.pw_uid == 0:
+            continue
+        os.chown(server, entry.pw_uid, entry.pw_gid)
+        os.chown(directory, 0, entry.pw_gid)
+        os.chmod(directory, 0o710)
+        return server, user
+    raise StartFailed(f"running as root and none of the users {', '.join(candidates)} exists to run the server as")
+
+
+def private_file(path: Path, text: str, owner: str | None = None) -> None:
+    """Write `text` to a new file only its owner (we, or `owner`) can read."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(text)
+    if owner and os.getuid() == 0:
+        shutil.chown(path, owner, grp.getgrgid(pwd.getpwnam(owner).pw_gid).gr_name)
+
+
 def start_mariadb(directory: Path) -> dict | None:
     mariadbd = shutil.which("mariadbd") or shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin")
     install = shutil.which("mariadb-install-db") or shutil.which("mysql_install_db")
     if not (mariadbd and install):
         return None
-    data, port, log = directory / "mariadb", free_port(), directory / "mariadb.log"
-    user = pwd.getpwuid(os.getuid()).pw_name  # mariadbd refuses to run as root unless told --user=root
+    server, user = server_directory(directory, "mariadb", ("mysql", "nobody"))
+    data, files, port, log = server / "data", server / "files", free_port(), directory / "mariadb.log"
+    files.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        shutil.chown(files, user)
     run(
         [
             install,
@@ -142,17 +187,25 @@ def start_mariadb(directory: Path) -> dict | None:
         ],
         log,
     )
+    # mariadb-install-db makes root@localhost, @127.0.0.1, @::1 and @<host name>, all without a password.
+    # The init file gives each the random one before the server accepts a connection, and is then removed.
+    password = secrets.token_urlsafe(24)
+    hosts = ("localhost", "127.0.0.1", "::1", socket.gethostname())
+    init = server / "init.sql"
+    private_file(init, "".join(f"ALTER USER IF EXISTS 'root'@'{h}' IDENTIFIED BY '{password}';\n" for h in hosts), user)
     with open(log, "a") as out:
         process = subprocess.Popen(
             [
                 mariadbd,
                 "--no-defaults",
                 f"--datadir={data}",
-                f"--socket={directory / 'mariadb.sock'}",
+                f"--socket={server / 'mariadb.sock'}",
                 f"--port={port}",
                 "--bind-address=127.0.0.1",
-                f"--pid-file={directory / 'mariadb.pid'}",
+                f"--pid-file={server / 'mariadb.pid'}",
                 f"--user={user}",
+                f"--init-file={init}",
+                f"--secure-file-priv={files}",
                 "--skip-name-resolve",
             ],
             stdout=out,
@@ -160,8 +213,10 @@ def start_mariadb(directory: Path) -> dict | None:
             start_new_session=True,
         )
     (directory / "server.pid").write_text(str(process.pid))
-    s = dict(backend="mysql", host="127.0.0.1", port=port, user="root", password="")
-    if not wait_for(lambda: process.poll() is not None or answers(s, 1), 60) or process.poll() is not None:
+    s = dict(backend="mysql", host="127.0.0.1", port=port, user="root", password=password)
+    started = wait_for(lambda: process.poll() is not None or answers(s, 1), 60) and process.poll() is None
+    init.unlink(missing_ok=True)
+    if not started:
         stop_mariadb(directory)
         raise StartFailed(f"mariadbd did not start:\n{tail(log)}")
     return s
@@ -173,37 +228,50 @@ def start_postgres(directory: Path) -> dict | None:
     if not initdb:
         return None
     pg_ctl = str(Path(initdb).with_name("pg_ctl"))
-    data, port, log = directory / "postgres", free_port(), directory / "postgres.log"
-    run_as: list[str] = []
-    if os.getuid() == 0:  # initdb refuses to run as root
-        try:
-            shutil.chown(directory, "postgres")
-        except LookupError:
-            raise StartFailed("initdb refuses to run as root and there is no 'postgres' user to run it as")
-        run_as = ["runuser", "-u", "postgres", "--"]
-    log.touch()
-    if run_as:
-        shutil.chown(log, "postgres")
-    run([*run_as, initdb, "-D", str(data), "-U", "postgres", "--auth=trust"], log)
+    server, user = server_directory(directory, "postgres", ("postgres",))
+    data, port, log = server / "data", free_port(), server / "postgres.log"
+    run_as = ["runuser", "-u", user, "--"] if os.getuid() == 0 else []  # initdb refuses to run as root
+    password = secrets.token_urlsafe(24)
+    pwfile = server / "password"
+    private_file(pwfile, password + "\n", user if run_as else None)
+    try:
+        run(
+            [
+                *run_as,
+                initdb,
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",  # TCP and the Unix socket alike: no trust
+                f"--pwfile={pwfile}",
+            ],
+            directory / "initdb.log",
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
     (directory / "pg_ctl").write_text(" ".join([*run_as, pg_ctl, "-D", str(data)]))
-    run(
-        [
-            *run_as,
-            pg_ctl,
-            "-D",
-            str(data),
-            "-l",
-            str(log),
-            "-w",
-            "-t",
-            "60",
-            "start",
-            "-o",
-            f"-p {port} -k {directory} -c listen_addresses=127.0.0.1",
-        ],
-        log,
-    )
-    return dict(backend="postgresql", host="127.0.0.1", port=port, user="postgres", password="")
+    try:
+        run(
+            [
+                *run_as,
+                pg_ctl,
+                "-D",
+                str(data),
+                "-l",
+                str(log),
+                "-w",
+                "-t",
+                "60",
+                "start",
+                "-o",
+                f"-p {port} -k {server} -c listen_addresses=127.0.0.1",
+            ],
+            directory / "initdb.log",
+        )
+    except StartFailed as failure:
+        raise StartFailed(f"{failure}\n{tail(log)}") from None
+    return dict(backend="postgresql", host="127.0.0.1", port=port, user="postgres", password=password)
 
 
 def stop_mariadb(directory: Path) -> None:
@@ -247,7 +315,10 @@ def main() -> None:
     if command == "stop":
         stop(directory)
         return
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if directory.stat().st_uid != os.getuid() or directory.stat().st_mode & 0o077:
+        print(f"demo: throwaway database: {directory} must be ours and private (mode 0700)", file=sys.stderr)
+        sys.exit(4)
     starters = [start_mariadb, start_postgres]
     if settings()["backend"] == "postgresql":
         starters.reverse()
@@ -263,7 +334,18 @@ def main() -> None:
             break
     if s is None:
         sys.exit(4 if failures else 3)
-    print(f"export DJ_BACKEND={s['backend']} DJ_HOST={s['host']} DJ_PORT={s['port']} DJ_USER={s['user']} DJ_PASS=''")
+    exports = " ".join(
+        f"{name}={shlex.quote(str(s[key]))}"
+        for name, key in (
+            ("DJ_BACKEND", "backend"),
+            ("DJ_HOST", "host"),
+            ("DJ_PORT", "port"),
+            ("DJ_USER", "user"),
+            ("DJ_PASS", "password"),
+        )
+    )
+    private_file(directory / "demo.env", f"export {exports}\n")
+    print(f"export {exports}")  # to the caller's pipe, never on a command line
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ and connection for that backend and yields a `TestDatabase` with a unique schema
 schema with that prefix is dropped. `db.env` gives a subprocess what it needs to reach the same server
 (the DJ_* variables) and to import the test pipeline under the test's prefix (tests/ on PYTHONPATH,
 DJS_TEST_PREFIX); process tests pass it to the real `djsupervisor` through the `supervise` fixture.
+`accounts` makes database accounts of the test's own with the grants README's Security section documents.
 
 Fixtures live here, not in helpers.py, so that tests use them by name without importing them.
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import datajoint as dj
 import pytest
-from helpers import TESTS, Supervised
+from helpers import TESTS, Supervised, documented_grants
 
 BACKENDS = {
     "mysql": dict(
@@ -161,15 +162,61 @@ def supervise(db: TestDatabase, tmp_path: Path) -> Iterator[Callable[..., Superv
 
     Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
     DJS_TEST_PREFIX (in `db.env`). ``supervise(args, uts_host="node-b")`` runs it under that host name (its
-    own UTS namespace), so that DataJoint's job reservations name that host, as on another machine.
+    own UTS namespace), so that DataJoint's job reservations name that host, as on another machine;
+    ``env=account.env`` runs it with another environment (another database account, `accounts`).
     """
     started: list[Supervised] = []
 
-    def start(args: list[str], uts_host: str | None = None) -> Supervised:
-        supervised = Supervised(args, db.env, tmp_path, uts_host)
+    def start(args: list[str], uts_host: str | None = None, env: dict | None = None) -> Supervised:
+        supervised = Supervised(args, env or db.env, tmp_path, uts_host)
         started.append(supervised)
         return supervised
 
     yield start
     for supervised in started:
         supervised.close()
+
+
+@dataclasses.dataclass
+class Account:
+    """A database account of the test's own, with the grants README documents for its role."""
+
+    role: str
+    user: str
+    password: str
+    current_user: str  # as the database names it (CURRENT_USER)
+    env: dict  # db.env logged in as this account
+
+
+@pytest.fixture
+def accounts(db: TestDatabase) -> Iterator[Callable[[str], Account]]:
+    """Make accounts with exactly the grants README's Security section gives a worker or an operator, on
+    the test's ``<prefix>_pipe`` and ``<prefix>_workers`` schemas: ``worker = accounts("worker")``, once
+    those schemas are declared (PostgreSQL's ``ON ALL TABLES`` covers the tables there are). Every account
+    is dropped afterwards. Ask for it before `supervise`, so that the supervisors are gone first."""
+    made: list[str] = []
+    mysql = db.backend == "mysql"
+
+    def make(role: str) -> Account:
+        user, password = f"{db.prefix}_{role[0]}", uuid.uuid4().hex
+        names = {"djs_" + role: user, "'change-me'": f"'{password}'"}
+        if mysql:
+            escaped = db.prefix.replace("_", "\\_")
+            names.update({"lab\\_pipe": escaped + "\\_pipe", "lab\\_workers": escaped + "\\_workers"})
+        names.update({"lab_pipe": db.schema_name("pipe"), "lab_workers": db.schema_name("workers")})
+        made.append(user)
+        for statement in documented_grants(role, db.backend):
+            for old, new in names.items():
+                statement = statement.replace(old, new)
+            db.connection.query(statement.replace("%", "%%"))
+        current = f"{user}@%" if mysql else user
+        return Account(role, user, password, current, dict(db.env, DJ_USER=user, DJ_PASS=password))
+
+    yield make
+    connection = configure_datajoint(db.backend)
+    for user in made:
+        if mysql:
+            connection.query(f"DROP USER IF EXISTS '{user}'@'%%'")
+        else:
+            connection.query(f"DROP OWNED BY {user}")
+            connection.query(f"DROP ROLE IF EXISTS {user}")

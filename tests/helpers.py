@@ -85,11 +85,24 @@ def djsupervisor_command() -> list[str]:
     return [str(script)] if script.exists() else [shutil.which("djsupervisor") or "djsupervisor"]
 
 
-def run_cli(db, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run `djsupervisor ARGS...` against the test's database and pipelines; its output captured as text."""
+def run_cli(db, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `djsupervisor ARGS...` against the test's database and pipelines (in `env`, default `db.env`); its
+    output captured as text."""
     return subprocess.run(
-        [*djsupervisor_command(), *args], env=db.env, cwd=cwd, capture_output=True, text=True, timeout=60
+        [*djsupervisor_command(), *args], env=env or db.env, cwd=cwd, capture_output=True, text=True, timeout=60
     )
+
+
+def documented_grants(role: str, backend: str) -> list[str]:
+    """The statements README's Security section gives for a `role` ("worker", "operator") account on
+    `backend`, for account ``djs_<role>``, pipeline schema ``lab_pipe`` and worker schema ``lab_workers``."""
+    title = f"-- {role} account, {'PostgreSQL' if backend == 'postgresql' else 'MySQL/MariaDB'}"
+    readme = (TESTS.parent / "README.md").read_text()
+    start = readme.index("\n## Security\n")
+    block = readme[readme.index(title, start) :]
+    block = block[: block.index("```")]
+    lines = [line for line in block.splitlines() if line.strip() and not line.startswith("--")]
+    return [statement.strip() for statement in " ".join(lines).split(";") if statement.strip()]
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -169,3 +169,83 @@ def test_throwaway_check_tells_nothing_listening_from_a_refused_login():
     assert nothing.returncode == 1 and nothing.stderr == ""
     bad_backend = throwaway("check", env=dict(os.environ, DJ_BACKEND="postgres"))
     assert bad_backend.returncode == 2 and "must be 'mysql' or 'postgresql'" in bad_backend.stderr
+
+
+def server_pid(directory: Path, backend: str) -> int:
+    """The throwaway server's main process."""
+    if backend == "mysql":
+        return int((directory / "server.pid").read_text())
+    return int((directory / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+
+
+def connect(backend: str, password: str, **where):
+    """A DB-API connection to the throwaway server as its superuser."""
+    if backend == "mysql":
+        import pymysql
+
+        return pymysql.connect(user="root", password=password, connect_timeout=5, **where)
+    import psycopg2
+
+    return psycopg2.connect(user="postgres", password=password, dbname="postgres", connect_timeout=5, **where)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend_name", ["mysql", "postgresql"])
+def test_throwaway_database_is_no_gift_to_other_local_users(backend_name, tmp_path):
+    """Issue 18: the demo's server ran as root with a passwordless root (MariaDB: no secure_file_priv, so
+    any local user wrote root-owned files anywhere with INTO OUTFILE; PostgreSQL: trust over TCP)."""
+    if not server_binaries(backend_name):
+        pytest.skip(f"no {backend_name} server binaries installed")
+    directory = Path(tempfile.mkdtemp(prefix="djs-test-db."))
+    started = throwaway("start", str(directory), env=dict(os.environ, DJ_BACKEND=backend_name))
+    try:
+        assert started.returncode == 0, started.stderr
+        exports = dict(item.split("=", 1) for item in started.stdout.split()[1:])
+        password, port = exports["DJ_PASS"], int(exports["DJ_PORT"])
+        assert len(password) >= 24
+        assert (directory / "demo.env").read_text().split() == started.stdout.split()
+        assert (directory / "demo.env").stat().st_mode & 0o777 == 0o600
+        assert directory.stat().st_mode & 0o007 == 0  # others cannot even pass through
+        assert not list(directory.rglob("init.sql")) and not list(directory.rglob("password"))
+        # no password, no login: over TCP or over the Unix socket
+        tcp = dict(os.environ, DJ_BACKEND=backend_name, DJ_HOST="127.0.0.1", DJ_PORT=str(port))
+        refused = throwaway("check", env=dict(tcp, DJ_PASS=""))
+        assert refused.returncode == 2, refused.stderr
+        socket_dir = directory / ("mariadb" if backend_name == "mysql" else "postgres")
+        local = (
+            dict(unix_socket=str(socket_dir / "mariadb.sock"))
+            if backend_name == "mysql"
+            else dict(host=str(socket_dir), port=port)
+        )
+        for where in (dict(host="127.0.0.1", port=port), local):
+            with pytest.raises(Exception, match="(?i)denied|password"):
+                connect(backend_name, "", **where).close()
+        # run as root, the server is not root
+        if os.getuid() == 0:
+            import psutil
+
+            assert psutil.Process(server_pid(directory, backend_name)).uids().real != 0
+        # with the password, the server still writes no file outside its own directories
+        target = tmp_path / "root-only"
+        target.mkdir(mode=0o700)
+        outfile = target / "planted"
+        connection = connect(backend_name, password, host="127.0.0.1", port=port)
+        try:
+            cursor = connection.cursor()
+            statement = (
+                f"SELECT 'owned' INTO OUTFILE '{outfile}'"
+                if backend_name == "mysql"
+                else f"COPY (SELECT 'owned') TO '{outfile}'"
+            )
+            if backend_name == "mysql" or os.getuid() == 0:  # (an unprivileged PostgreSQL runs as ourselves)
+                with pytest.raises(Exception, match="(?i)secure-file-priv|permission denied"):
+                    cursor.execute(statement)
+            if backend_name == "mysql":
+                cursor.execute("SELECT LOAD_FILE('/etc/passwd')")
+                assert cursor.fetchone()[0] is None
+        finally:
+            connection.close()
+        assert not outfile.exists()
+    finally:
+        throwaway("stop", str(directory))
+    assert not directory.exists()

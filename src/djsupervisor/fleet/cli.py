@@ -87,6 +87,11 @@ def _guarded(what: str, action):
     except FleetError:
         raise
     except Exception as error:
+        if error.__class__.__name__ == "AccessError":  # DataJoint's: (summary, the server's message, ...)
+            detail = " ".join(str(error.args[1] if len(error.args) > 1 else error).split())
+            raise FleetError(
+                f"{what}: permission denied ({detail}); README, Security, gives worker and operator accounts' grants"
+            ) from None
         raise FleetError(f"{what}: {error.__class__.__name__}: {error}".splitlines()[0]) from None
 
 

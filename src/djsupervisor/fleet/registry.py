@@ -6,18 +6,23 @@ or in a supervisor's fleet agent child, never in the supervisor's parent process
 A flag selects pools by host, supervisor and worker name, each a name or ``*`` for any. A pool obeys the
 flags of its own worker schema that match it; ``halt`` outranks ``drain``. `resume` removes the flags its
 selector covers (a flag is covered when each of its fields equals the resume's or the resume's is ``*``).
+
+Flags are written with statements of our own, values passed as parameters: DataJoint 2.3 restricts by a
+dict by writing each string into the SQL with its backslashes doubled (MySQL's escaping), which on
+PostgreSQL is another string, so a flag whose selector held a backslash could be set but never changed or
+cleared. ``set_by`` and ``set_at`` are the database's: its ``CURRENT_USER`` (the account that wrote the
+flag, which the client cannot claim to be someone else) and its clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import getpass
-import platform
 from collections.abc import Iterable
 
 import datajoint as dj
 
+from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.schema import WorkerSchema
 
 ANY = "*"
@@ -74,24 +79,40 @@ def flag_for(flags: Iterable[Flag], host: str, supervisor: str, worker_name: str
     return next((mode for mode in ("halt", "drain") if mode in modes), None)
 
 
+_KEY = ("host", "supervisor", "worker_name")
+_STAMP = ("mode", "set_by", "set_at")
+
+
 def set_flag(schema: WorkerSchema, selector: Selector, mode: str) -> Flag:
-    """Set (or change the mode of) the flag for `selector`."""
+    """Set (or change the mode of) the flag for `selector`, stamped with the database's user and clock."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    flag = Flag(selector, mode, f"{getpass.getuser()}@{platform.node()}"[:255], datetime.datetime.now())
-    row = dict(dataclasses.asdict(selector), mode=mode, set_by=flag.set_by, set_at=flag.set_at)
-    table = schema.tables["FleetFlag"]
-    table.insert1(row, skip_duplicates=True)  # (REPLACE is MySQL's only)
-    table.update1(row)
-    return flag
+    connection = schema.connection
+    backend = compat.backend(connection)
+    table = schema.tables["FleetFlag"].full_table_name
+    key, stamp = ([identifiers.quote(backend, c) for c in names] for names in (_KEY, _STAMP))
+    if backend == "postgresql":
+        upsert = f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in stamp)
+    else:
+        upsert = "ON DUPLICATE KEY UPDATE " + ", ".join(f"{c} = VALUES({c})" for c in stamp)
+    values = "%s, %s, %s, %s, CURRENT_USER, LOCALTIMESTAMP(3)"  # set_by, set_at: the server's
+    connection.query(
+        f"INSERT INTO {table} ({', '.join(key + stamp)}) VALUES ({values}) {upsert}",
+        (selector.host, selector.supervisor, selector.worker_name, mode),
+    )
+    # (MySQL's collations may match another spelling of the key, "Node1" for "node1": that row was updated)
+    return next((flag for flag in read_flags(schema) if flag.selector == selector), Flag(selector, mode))
 
 
 def clear_flags(schema: WorkerSchema, selector: Selector) -> list[Flag]:
     """Remove the flags `selector` covers; returns them."""
-    table = schema.tables["FleetFlag"]
+    connection = schema.connection
+    backend = compat.backend(connection)
+    table = schema.tables["FleetFlag"].full_table_name
+    where = " AND ".join(f"{identifiers.quote(backend, c)} = %s" for c in _KEY)
     removed = [flag for flag in read_flags(schema) if selector.covers(flag.selector)]
     for flag in removed:
-        (table & dataclasses.asdict(flag.selector)).delete_quick()
+        connection.query(f"DELETE FROM {table} WHERE {where}", dataclasses.astuple(flag.selector))
     return removed
 
 

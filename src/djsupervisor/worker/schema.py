@@ -53,8 +53,18 @@ def declare_with_retry(action: Callable[[], T], what: str) -> T:
 
 
 def _declare_schema(connection: dj.Connection, schema_name: str) -> None:
-    quoted = identifiers.quote(compat.backend(connection), schema_name)
-    if compat.backend(connection) == "postgresql":
+    # A worker account granted only its tables (README, Security) may not CREATE: an existing schema is left
+    # alone. PostgreSQL's information_schema lists only the schemas a role owns; pg_namespace lists all.
+    backend = compat.backend(connection)
+    catalog = (
+        "SELECT 1 FROM pg_namespace WHERE nspname = %s"
+        if backend == "postgresql"
+        else "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s"
+    )
+    if connection.query(catalog, (schema_name,)).fetchone():
+        return
+    quoted = identifiers.quote(backend, schema_name)
+    if backend == "postgresql":
         connection.query(f"CREATE SCHEMA IF NOT EXISTS {quoted}")
     else:
         connection.query(f"CREATE DATABASE IF NOT EXISTS {quoted}")
@@ -93,7 +103,7 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
         worker_name     : varchar(64)     # a worker definition (pool) name, or *
         ---
         mode            : varchar(8)      # drain: children stop; halt: and the supervisor exits
-        set_by          : varchar(255)    # user@host that set it
+        set_by          : varchar(255)    # the database account that set it (its CURRENT_USER)
         set_at          : datetime(3)
         """
 
