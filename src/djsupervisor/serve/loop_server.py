@@ -1,5 +1,6 @@
 """What the supervisor's socket servers (control socket, HTTP status) share: a non-blocking listener and its
-clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long."""
+clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long;
+out of descriptors (EMFILE), accepting pauses for a second instead of the loop spinning on the listener."""
 
 from __future__ import annotations
 
@@ -9,6 +10,14 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from loguru import logger
+
+from djsupervisor.supervisor.shortage import Throttle, is_shortage
+
+#: Seconds the listener is not watched after accept() ran out of descriptors (the idle sweep, every second,
+#: watches it again): the pending connection keeps it readable, and the loop must not spin on it.
+ACCEPT_PAUSE = 1.0
 
 
 class LoopClient:
@@ -36,6 +45,8 @@ class LoopServer(Generic[ClientT]):
         self.listener = listener
         self.selector: selectors.BaseSelector | None = None
         self.clients: dict[int, ClientT] = {}
+        self.paused_until: float | None = None  # out of descriptors: not accepting until then (monotonic)
+        self._throttle = Throttle()
 
     @property
     def max_clients(self) -> int:
@@ -105,7 +116,9 @@ class LoopServer(Generic[ClientT]):
         for _ in range(16):
             try:
                 sock, _ = self.listener.accept()
-            except OSError:  # nothing pending, or out of descriptors: again on the next event
+            except OSError as error:  # nothing pending (again on the next event), or out of descriptors
+                if is_shortage(error):
+                    self._pause(error)
                 return
             if len(self.clients) >= self.max_clients:
                 sock.close()
@@ -114,6 +127,29 @@ class LoopServer(Generic[ClientT]):
             client = self.client_class(sock)
             self.clients[sock.fileno()] = client
             self.loop.register(sock, selectors.EVENT_READ, data=self._callback(client))
+
+    def _pause(self, error: OSError) -> None:
+        """Out of descriptors (EMFILE): stop watching the listener for `ACCEPT_PAUSE` seconds. It stays
+        readable while the connection waits, so the loop would otherwise spin on it; `expire_idle` (a timer)
+        watches it again. Said in one line, at most once a minute."""
+        self.paused_until = time.monotonic() + ACCEPT_PAUSE
+        with contextlib.suppress(Exception):
+            self.loop.unregister(self.listener)
+        if self._throttle.allow("accept"):
+            again = self._throttle.suppressed("accept")
+            logger.error(
+                "{}: cannot accept a connection: {}; not accepting for {:g} s ({} clients held){}",
+                type(self).__name__,
+                error.strerror or error,
+                ACCEPT_PAUSE,
+                len(self.clients),
+                f"; {again} more times since the last such line" if again else "",
+            )
+
+    def _resume(self, now: float) -> None:
+        if self.paused_until is not None and now >= self.paused_until and self.selector is not None:
+            self.paused_until = None
+            self.selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
 
     def _drop(self, client: ClientT) -> None:
         if self.clients.get(client.sock.fileno()) is client:
@@ -130,9 +166,11 @@ class LoopServer(Generic[ClientT]):
         for client in list(self.clients.values()):
             if now - client.since > self.idle_timeout:
                 self._drop(client)
+        self._resume(now)
 
     def close(self) -> None:
         """Stop serving: close every connection and the listening socket."""
+        self.paused_until = None
         for client in list(self.clients.values()):
             self._drop(client)
         if self.selector is not None:
