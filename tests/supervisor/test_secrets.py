@@ -12,7 +12,7 @@ import sys
 import uuid
 
 import pytest
-from helpers import Supervised, run_cli, wait_until, write_config
+from helpers import Supervised, djsupervisor_command, run_cli, wait_until, write_config
 
 from djsupervisor.worker.schema import WorkerSchema
 
@@ -151,3 +151,30 @@ def test_an_uncaught_exception_in_a_child_goes_through_the_logger(tmp_path):
     assert any("ERROR" in line and "ended by an uncaught exception" in line for line in lines), done.stderr
     assert "RuntimeError: login with *** failed" in done.stderr and "uncaught-pw-123" not in done.stderr
     assert "  | <0>forged" in lines
+
+
+HAND_RUN = """
+from pipelines.env_worker import envdump
+envdump.run()
+"""
+
+
+@pytest.mark.parametrize("how", ["djsupervisor run", "DataJointWorker.run()"])
+def test_dj_pass_is_not_inherited_by_what_a_step_starts_outside_a_supervisor(db, tmp_path, account, how):
+    """Security issue 18: as a supervised child does, `djsupervisor run` and a hand-run worker drop DJ_PASS
+    once connected; the password works (it logs in) and no subprocess of the worker sees it."""
+    env_out = tmp_path / "env.txt"
+    env = dict(db.env, DJ_USER=account, DJ_PASS=MODULE_PASSWORD, DJS_TEST_ENV_OUT=str(env_out))
+    if how == "djsupervisor run":
+        config = write_config(
+            tmp_path / "lab.toml", '[[worker]]\nname = "envdump"\ntarget = "pipelines.env_worker:envdump"\n'
+        )
+        command = [*djsupervisor_command(), "run", "envdump", "-c", str(config)]
+    else:
+        command = [sys.executable, "-c", HAND_RUN]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    inherited = env_out.read_text()
+    assert f"DJ_USER={account}" in inherited  # the subprocess's whole environment was read
+    assert "DJ_PASS=" not in inherited and MODULE_PASSWORD not in inherited
+    assert MODULE_PASSWORD not in done.stdout + done.stderr
