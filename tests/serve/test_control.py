@@ -184,6 +184,20 @@ def test_default_socket_path_prefers_the_explicit_runtime_dir(monkeypatch, tmp_p
     assert control.default_socket_path("lab") == str(tmp_path / "lab.sock")
 
 
+def test_default_socket_path_finds_a_template_instances_directory(monkeypatch, tmp_path):
+    """djsupervisor@NAME.service listens in /run/djsupervisor/NAME/ (RuntimeDirectory=djsupervisor/%i, a user
+    per instance): `--name NAME` finds it there, as that instance's user."""
+    monkeypatch.delenv("DJSUPERVISOR_RUNTIME_DIR")
+    monkeypatch.setattr(control, "SYSTEM_RUNTIME_DIR", tmp_path)
+    (tmp_path / "lab").mkdir(mode=0o700)
+    server = ControlServer(str(tmp_path / "lab" / "lab.sock"), lambda request: {"ok": True})
+    try:
+        assert control.default_socket_path("lab") == str(tmp_path / "lab" / "lab.sock")
+    finally:
+        server.close()
+    assert control.default_socket_path("l[a]b") != str(tmp_path / "lab" / "lab.sock")  # a name, not a pattern
+
+
 def test_a_path_that_is_not_a_socket_is_never_replaced(tmp_path):
     path = tmp_path / "lab.sock"
     path.write_text("precious")
