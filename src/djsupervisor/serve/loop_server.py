@@ -149,7 +149,8 @@ class LoopServer(Generic[ClientT]):
     def _resume(self, now: float) -> None:
         if self.paused_until is not None and now >= self.paused_until and self.selector is not None:
             self.paused_until = None
-            self.selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+            with contextlib.suppress(KeyError, ValueError):  # still registered, or closed meanwhile
+                self.selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
 
     def _drop(self, client: ClientT) -> None:
         if self.clients.get(client.sock.fileno()) is client:
