@@ -395,11 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     # The CLI reads DJ_* variables and the config's [database]; DataJoint's hint about a missing
     # datajoint.json would only stand in front of the one-line answers.
     warnings.filterwarnings("ignore", message="No datajoint.json found")
+    from djsupervisor.credentials import CredentialError, apply_credential
     from djsupervisor.fleet.cli import FleetError
     from djsupervisor.supervisor.config import ConfigError
 
     try:
         args = _parser().parse_args(argv)
+        apply_credential()  # systemd's LoadCredential=dj_pass:... : the database password, before any import
         if args.command == "start":
             return _start(args)
         if args.command == "status":
@@ -423,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "migrate-schema":
             return _migrate(args)
-    except (UsageError, ConfigError, FleetError) as error:
+    except (UsageError, ConfigError, FleetError, CredentialError) as error:
         print(f"djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

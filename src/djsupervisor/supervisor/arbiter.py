@@ -73,7 +73,7 @@ class Supervisor:
         self.state = SupervisorState.STARTING
         self.pid = os.getpid()
         self.started = time.time()
-        self.timers = Timers()
+        self.timers = Timers(self.log)  # a callback that raises is logged there; the loop goes on
         self.fleet = FleetView()  # queue depths and drain flags, as the fleet agent last read them
         self._host_cpu: float | None = None  # host-wide CPU % over the last sample_interval
         self.selector = selectors.DefaultSelector()
@@ -354,7 +354,7 @@ class Supervisor:
 
         pid = self.children.spawn(slot, child)
         if pid is None:
-            self._follow(slot, slot.spawn_failed(self.config, time.monotonic()))
+            self._follow(slot, slot.spawn_failed(self.config, time.monotonic(), *self.children.failure))
             return
         self._slot_log(slot).info(
             "started {} (pid {}){}", slot.label, pid, f", restart {slot.restarts}" if slot.restarts else ""

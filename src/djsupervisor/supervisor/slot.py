@@ -170,10 +170,21 @@ class Slot:
         self.timed_out_job, self.died_job, self.stop_overran = None, None, False  # died_job: handed to this child
         self.rss_mb = self.cpu_percent = None
 
-    def spawn_failed(self, rules: RestartRules, now: float) -> Outcome:
-        """The fork failed: counts as a child that exited before getting going."""
+    def spawn_failed(
+        self, rules: RestartRules, now: float, why: str = "fork failed", shortage: bool = False
+    ) -> Outcome:
+        """The start failed (`why`): counts as a child that exited before getting going; but for a `shortage`
+        of the parent's (no descriptor for the report pipe: EMFILE), which says nothing of the worker, the
+        slot backs off without coming nearer to FATAL."""
         self.change(SlotState.STARTING)
-        return self._crashed("fork failed", False, rules, now)
+        if not shortage:
+            return self._crashed(why, False, rules, now)
+        self.crashes += 1
+        delay = restart_delay(self.crashes, rules.backoff_initial, rules.backoff_max)
+        self.change(SlotState.BACKOFF)
+        self.next_start = now + delay
+        message = "{} could not start ({}); retrying in {:.2f} s"
+        return Outcome(Then.BACKOFF, message, (self.label, why, delay), "ERROR", restart_at=self.next_start)
 
     def reported(self, reports: Iterable[ChildReportMessage], now: float, wall: float | None = None) -> bool:
         """The child sent `reports` (its latest counters, in order) at monotonic time `now`; whether that
