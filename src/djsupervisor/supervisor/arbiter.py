@@ -437,8 +437,8 @@ class Supervisor:
     def _check_children(self) -> None:
         self._reap()  # a safety net: SIGCHLDs coalesce
         now, config, stopping = time.monotonic(), self.config, self._stop_mode is not None
+        timeouts = dict(heartbeat_timeout=config.heartbeat_timeout, hang_timeout=config.hang_timeout)
         for pool in list(self.pools.values()):
-            timeouts = dict(heartbeat_timeout=config.heartbeat_timeout, hang_timeout=config.hang_timeout)
             self._carry_out(pool.judge_children(now, **timeouts, stopping=stopping))
 
     def _sample(self) -> None:

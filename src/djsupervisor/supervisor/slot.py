@@ -82,8 +82,7 @@ def restart_delay(crashes: int, initial: float, maximum: float, rng: random.Rand
     if crashes <= 0 or initial <= 0:
         return 0.0
     base: float = min(maximum, initial * 2.0 ** min(crashes - 1, 32))
-    jitter: float = (rng or random).uniform(0, base / 2)
-    return base / 2 + jitter
+    return base / 2 + (rng or random).uniform(0, base / 2)
 
 
 @dataclasses.dataclass(eq=False)  # a slot is an entity: two are the same slot only if they are one object
