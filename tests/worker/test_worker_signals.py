@@ -19,7 +19,11 @@ SCRIPT = TESTS / "scripts" / "sigterm_worker.py"
 def start_worker_script(db) -> subprocess.Popen:
     """The hand-run worker script (a DataJointWorker's `run()` in its own process), its output piped."""
     return subprocess.Popen(
-        [sys.executable, str(SCRIPT), db.prefix], env=db.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, str(SCRIPT), db.prefix],
+        env=db.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
