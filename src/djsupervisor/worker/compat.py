@@ -77,6 +77,11 @@ def interval_sql(connection: datajoint.Connection, seconds: int) -> str:
     return connection.adapter.interval_expr(seconds, "second")
 
 
+def interval_sql_unit(connection: datajoint.Connection, value: int, unit: str) -> str:
+    """An SQL interval of `value` `unit`s (``"microsecond"``, ``"second"``...) for the connection's server."""
+    return connection.adapter.interval_expr(value, unit)
+
+
 def driver_connection(connection: datajoint.Connection) -> Any | None:
     """The pymysql or psycopg2 connection under `connection` (``Connection._conn``), None when closed."""
     return connection._conn

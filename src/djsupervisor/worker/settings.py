@@ -166,6 +166,13 @@ WORKER_SETTINGS = (
         choices=RECOVERY_SCOPES,
     ),
     Setting(
+        "refresh_interval",
+        float,
+        None,
+        "seconds between refreshes of a table's job queue across the fleet; 0: every cycle",
+        default_text="sleep_duration",
+    ),
+    Setting(
         "max_attempts",
         int,
         3,
