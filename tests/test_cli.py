@@ -24,7 +24,8 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     [
         (
             [],
-            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; --help for more)",
+            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, progress, errors, "
+            "retry; --help for more)",
         ),
         (["bogus"], "invalid choice: 'bogus'"),
         (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
@@ -37,6 +38,11 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
         (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
         (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
         (["check"], "the following arguments are required: -c/--config"),
+        (["progress", "--window", "0", "x.mod"], "argument --window: must be a number of minutes > 0 and <= 1440"),
+        (["progress", "--watch", "--interval", "soon", "x.mod"], "argument --interval: must be a number of seconds"),
+        (["errors", "--match", " ", "x.mod"], "argument --match: must be an SQL LIKE pattern"),
+        (["errors", "-c", "a.toml", "x.mod"], "give either -c FILE or MODULE..., not both"),
+        (["retry", "--all"], "no configuration: give -c FILE or MODULE..."),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):

@@ -263,3 +263,81 @@ def test_retry_refuses_an_empty_or_unclear_selection(db, tmp_path, known_state, 
     assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("djsupervisor: error: ") and message in result.stderr
     assert job_states(lab) == before
+
+
+def _read_until(fd: int, predicate, timeout: float) -> bytes:
+    """Read a pseudo-terminal's output until `predicate(output)` holds (or the deadline passes)."""
+    import os
+    import select
+    import time
+
+    output = b""
+    deadline = time.monotonic() + timeout
+    while not predicate(output) and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                output += os.read(fd, 65536)
+            except OSError:  # the child closed its side
+                break
+    return output
+
+
+def test_watch_redraws_in_place_under_a_terminal(db, tmp_path, known_state):
+    import os
+    import pty
+    import signal
+    import subprocess
+
+    from helpers import djsupervisor_command
+
+    lab, config, standard = known_state
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [*djsupervisor_command(), "progress", "-c", config, "--watch", "--interval", "0.3"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=db.env,
+        cwd=tmp_path,
+    )
+    os.close(slave)
+    try:
+        clear = b"\x1b[H\x1b[2J"
+        output = _read_until(master, lambda out: out.count(clear) >= 2, timeout=60)
+        assert output.count(clear) >= 2, output  # drawn, then redrawn in place
+        frame = output.split(clear)[1].decode()
+        pipe = db.schema_name("pipe")
+        square = next(line for line in frame.splitlines() if line.startswith(f"{pipe}.Square"))
+        assert "[###......" in square and " 16.7%" in square  # 2 of 12 done
+        lab.set_behaviour([{"source_id": i} for i in MISSING], fail="")
+        lab.Square.jobs.update1({"source_id": 3, "status": "pending", "error_message": ""})
+        standard.run_once()  # 3, 9 and 10 done: the next frame shows 5 of 12
+        output = _read_until(master, lambda out: b" 41.7%" in out, timeout=60)
+        assert b" 41.7%" in output
+        process.send_signal(signal.SIGINT)  # Ctrl+C ends the watch quietly
+        assert process.wait(timeout=30) == 0
+        rest = _read_until(master, lambda out: False, timeout=0.5)
+        assert b"Traceback" not in output + rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+        os.close(master)
+
+
+def test_watch_writes_plain_blocks_when_not_a_terminal(db, tmp_path, known_state):
+    import io
+
+    from djsupervisor.operate.pipeline import Pipeline
+    from djsupervisor.operate.progress import watch
+
+    lab, _, standard = known_state
+    other = DataJointWorker("other", db.schema_name("workers"), sleep_duration=1, db_prefix=db.prefix)
+    other(lab.Cube)
+    out = io.StringIO()
+    watch(Pipeline.load([("standard", standard), ("other", other)]), 10.0, 0.1, out=out, rounds=2)
+    blocks = out.getvalue().split("\n\n")
+    assert len(blocks) == 3 and blocks[2] == ""  # two frames, each a plain block
+    assert "\x1b" not in out.getvalue()
+    assert all("PROGRESS" in block.splitlines()[1] for block in blocks[:2])

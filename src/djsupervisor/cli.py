@@ -32,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
             message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
-                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; "
-                "--help for more)"
+                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, "
+                "progress, errors, retry; --help for more)"
             )
         raise UsageError(message)
 
