@@ -24,8 +24,8 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     [
         (
             [],
-            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, progress, errors, "
-            "retry; --help for more)",
+            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, progress, "
+            "errors, retry; --help for more)",
         ),
         (["bogus"], "invalid choice: 'bogus'"),
         (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
