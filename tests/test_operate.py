@@ -143,6 +143,14 @@ def test_progress_counts_every_table(db, tmp_path, known_state):
     assert row_cube.split() == [f"{pipe}.Cube", "2", "2", "0", "0", "0", "0", "other", "0.2/min", "done"]
     assert note == "(rate: jobs done in the last 10 min)"
 
+    result = cli(db, tmp_path, "progress", "pipelines.supervised", "--json", "--window", "5")  # MODULE... form
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)["tables"]
+    assert [(r["label"].split(".")[1], r["total"], r["done"], r["error"], r["rate_per_min"]) for r in rows] == [
+        ("Square", 12, 2, 6, 0.4),  # 2 jobs in the last 5 min
+        ("Cube", 2, 2, 0, 0.4),
+    ]
+
 
 def test_errors_are_grouped_by_table_and_message(db, tmp_path, known_state):
     lab, config, _ = known_state

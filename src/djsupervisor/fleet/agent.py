@@ -196,7 +196,8 @@ class FleetAgent:
         """Stamp the live children's rows; mark the gone ones exited."""
         import psutil
 
-        self.overview.note_children(children)  # their job counters, before anything here may fail
+        # their job counters, before anything here may fail (a child of a pool this agent lacks is skipped below)
+        self.overview.note_children(c for c in children if c["worker"] in self.workers)
 
         from djsupervisor.worker.schema import update_heartbeats
 
@@ -254,8 +255,9 @@ class FleetAgent:
             if progress is not None:
                 depths[_short_table(table.full_table_name)] = progress
         report["depths"] = depths
-        report["throughput"] = self.overview.throughput()
-        if self.overview.due():  # key sources are dearer to count than queues: every READ_INTERVAL
+        if self.overview.throughput():
+            report["throughput"] = self.overview.throughput()
+        if any(tables.values()) and self.overview.due():  # key sources cost more than queues: every READ_INTERVAL
             found = self._attempt("reading progress and errors", partial(self.overview.read, self.workers))
             if found is not None:
                 report["progress"], report["errors"] = found["progress"], found["errors"]

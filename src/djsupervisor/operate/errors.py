@@ -26,10 +26,12 @@ _FOLDS = (
     (re.compile(r"'[^']*'|\"[^\"]*\""), "<str>"),
     (re.compile(r"(?:[A-Za-z]:)?(?:[\w.~-]*[/\\])+[\w.~-]*"), "<path>"),
     (re.compile(r"\b[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\b"), "<id>"),
-    (re.compile(r"\b0x[0-9a-fA-F]+\b|\b[0-9a-fA-F]*\d[0-9a-fA-F]*[a-fA-F][0-9a-fA-F]*\b(?=\W|$)"), "<hex>"),
+    # hex of 6 digits or more with a letter and a digit (a hash, an address), not "5e" of 1.5e-3
+    (re.compile(r"\b0x[0-9a-fA-F]+\b|\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{6,}\b"), "<hex>"),
     (re.compile(r"[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?"), "<n>"),
 )
 _MAX_MESSAGES = 10000  # distinct messages read per job table: a bound on memory, far above any real spread
+_MAX_EXAMPLES = 100  # groups per table given an example key (one statement each): a bound on statements
 
 
 def normalise(message: str) -> str:
@@ -108,7 +110,7 @@ def job_errors(sql: Sql, entry: PipelineTable, match: str | None, stacks: bool) 
     )
     groups = _group(rows, entry.full_name, entry.label, "job")
     columns = entry.job_table.key_columns
-    for group in groups:
+    for group in groups[:_MAX_EXAMPLES]:
         picked = ", ".join(sql.q(c) for c in columns) + (f", {sql.q('error_stack')}" if stacks else "")
         found = sql.rows(
             f"SELECT {picked} FROM {jobs} WHERE {status} = 'error' AND {message} = %s ORDER BY {completed} LIMIT 1",
@@ -151,7 +153,10 @@ def history(
         for kind, process, message, count, first, last in rows:
             by_source.setdefault((kind, process), []).append((message, count, first, last))
         for (kind, process), grouped in sorted(by_source.items()):
-            for group in _group(grouped, process, labels.get(process, process), kind):
+            for index, group in enumerate(_group(grouped, process, labels.get(process, process), kind)):
+                out.append(group)
+                if index >= _MAX_EXAMPLES:
+                    continue
                 picked = q("key") + (f", {q('error_stack')}" if stacks else "")
                 found = sql.rows(
                     f"SELECT {picked} FROM {log} WHERE {q('kind')} = %s AND {q('process')} = %s "
@@ -163,7 +168,6 @@ def history(
                     group.example_key = json.loads(key) if isinstance(key, (str, bytes)) else key
                     if stacks:
                         group.stack = decode_stack(found[0][1])
-                out.append(group)
     return out
 
 
