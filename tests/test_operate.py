@@ -71,11 +71,11 @@ def known_state(db, tmp_path):
         [supervisor]
         name = "lab"
         [[worker]]
-        name = "standard"
-        target = "pipelines.workers:standard"
-        [[worker]]
         name = "other"
         target = "pipelines.workers:other"
+        [[worker]]
+        name = "standard"
+        target = "pipelines.workers:standard"
         """,
     )
     assert job_states(lab) == {
@@ -100,7 +100,7 @@ def test_progress_counts_every_table(db, tmp_path, known_state):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["window_minutes"] == 10
-    square, cube = report["tables"]  # pipeline order: Cube depends on Square
+    square, cube = report["tables"]  # pipeline order (Cube depends on Square), not the config's (other first)
     assert square == {
         "table": lab.Square.full_table_name,
         "label": f"{db.schema_name('pipe')}.Square",
@@ -241,6 +241,9 @@ def test_retry_repends_exactly_the_matching_jobs(db, tmp_path, known_state):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"ignored 2 error jobs of {pipe}.Square"]
     assert {k for k, s in job_states(lab).items() if s == "ignore"} == {6, 7, 11}
+
+    result = cli(db, tmp_path, "retry", "-c", config, "--all", "--dry-run")  # what is left: 8's missing probe
+    assert result.stdout.splitlines() == [f"would re-pend 1 error job of {pipe}.Square", "dry run: nothing changed"]
 
     result = cli(db, tmp_path, "progress", "-c", config, "--json")
     square = json.loads(result.stdout)["tables"][0]
