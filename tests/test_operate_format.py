@@ -68,7 +68,7 @@ def test_the_parent_sums_each_pools_tables():
     assert view.progress_report(now=103.0)["age"] == 3.0 and view.errors_report(now=103.0)["errors"][0]["count"] == 1
     assert FleetView().pool_queues(["std"]) == []  # nothing read yet: no line rather than zeros
 
-    text = format_status({"supervisor": "lab", "slots": [], "queues": view.pool_queues(["std"], now=102.0)})
+    text = format_status({"supervisor": "lab", "slots": [], "pool_progress": view.pool_queues(["std"], now=102.0)})
     assert "pool std: 7 remaining, 1 in error (2 tables, read 2s ago)" in text.splitlines()
 
     page = "\n".join(pipeline_sections(view, now=60 * 1000.0 + 30))

@@ -103,7 +103,7 @@ def test_progress_errors_and_chart_from_the_fleet_agent(db, supervise, tmp_path)
         "pool standard: 0 remaining, 6 in error (1 table, read ? ago)",
     ]
     assert text.index(pools[-1]) < next(i for i, line in enumerate(text) if line.startswith("WORKER"))
-    queues = json.loads(cli(db, tmp_path, "status", "--json", "-c", str(config)).stdout)["queues"]
+    queues = json.loads(cli(db, tmp_path, "status", "--json", "-c", str(config)).stdout)["pool_progress"]
     assert [(q["worker"], q["tables"], q["remaining"], q["error"]) for q in queues] == [
         ("other", 1, 4, 0),
         ("standard", 1, 0, 6),

@@ -110,7 +110,7 @@ class FleetView:
         return {
             "drained": dict(self.drained),
             "fleet_age": None if age is None else round(age, 3),
-            "queues": self.pool_queues(pools),
+            "pool_progress": self.pool_queues(pools),
         }
 
     def progress_report(self, now: float | None = None) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def format_status(data: dict) -> str:
     lines = [_summary(data, workers)]
     for pool, mode in sorted((data.get("drained") or {}).items()):
         lines.append(f"pool {pool}: {mode}ed by a fleet flag (djsupervisor resume clears it)")
-    lines.extend(_queue_lines(data.get("queues") or []))
+    lines.extend(_queue_lines(data.get("pool_progress") or []))
     header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
     rows = [
         (

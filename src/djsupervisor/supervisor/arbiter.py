@@ -111,7 +111,7 @@ class Supervisor:
             "state": self.state.value,
             "http": self.endpoints.http_address,
             "host": self.config.host or platform.node(),
-            **self.fleet.status_fields(sorted(self.pools)),  # drained, fleet_age, queues (per pool)
+            **self.fleet.status_fields(sorted(self.pools)),  # drained, fleet_age, pool_progress
             "slots": slots,
             "workers": slots,  # the old name of "slots", kept for one release
             "pools": [self.pools[name].status(self.fleet.pending(name)) for name in sorted(self.pools)],
