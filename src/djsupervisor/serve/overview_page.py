@@ -109,7 +109,8 @@ def chart(pool: str, buckets: list[list[int]], now: float | None = None) -> str:
         f'<svg class="chart" data-pool="{name}" data-total="{sum(counts.values())}" width="{_CHART_W}" '
         f'height="{_CHART_H}" viewBox="0 0 {_CHART_W} {_CHART_H}" role="img" '
         f'aria-label="jobs done per minute by {name}">'
-        f'<text x="2" y="12">{top}</text><text x="2" y="{_CHART_H - 17}">0</text>'
+        + (f'<text x="2" y="12">{top}</text>' if top else "")  # the scale's top, once there is one
+        + f'<text x="2" y="{_CHART_H - 17}">0</text>'
         f'<text x="35" y="{_CHART_H - 2}">-60 min</text><text x="{_CHART_W - 30}" y="{_CHART_H - 2}">now</text>'
         f'<line x1="34" y1="{_CHART_H - 15}" x2="{_CHART_W - 5}" y2="{_CHART_H - 15}" stroke="#999"/>'
         + "".join(bars)
