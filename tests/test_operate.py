@@ -245,6 +245,8 @@ def test_retry_repends_exactly_the_matching_jobs(db, tmp_path, known_state):
     result = cli(db, tmp_path, "retry", "-c", config, "--all", "--dry-run")  # what is left: 8's missing probe
     assert result.stdout.splitlines() == [f"would re-pend 1 error job of {pipe}.Square", "dry run: nothing changed"]
 
+    square_line = cli(db, tmp_path, "progress", "-c", config).stdout.splitlines()[1]
+    assert square_line.endswith("0 left")  # nothing to start, but one reserved and one in error: not "done"
     result = cli(db, tmp_path, "progress", "-c", config, "--json")
     square = json.loads(result.stdout)["tables"][0]
     assert (square["done"], square["error"], square["ignore"], square["reserved"], square["remaining"]) == (

@@ -74,6 +74,7 @@ def test_the_parent_sums_each_pools_tables():
     page = "\n".join(pipeline_sections(view, now=60 * 1000.0 + 30))
     assert "&lt;b&gt;bad&lt;/b&gt;" in page and "<b>bad" not in page  # every value escaped
     assert '<progress max="10" value="6"></progress> 60.0%' in page
+    assert page.count("<td>0 left</td>") == 0 and page.count("<td>-</td></tr>") == 2  # rows without an ETA
     assert 'data-pool="std" data-total="3"' in page
 
 

@@ -113,6 +113,7 @@ def test_progress_errors_and_chart_from_the_fleet_agent(db, supervise, tmp_path)
     bars = re.findall(r'<progress max="(\d+)" value="(\d+)"></progress> ([\d.]+)%', dom)
     assert bars == [("10", "4", "40.0"), ("4", "0", "0.0")], dom[-3000:]
     assert len(re.findall(r'<td class="msg">ValueError: ', dom)) == 3
+    assert re.search(r"<td>0 left</td></tr>.*<td>-</td></tr>", dom, re.S)  # Square: 6 errors are not "done"
     assert 'data-pool="standard" data-total="2"' in dom and 'data-pool="other" data-total="0"' in dom
     assert len(re.findall(r'<rect class="bar"', dom)) >= 1
     screenshot = os.environ.get("DJS_SCREENSHOT")

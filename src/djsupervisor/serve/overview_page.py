@@ -49,6 +49,8 @@ def progress_section(fleet: FleetView) -> list[str]:
     for row in fleet.progress:
         total, done = int(row.get("total") or 0), int(row.get("done") or 0)
         share = 100.0 if total == 0 else 100.0 * done / total
+        unfinished = bool(row.get("reserved") or row.get("error"))  # nothing to start, yet not done
+        eta = "0 left" if unfinished and not row.get("remaining") else _eta(row.get("eta_seconds"))
         numbers = "".join(
             f'<td class="n">{_e(row.get(k))}</td>'
             for k in ("total", "done", "remaining", "reserved", "error", "ignore")
@@ -58,7 +60,7 @@ def progress_section(fleet: FleetView) -> list[str]:
             f'<td><progress max="{max(total, 1)}" value="{done if total else 1}"></progress> {share:.1f}%</td>'
             f"{numbers}<td>{_e(', '.join(row.get('workers') or []))}</td>"
             f'<td class="n">{float(row.get("rate_per_min") or 0):.1f}/min</td>'
-            f"<td>{_e(_eta(row.get('eta_seconds')))}</td></tr>"
+            f"<td>{_e(eta)}</td></tr>"
         )
     return [
         '<table id="progress"><thead><tr>' + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>",
