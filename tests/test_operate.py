@@ -202,6 +202,11 @@ def test_errors_are_grouped_by_table_and_message(db, tmp_path, known_state):
     assert any(line.startswith("    | ") and "ValueError" in line for line in lines)  # the stack, on request
     assert "ErrorLog history (cleared, callables): 0 in 0 groups" in result.stdout  # nothing cleared matches
 
+    result = cli(db, tmp_path, "errors", "-c", config, "--json", "--table", "Square", "--show-stack")
+    report = json.loads(result.stdout)
+    assert all("ValueError" in g["stack"] and "Traceback" in g["stack"] for g in report["errors"])
+    assert [(g["kind"], g["count"]) for g in report["history"]] == [("cleared", 2)]  # a callable is no table's
+
     result = cli(db, tmp_path, "errors", "-c", config)
     assert result.stdout.splitlines()[0] == "errors in the job tables: 6 in 3 groups"
     assert "ErrorLog history (cleared, callables): 3 in 2 groups" in result.stdout
