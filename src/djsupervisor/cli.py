@@ -1,5 +1,5 @@
 """The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, forget,
-migrate-schema.
+progress, errors, retry (`djsupervisor.operate`), migrate-schema.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
 ``djsupervisor: error: ...``, and exit status 2; never a traceback.
@@ -32,8 +32,8 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
             message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
-                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; "
-                "--help for more)"
+                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, "
+                "progress, errors, retry; --help for more)"
             )
         raise UsageError(message)
 
@@ -61,6 +61,7 @@ def _seconds(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     from djsupervisor import __version__
     from djsupervisor.fleet import cli as fleet_cli
+    from djsupervisor.operate import cli as operate_cli
 
     parser = _Parser(prog="djsupervisor", description="Run DataJoint pipeline workers in production.")
     parser.add_argument("--version", action="version", version=f"djsupervisor {__version__}")
@@ -112,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
         fleet_cli.add_schema_option(command)
 
     fleet_cli.add_arguments(commands, fleet_source)
+    operate_cli.add_arguments(commands, source_options)
 
     reload = commands.add_parser("reload", help="re-read the config file")
     socket_options(reload)
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No datajoint.json found")
     from djsupervisor.credentials import CredentialError, apply_credential
     from djsupervisor.fleet.cli import FleetError
+    from djsupervisor.operate import OperateError
     from djsupervisor.supervisor.config import ConfigError
 
     try:
@@ -421,11 +424,16 @@ def main(argv: list[str] | None = None) -> int:
 
             _logging_for(args, context={"worker": args.command}, quiet=True)
             return getattr(fleet_cli, args.command)(args, _load)
+        if args.command in ("progress", "errors", "retry"):
+            from djsupervisor.operate import cli as operate_cli
+
+            _logging_for(args, context={"worker": args.command}, quiet=True)
+            return operate_cli.run(args, _load)
         if args.command == "run":
             return _run(args)
         if args.command == "migrate-schema":
             return _migrate(args)
-    except (UsageError, ConfigError, FleetError, CredentialError) as error:
+    except (UsageError, ConfigError, FleetError, CredentialError, OperateError) as error:
         print(f"djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
