@@ -31,7 +31,12 @@ SYSTEMD = Path("/lib/systemd/systemd")
 TARGET = "djtest.target"
 UNIT_DIRS = [Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"), Path("/etc/systemd/system")]
 GENERATOR_DIRS = [Path("/lib/systemd/system-generators"), Path("/usr/lib/systemd/system-generators")]
-KEEP = {"systemd-journald.service", "systemd-journald.socket", "systemd-journald-dev-log.socket"}
+KEEP = {
+    "systemd-journald.service",
+    "systemd-journald.socket",
+    "systemd-journald-dev-log.socket",
+    "systemd-poweroff.service",
+}
 MASKED_SUFFIXES = (".service", ".socket", ".timer", ".path", ".mount", ".automount", ".swap")
 TARGET_UNIT = """[Unit]
 Description=djsupervisor's systemd test: journald and nothing else

@@ -426,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate-schema":
             return _migrate(args)
     except (UsageError, ConfigError, FleetError, CredentialError) as error:
-        print(f"djsupervisor: error: {error}", file=sys.stderr)
+        from djsupervisor.log import journal_prefix
+
+        # under systemd an error (a bad config: the unit fails) shows in `journalctl -p err`
+        print(f"{journal_prefix(3)}djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
