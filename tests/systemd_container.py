@@ -20,14 +20,18 @@ database servers, systemd-tmpfiles-*, networking. A unit the test installs (`fil
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 SYSTEMD = Path("/lib/systemd/systemd")
+CGROUP_PREFIX = "djsupervisor-systemd-test-"  # the containers' cgroups, in the machine's cgroup2 hierarchy
+PR_SET_PDEATHSIG = 1
 TARGET = "djtest.target"
 UNIT_DIRS = [Path("/lib/systemd/system"), Path("/usr/lib/systemd/system"), Path("/etc/systemd/system")]
 GENERATOR_DIRS = [Path("/lib/systemd/system-generators"), Path("/usr/lib/systemd/system-generators")]
@@ -174,12 +178,19 @@ class Container:
         """Start `command` in the container's namespaces, moved first into a cgroup of its own."""
         parent = cgroup2_mount()
         assert parent is not None
-        self.cgroup = parent / f"djsupervisor-systemd-test-{uuid.uuid4().hex[:8]}"
-        self.cgroup.mkdir()
-        wrapper = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self.cgroup)]
+        for stale in parent.glob(f"{CGROUP_PREFIX}*"):  # left by a test process that was killed: empty ones go
+            remove_cgroup(stale, patience=0)
+        wrapper = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"']
+        command = self._prepare() + command
         with self.console.open("ab") as console:
+            self.cgroup = parent / f"{CGROUP_PREFIX}{uuid.uuid4().hex[:8]}"
+            self.cgroup.mkdir()
             return subprocess.Popen(
-                wrapper + self._prepare() + command, stdin=subprocess.DEVNULL, stdout=console, stderr=console
+                [*wrapper, str(self.cgroup), *command],
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                preexec_fn=die_with_parent,
             )
 
     def probe(self, command: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
@@ -261,26 +272,33 @@ class Container:
         except subprocess.TimeoutExpired:
             process.kill()  # unshare --kill-child: its child, PID 1, gets SIGKILL, and with it the namespace
             process.wait(10)
-        self._remove_cgroup()
+        if self.cgroup is not None:
+            if (self.cgroup / "cgroup.kill").exists():  # a safety net: anything left in the container's cgroups
+                (self.cgroup / "cgroup.kill").write_text("1")
+            remove_cgroup(self.cgroup, patience=10)
 
-    def _remove_cgroup(self) -> None:
-        """Remove the container's cgroup tree, deepest first, once its processes are gone."""
-        if self.cgroup is None or not self.cgroup.exists():
-            return
-        deadline = time.monotonic() + 10
-        for directory in sorted((p for p in self.cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            self._rmdir(directory, deadline)
-        self._rmdir(self.cgroup, deadline)
 
-    @staticmethod
-    def _rmdir(directory: Path, deadline: float) -> None:
+def die_with_parent() -> None:
+    """Run in the child before exec: SIGKILL when the test process dies, however it dies (unshare passes it on
+    to PID 1 with --kill-child, and the namespaces go with it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def remove_cgroup(cgroup: Path, patience: float) -> None:
+    """Remove a container's cgroup tree, deepest first, once its processes are gone (EBUSY until the kernel has
+    reaped the last one: retried for `patience` seconds, then raised; with patience 0, left as it is)."""
+    deadline = time.monotonic() + patience
+    for directory in [*sorted((p for p in cgroup.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), cgroup]:
         while True:
             try:
                 directory.rmdir()
-                return
+                break
             except FileNotFoundError:
-                return
-            except OSError:  # EBUSY until the kernel has reaped the last process in it
+                break
+            except OSError:
+                if not patience:
+                    return
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
