@@ -9,7 +9,8 @@ SIGSTOPped, `systemctl stop` with a job in flight (it finishes, inside TimeoutSt
 status 2 on a bad config and no restart, journald priorities (`journalctl -p warning`), and the hardening
 options (DynamicUser, ProtectSystem=strict, ProtectHome, the system-call filter, ...) leaving the workers able
 to import the pipeline and reach the database. One change to the unit, for time: the watchdog step gives it
-WatchdogSec=4 in a drop-in (60 s in the file).
+WatchdogSec=4 in a drop-in (60 s in the file). A second test starts systemd/djsupervisor.service (a system
+user of its own) in a container of its own.
 
 Marked `systemd` (`./scripts/test -m systemd` runs it alone); skipped, with the reason, where namespaces,
 overlayfs or a cgroup2 hierarchy are not available (not root, a container without them). Afterwards the
@@ -38,7 +39,8 @@ pytestmark = [pytest.mark.systemd, pytest.mark.process, pytest.mark.timeout(300)
 
 NAME = "lab"
 UNIT = f"djsupervisor@{NAME}.service"
-UNIT_FILE = TESTS.parent / "systemd" / "djsupervisor@.service"
+SINGLE = "djsupervisor.service"  # the one-config unit: /etc/djsupervisor/djsupervisor.toml, the user djsupervisor
+UNITS = TESTS.parent / "systemd"
 LIB = "/opt/djsupervisor-lib"  # where the test's interpreter, packages and pipeline appear in the container
 CLI = ["/opt/djsupervisor/bin/djsupervisor"]  # the unit's ExecStart
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"
@@ -50,9 +52,9 @@ exec {LIB}/python/bin/{PYTHON} -m djsupervisor "$@"
 """
 
 
-def config(*workers: tuple[str, int]) -> str:
-    """lab.toml: the test pipeline's workers (name, replicas), imported from the bound tests/ directory."""
-    text = f'[supervisor]\nname = "{NAME}"\npythonpath = ["{LIB}/tests"]\ngraceful_timeout = 20\n'
+def config(*workers: tuple[str, int], name: str = NAME) -> str:
+    """NAME.toml: the test pipeline's workers (name, replicas), imported from the bound tests/ directory."""
+    text = f'[supervisor]\nname = "{name}"\npythonpath = ["{LIB}/tests"]\ngraceful_timeout = 20\n'
     for worker, replicas in workers:
         text += f'\n[[worker]]\nname = "{worker}"\ntarget = "pipelines.supervised:{worker}"\nreplicas = {replicas}\n'
     return text
@@ -73,16 +75,17 @@ class Transcript:
 class Service:
     """The unit inside the container, seen through systemctl and journalctl."""
 
-    def __init__(self, container: Container, transcript: Transcript):
+    def __init__(self, container: Container, transcript: Transcript, unit: str = UNIT):
         self.container = container
         self.transcript = transcript
+        self.unit = unit
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 60) -> str:
         result = self.container.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
         return result.stdout + result.stderr
 
     def show(self, *properties: str) -> dict[str, str]:
-        text = self.systemctl("show", UNIT, "-p", ",".join(properties))
+        text = self.systemctl("show", self.unit, "-p", ",".join(properties))
         return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
     def state(self) -> str:
@@ -109,7 +112,7 @@ class Service:
         return wait_until(running, timeout, interval=0.2, message=f"{count} {worker} children")
 
     def journal(self, *args: str) -> str:
-        return self.container.run(["journalctl", "--no-pager", "-u", UNIT, *args]).stdout
+        return self.container.run(["journalctl", "--no-pager", "-u", self.unit, *args]).stdout
 
     def mark(self) -> int:
         """The journal's last sequence number now, for `since`. (Not `journalctl --after-cursor`: with -u and
@@ -119,12 +122,12 @@ class Service:
 
     def since(self, mark: int, *args: str) -> str:
         """The unit's journal messages after `mark`, one a line (`journalctl -u UNIT ARGS -o cat`)."""
-        out = self.container.run(["journalctl", "--no-pager", "-u", UNIT, "-o", "json", *args]).stdout
+        out = self.container.run(["journalctl", "--no-pager", "-u", self.unit, "-o", "json", *args]).stdout
         entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         return "".join(f"{entry['MESSAGE']}\n" for entry in entries if sequence_number(entry) > mark)
 
     def status(self) -> str:
-        return self.systemctl("status", UNIT, "--lines=0", check=False)
+        return self.systemctl("status", self.unit, "--lines=0", check=False)
 
 
 def sequence_number(entry: dict) -> int:
@@ -189,10 +192,15 @@ def service(tmp_path: Path, db: conftest.TestDatabase) -> Iterator[Service]:
         f"DJ_USE_TLS=false\nDJS_TEST_PREFIX={db.prefix}\n"
     )
     files: dict[str, str | tuple[str, int]] = {
-        "/etc/systemd/system/djsupervisor@.service": UNIT_FILE.read_text(),  # as it is in the repository
+        # the units as they are in the repository
+        "/etc/systemd/system/djsupervisor@.service": (UNITS / "djsupervisor@.service").read_text(),
+        f"/etc/systemd/system/{SINGLE}": (UNITS / SINGLE).read_text(),
         f"/etc/djsupervisor/{NAME}.toml": (config(("standard", 2)), 0o640),
         f"/etc/djsupervisor/{NAME}.env": (env, 0o600),
         f"/etc/djsupervisor/{NAME}.dj_pass": (settings["password"], 0o600),
+        "/etc/djsupervisor/djsupervisor.toml": (config(("standard", 2), name="djsupervisor"), 0o640),
+        "/etc/djsupervisor/djsupervisor.env": (env, 0o600),
+        "/etc/djsupervisor/djsupervisor.dj_pass": (settings["password"], 0o600),
         "/opt/djsupervisor/bin/djsupervisor": (WRAPPER, 0o755),
     }
     binds = {
@@ -209,6 +217,7 @@ def service(tmp_path: Path, db: conftest.TestDatabase) -> Iterator[Service]:
         transcript.add("boot", f"systemd booted {Path('/lib/systemd/systemd')} in {time.monotonic() - started:.1f} s")
         # README's install steps: the group that reads /etc/djsupervisor, the config 0640, the password 0600
         container.run(["groupadd", "--system", "djsupervisor"])
+        container.run(["useradd", "--system", "--gid", "djsupervisor", "--no-create-home", "djsupervisor"])
         container.run(["chown", "-R", "root:djsupervisor", "/etc/djsupervisor"])
         container.run(["chmod", "0750", "/etc/djsupervisor"])
         service = Service(container, transcript)
@@ -374,3 +383,30 @@ def test_the_unit_under_a_real_systemd(service: Service, db: conftest.TestDataba
     assert "djsupervisor: error: /etc/djsupervisor/lab.toml: TOML syntax error" in errors, errors
     record("a bad config", f"{bad}\n{service.status()}")
     record("journalctl -u djsupervisor@lab -p err (the bad config)", errors)
+
+
+def test_the_single_unit_under_a_real_systemd(service: Service, db: conftest.TestDatabase):
+    """systemd/djsupervisor.service, the one-config unit: it runs as the system user djsupervisor, its workers
+    compute on the database, its control socket is /run/djsupervisor/djsupervisor/djsupervisor.sock, and it
+    stops cleanly."""
+    lab = declare(db.schema_name("pipe"), db.connection)
+    lab.seed([1, 2])
+    single = Service(service.container, service.transcript, SINGLE)
+    single.systemctl("start", SINGLE, timeout=90)  # Type=notify: returns once READY=1 came
+    assert single.show("ActiveState", "SubState") == {"ActiveState": "active", "SubState": "running"}
+    children = single.workers(2)
+    wait_until(lambda: len(lab.Square()) == 2, 60, message="the workers to compute Square")
+    assert {row["worker_pid"] for row in lab.Square.to_dicts()} <= set(children)
+    user = service.container.run(["ps", "-o", "user=", "-p", str(next(iter(children)))]).stdout.strip()
+    assert user == "djsupervisor", user
+    runtime = "/run/djsupervisor/djsupervisor"
+    listing = service.container.run(["stat", "-c", "%A %U %n", runtime, f"{runtime}/djsupervisor.sock"]).stdout
+    assert listing.splitlines() == [
+        f"drwx------ djsupervisor {runtime}",
+        f"srw------- djsupervisor {runtime}/djsupervisor.sock",
+    ]
+    service.transcript.add(f"systemctl status {SINGLE}", single.status())
+    single.systemctl("stop", SINGLE, timeout=60)
+    result = single.show("ActiveState", "Result")
+    assert result == {"ActiveState": "inactive", "Result": "success"}, result
+    service.transcript.add(f"journalctl -u {SINGLE} -o cat", single.journal("-o", "cat"))
