@@ -54,15 +54,15 @@ AllowIsolate=yes
 STAGE2 = r"""
 set -eu
 base=$1 files=$2 binds=$3; shift 3
-mount -t tmpfs -o mode=0755 djsystemd "$base"
+mount -n -t tmpfs -o mode=0755 djsystemd "$base"
 mkdir "$base/upper" "$base/work" "$base/root"
-mount -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
+mount -n -t overlay overlay -o "lowerdir=/,upperdir=$base/upper,workdir=$base/work" "$base/root"
 r=$base/root
-mount -t proc proc "$r/proc"
-mount --bind "$r/proc/sys" "$r/proc/sys" && mount -o remount,bind,ro "$r/proc/sys"
-mount -t sysfs -o ro,nosuid,nodev,noexec sysfs "$r/sys"
-mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$r/sys/fs/cgroup"
-mount -t tmpfs -o mode=0755,nosuid djsystemd "$r/dev"
+mount -n -t proc proc "$r/proc"
+mount -n --bind "$r/proc/sys" "$r/proc/sys" && mount -n -o remount,bind,ro "$r/proc/sys"
+mount -n -t sysfs -o ro,nosuid,nodev,noexec sysfs "$r/sys"
+mount -n -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$r/sys/fs/cgroup"
+mount -n -t tmpfs -o mode=0755,nosuid djsystemd "$r/dev"
 for node in null:1:3 zero:1:5 full:1:7 random:1:8 urandom:1:9 tty:5:0; do
   IFS=: read -r name major minor <<EOF
 $node
@@ -70,17 +70,17 @@ EOF
   mknod -m 0666 "$r/dev/$name" c "$major" "$minor"
 done
 mkdir "$r/dev/pts" "$r/dev/shm"
-mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$r/dev/pts"
+mount -n -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$r/dev/pts"
 ln -s pts/ptmx "$r/dev/ptmx"
-mount -t tmpfs -o mode=1777,nosuid,nodev djsystemd "$r/dev/shm"
+mount -n -t tmpfs -o mode=1777,nosuid,nodev djsystemd "$r/dev/shm"
 ln -s /proc/self/fd "$r/dev/fd"
-mount -t tmpfs -o mode=0755,nosuid,nodev djsystemd "$r/run"
-mount -t tmpfs -o mode=1777,nosuid,nodev djsystemd "$r/tmp"
+mount -n -t tmpfs -o mode=0755,nosuid,nodev djsystemd "$r/run"
+mount -n -t tmpfs -o mode=1777,nosuid,nodev djsystemd "$r/tmp"
 cp -a "$files/." "$r/"
 while read -r host inside; do
   [ -n "$host" ] || continue
   mkdir -p "$r$inside"
-  mount --bind "$host" "$r$inside" && mount -o remount,bind,ro "$r$inside"
+  mount -n --bind "$host" "$r$inside" && mount -n -o remount,bind,ro "$r$inside"
 done < "$binds"
 mkdir "$r/.hostroot"
 cd "$r"
@@ -90,7 +90,7 @@ umount -l /.hostroot
 rmdir /.hostroot
 # systemd makes / shared only when the kernel started it; in a container that is the manager's job, and
 # LoadCredential= needs it (the credentials are mounted in a child namespace and moved to /run/credentials)
-mount --make-rshared /
+mount -n --make-rshared /
 exec env -i container=djsupervisor-test PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
 """
 
