@@ -4,7 +4,8 @@ Never on the machine's own root: at boot systemd-tmpfiles empties /tmp and /run 
 the real root deletes every other process's temporary files and the database servers' socket directories.
 The root here is an overlay of / with an upper layer on a tmpfs, and /run, /tmp and /dev are fresh tmpfs
 mounts in it, all inside a new mount namespace with private propagation: nothing written there reaches the
-machine, and it all goes with the namespace.
+machine, and it all goes with the namespace. (`mount -n`: mount(8) would otherwise create /run/mount on the
+machine for its utab, before the fresh /run is there.)
 
 The namespaces: PID (systemd is PID 1 and sees only its own processes), mount, UTS (it sets a host name),
 IPC (RemoveIPC=) and cgroup. The network is the machine's, so that the services reach the database servers on
