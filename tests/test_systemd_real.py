@@ -223,10 +223,11 @@ def service(tmp_path: Path, db: conftest.TestDatabase) -> Iterator[Service]:
         service = Service(container, transcript)
         yield service
         whole = service.journal("-o", "short-monotonic")
-        transcript.add(
-            "journalctl -u djsupervisor@lab (the whole run; the workers' 'cycle N done' lines left out)",
-            "\n".join(line for line in whole.splitlines() if "] cycle " not in line),
-        )
+        if whole.strip() and "-- No entries --" not in whole:
+            transcript.add(
+                "journalctl -u djsupervisor@lab (the whole run; the workers' 'cycle N done' lines left out)",
+                "\n".join(line for line in whole.splitlines() if "] cycle " not in line),
+            )
     finally:
         started = time.monotonic()
         container.shutdown()
