@@ -55,6 +55,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr
 
 
+def test_an_error_under_journald_carries_its_priority(tmp_path):
+    """With stderr connected to journald (JOURNAL_STREAM names it), the one-line error starts with ``<3>``, so
+    `journalctl -p err` shows why a unit failed to start; anywhere else the line is as above."""
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as file:
+        info = os.fstat(file.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+        result = subprocess.run(
+            [*djsupervisor_command(), "start", "-c", "/nonexistent/lab.toml"], stderr=file, env=env, timeout=90
+        )
+    assert result.returncode == 2
+    assert stderr.read_text() == "<3>djsupervisor: error: /nonexistent/lab.toml: file not found\n"
+
+
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("djsupervisor ")

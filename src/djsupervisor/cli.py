@@ -434,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate-schema":
             return _migrate(args)
     except (UsageError, ConfigError, FleetError, CredentialError, OperateError) as error:
-        print(f"djsupervisor: error: {error}", file=sys.stderr)
+        from djsupervisor.log import journal_prefix  # under systemd: in `journalctl -p err` (the unit fails)
+
+        print(f"{journal_prefix(3)}djsupervisor: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

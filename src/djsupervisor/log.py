@@ -103,6 +103,12 @@ def _stderr_is_journal() -> bool:
     return expected == f"{info.st_dev}:{info.st_ino}"
 
 
+def journal_prefix(priority: int) -> str:
+    """``<priority>`` when stderr is journald's stream (it reads the prefix as the line's syslog priority), else
+    "": for lines written without the logger, such as the command line's one-line errors."""
+    return f"<{priority}>" if _stderr_is_journal() else ""
+
+
 def _write(text: str) -> None:
     sys.stderr.write(mask(text))
     sys.stderr.flush()  # nothing important may live only in a buffer when a process dies
