@@ -71,6 +71,8 @@ def _said_before(record: logging.LogRecord) -> bool:
     "Native type 'int' is used in attribute ..." is said once per type, not once per attribute."""
     if record.levelno < logging.WARNING or not record.name.startswith("datajoint"):
         return False
+    if record.levelno == logging.ERROR and record.funcName == "_populate1":
+        return True  # a failed job's bare message: the worker's own line names table and key (progress.py)
     key = re.sub(r"attribute '[^']*'", "attribute", " ".join(record.getMessage().split()))
     if key in _warned:
         return True
