@@ -80,12 +80,23 @@ def _said_before(record: logging.LogRecord) -> bool:
     return False
 
 
+def _about_a_job_table(record: logging.LogRecord) -> bool:
+    """DataJoint's native-type warning about its own job table (`compat.declaring_job_table`)."""
+    if record.levelno != logging.WARNING or not record.getMessage().startswith("Native type"):
+        return False
+    from djsupervisor.worker.compat import declaring_job_table  # DataJoint is loaded: it is logging
+
+    return declaring_job_table()
+
+
 class InterceptHandler(logging.Handler):
     """Hands standard-library records (DataJoint's) to loguru, keeping level and origin; DataJoint's
-    warnings once each, on one line."""
+    warnings once each, on one line, and those about its own job tables at DEBUG."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        if _said_before(record):
+        if _about_a_job_table(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif _said_before(record):
             return
         try:
             level: str | int = logger.level(record.levelname).name
