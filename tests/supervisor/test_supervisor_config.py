@@ -81,7 +81,8 @@ def test_modules_give_one_child_per_worker_they_define():
     assert [(w.name, w.target, w.replicas) for w in config.workers] == [("offline", "pipelines.offline:worker", 1)]
     with pytest.raises(ConfigError, match="defines no DataJointWorker"):
         config_from_modules(["pipelines.empty"])
-    with pytest.raises(ConfigError, match="cannot import: RuntimeError: this pipeline is broken"):
+    broken = r"cannot import 'pipelines.broken': RuntimeError: this pipeline is broken \(raised at .*broken\.py:\d+\)"
+    with pytest.raises(ConfigError, match=broken):
         config_from_modules(["pipelines.broken"])
 
 

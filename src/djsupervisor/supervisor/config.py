@@ -366,7 +366,7 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
         try:
             module = importlib.import_module(module_name)
         except Exception as error:
-            raise ConfigError(source, module_name, f"cannot import: {error.__class__.__name__}: {error}")
+            raise ConfigError(source, module_name, _import_problem(module_name, error, [Path.cwd()]))
         defines_one = False
         for attribute, value in vars(module).items():
             if not isinstance(value, DataJointWorker):
