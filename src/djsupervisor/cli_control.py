@@ -69,7 +69,7 @@ def refuse_second_start(source: str, socket_path: str) -> str | None:
     except ControlError:
         pid = "?"
     return (
-        f"{source}: another supervisor (pid {pid}) is listening on {socket_path}; stop it with"
+        f"{source}: another supervisor is listening on {socket_path} (pid {pid}); stop it with"
         f" `djsupervisor stop -c {source}` (or `kill -TERM {pid}`), or give this one another name"
     )
 

@@ -56,12 +56,14 @@ def test_queues_from_the_config_alone_when_no_supervisor_runs(db, tmp_path):
     assert text.returncode == 0 and f"no supervisor runs for {config}" in text.stdout, text
 
 
-def test_reload_and_scale_say_what_changed_and_a_runtime_size_outlives_a_reload(db, supervise, tmp_path):
+def test_reload_and_scale_say_what_changed_and_a_runtime_size_outlives_a_reload(
+    db, supervise, tmp_path, private_runtime_dir
+):
     declare(db.schema_name("pipe"))
     config = write_config(tmp_path / "lab.toml", config_text(3))
     sup = supervise(["-c", str(config)])
     sup.wait_children({"standard": 3})
-    dead_socket(Path(db.env["DJSUPERVISOR_RUNTIME_DIR"]) / "barpoison.sock")  # a dead one beside it
+    dead_socket(private_runtime_dir / "barpoison.sock")  # a dead one beside it
 
     scaled = cli(db, tmp_path, "scale", "standard", "1")  # found without -c: the one that answers
     assert scaled.returncode == 0 and scaled.stdout == "standard: 3 -> 1 children\n", scaled
@@ -91,7 +93,7 @@ def test_reload_and_scale_say_what_changed_and_a_runtime_size_outlives_a_reload(
         cwd=tmp_path,
     )
     assert second.returncode == 2
-    assert f"another supervisor (pid {sup.pid}) is listening on" in second.stderr, second.stderr
+    assert f"another supervisor is listening on {private_runtime_dir / 'lab.sock'} (pid {sup.pid})" in second.stderr
     assert f"stop it with `djsupervisor stop -c {config}`" in second.stderr
     assert cli(db, tmp_path, "stop", "-c", str(config), "--wait", "60").returncode == 0
     assert sup.wait_exit(30) == 0
