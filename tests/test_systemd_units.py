@@ -43,3 +43,12 @@ def test_unit_files_say_what_the_supervisor_needs(unit):
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID" and settings["WatchdogSec"]
     assert settings["EnvironmentFile"].startswith("-/etc/djsupervisor/")
     assert "DJSUPERVISOR_RUNTIME_DIR=%t/djsupervisor" in settings["Environment"]
+
+
+@pytest.mark.parametrize("unit", ["djsupervisor.service", "djsupervisor@.service"])
+def test_unit_files_show_where_targets_come_from(unit):
+    """Issue 19: under systemd a loose lab_workers.py was not found (the working directory was /, unsaid)."""
+    text = (UNITS / unit).read_text()
+    assert "\nWorkingDirectory=/etc/djsupervisor\n" in text
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "config file's directory" in comments and "[supervisor] pythonpath" in comments

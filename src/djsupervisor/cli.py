@@ -151,18 +151,18 @@ def _load(args, *, check_targets: bool = True):
         raise UsageError("give either -c FILE or MODULE..., not both")
     if not args.config and not modules:
         raise UsageError("no configuration: give -c FILE or MODULE...")
-    if check_targets:  # the database login first: a target connects when imported, and would take the blame
-        from djsupervisor.preflight import DatabaseError, check_database
+    if not check_targets and args.config:
+        return load_config(args.config, check_targets=False), args.config
+    from djsupervisor.preflight import DatabaseError, login_first
 
+    if args.config:  # the file's [database] settings, for the login checked before the targets are imported
+        load_config(args.config, check_targets=False).database.apply()
+    try:
         if args.config:
-            load_config(args.config, check_targets=False).database.apply()
-        try:
-            check_database(args.config)
-        except DatabaseError as error:
-            raise UsageError(f"{args.config}: {error}" if args.config else str(error)) from None
-    if args.config:
-        return load_config(args.config, check_targets=check_targets), args.config
-    return config_from_modules(modules), None
+            return login_first(args.config, lambda: load_config(args.config)), args.config
+        return login_first(None, lambda: config_from_modules(modules)), None
+    except DatabaseError as error:
+        raise UsageError(f"{args.config}: {error}" if args.config else str(error)) from None
 
 
 def _socket_path(args) -> str:

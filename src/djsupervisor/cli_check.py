@@ -3,11 +3,12 @@
 Order: the file's keys (every problem, each with its closest known key when it is misspelt), the database
 login (`preflight.check_database`, before any target is imported: a lab's module connects when imported,
 and a refused login would otherwise read as a broken target), then each target, imported as `start` would
-import it. Problems are printed one a line (``djsupervisor: error: FILE: KEY: PROBLEM``), exit status 2;
-warnings (``djsupervisor: warning: ...``) leave the exit status 0. A pool whose ``[[worker]] name`` is not
-its DataJointWorker's own name is warned about: the registry, WorkerLog and ErrorLog use the worker's name,
-the status output and the control commands the pool's.
-"""
+import it. A refused login is asked again after the imports (a module may set ``dj.config``'s credentials);
+if it is still refused, it replaces the import failures it explains. Problems are printed one a line on
+stderr (``djsupervisor: error: FILE: KEY: PROBLEM``), exit status 2; warnings (``warning: ...``, on stdout
+with the report) leave the exit status 0. A pool whose ``[[worker]] name`` is not its DataJointWorker's own
+name is warned about: the registry, WorkerLog and ErrorLog use the worker's name, the status output and
+the control commands the pool's."""
 
 from __future__ import annotations
 
@@ -44,27 +45,33 @@ def check(args) -> int:
     """The `check` command; see the module's docstring."""
     from djsupervisor.log import add_secret, setup_logging
     from djsupervisor.preflight import DatabaseError, check_database
-    from djsupervisor.supervisor.config import Problems, load_config
+    from djsupervisor.supervisor.config import ConfigError, Problems, load_config
 
     source = args.config
     early = load_config(source, check_targets=False, problems=Problems(source))
     add_secret(early.database.password)
     setup_logging(args.log_level or "WARNING", "text", supervisor=early.name, worker="check")
     problems = Problems(source)
-    database = None
     early.database.apply()
+    refused: DatabaseError | None = None
     try:
         database = check_database(source)
     except DatabaseError as error:
-        problems.add("", str(error))
-    config = load_config(source, check_targets=database is not None, problems=problems)
+        refused = error
+    config = load_config(source, problems=problems)  # the targets; problems collected, none raised
+    if refused is not None:  # a target may set dj.config's credentials when imported: ask again
+        try:
+            database = check_database(source)
+        except DatabaseError as error:  # still refused: the cause of the targets' failures too
+            kept = [p for p in problems if not (p.key.endswith(".target") and "cannot import" in p.problem)]
+            kept += [p for p in problems if "ModuleNotFoundError" in p.problem and p not in kept]
+            problems[:] = [ConfigError(source, "", str(error)), *kept]
     built = {}
-    if database is not None:
-        for worker in config.workers:
-            try:
-                built[worker.name] = worker.build_worker()
-            except Exception:  # parse_config has already added the problem
-                pass
+    for worker in config.workers:
+        try:
+            built[worker.name] = worker.build_worker()
+        except Exception:  # parse_config has already added the problem
+            pass
     if config.http_token_file:  # as `start` will read it: run `check` as the supervisor's user
         from djsupervisor.serve.http_access import read_token_file
 

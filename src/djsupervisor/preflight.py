@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: What each of pydantic's error types accepts, in the user's words.
 _ACCEPTED = {
@@ -114,3 +117,24 @@ def check_database(source: str | None = None) -> str:
     finally:
         with contextlib.suppress(Exception):
             connection.close()
+
+
+def login_first(source: str | None, load: Callable[[], T]) -> T:
+    """`load()` (which imports the worker targets), with the database login checked before it.
+
+    A refused login is raised as DatabaseError, never as the failure of a target that connects when
+    imported. A lab's module may set the credentials in ``dj.config`` when imported, though: so when the
+    login is refused before, the targets are imported all the same and the login checked again with what
+    they set; only if it is still refused (or the import failed) is the refusal raised."""
+    try:
+        check_database(source)
+    except DatabaseError as error:
+        refused = error
+    else:
+        return load()
+    try:
+        loaded = load()
+    except Exception:
+        raise refused from None
+    check_database(source)  # with whatever the targets set; raises DatabaseError if still refused
+    return loaded
