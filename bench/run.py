@@ -132,7 +132,7 @@ class Supervisor:
         self.config = tmp / "bench.toml"
         self.config.write_text(
             f'[supervisor]\nname = "bench{uuid.uuid4().hex[:6]}"\ncontrol_socket = "{tmp}/ctl.sock"\n'
-            f"graceful_timeout = {graceful_timeout}\nbackoff_initial = 0.01\n\n"
+            f"graceful_timeout = {graceful_timeout}\n\n"  # every other setting at its default
             f'[[worker]]\nname = "bench"\ntarget = "bench_pipeline:worker"\nreplicas = {replicas}\n'
             f"sleep_duration = {env['DJS_BENCH_SLEEP']}\n"
             + (f"max_sleep_duration = {env['DJS_BENCH_MAX_SLEEP']}\n" if env.get("DJS_BENCH_MAX_SLEEP") else "")
@@ -225,8 +225,14 @@ def throughput(db: DB, kind: str, replicas: int, ms: float, window: float, keys:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: bool) -> float:
-    """SIGKILL of a busy child -> first job finished by its replacement (seconds)."""
+def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: bool, kills: int = 6) -> list[float]:
+    """SIGKILL of a busy child every ~1 s, `kills` times -> first job finished by each replacement (seconds).
+
+    Default settings on both sides (djsupervisor: backoff_initial 0.25 s, fatal_after 5; supervisord:
+    autorestart, startsecs=0). A kill every second is what a bad node or an OOM-killing neighbour does: each
+    kill lands on a child that is in a job, so djsupervisor counts it to the job (its max_attempts) and
+    replaces the child at once; a restart delay that grew with each kill, or a FATAL slot, shows here.
+    """
     db.seed(prefix, 20000, ms)
     env = env_for(db.backend, prefix, ms)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
@@ -250,23 +256,32 @@ def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: b
             stderr=subprocess.DEVNULL,
         )
         parent = proc.pid
+    latencies = []
     try:
         end = time.time() + 60
         while time.time() < end and db.count(prefix) < 5:
             time.sleep(0.02)
-        victim = psutil.Process(parent).children()[0]
-        old = victim.pid
-        killed = time.time()
-        victim.kill()
-        end = time.time() + 60
-        while time.time() < end:
-            r = db.q(
-                f"SELECT min(finished) FROM {db.table(prefix)} WHERE worker_pid <> %s AND finished > %s", (old, killed)
-            )
-            if r and r[0][0] is not None:
-                return r[0][0] - killed
-            time.sleep(0.005)
-        raise RuntimeError(f"{kind}: no replacement job within 60 s")
+        for _ in range(kills):
+            # the worker child (djsupervisor's parent also has its fleet agent; supervisord has only the worker)
+            workers = [c for c in psutil.Process(parent).children() if "agent" not in " ".join(c.cmdline())]
+            victim = workers[0]
+            old = victim.pid
+            killed = time.time()
+            victim.kill()
+            end = time.time() + 60
+            while time.time() < end:
+                r = db.q(
+                    f"SELECT min(finished) FROM {db.table(prefix)} WHERE worker_pid <> %s AND finished > %s",
+                    (old, killed),
+                )
+                if r and r[0][0] is not None:
+                    latencies.append(r[0][0] - killed)
+                    break
+                time.sleep(0.005)
+            else:
+                raise RuntimeError(f"{kind}: no replacement job within 60 s")
+            time.sleep(max(0.0, killed + 1.0 - time.time()))  # the next kill a second after this one
+        return latencies
     finally:
         if kind == "djsupervisor":
             runner.stop()
@@ -424,7 +439,7 @@ def run_backend(
                         continue
                     p = prefix()
                     try:
-                        res[kind].append(restart_latency(db, kind, p, 5, sd_ok))
+                        res[kind] += restart_latency(db, kind, p, 5, sd_ok)
                     finally:
                         db.drop_prefix(p)
             d = [v * 1000 for v in res["djsupervisor"]]
@@ -432,7 +447,8 @@ def run_backend(
                 s = [v * 1000 for v in res["supervisord"]]
                 speedup = statistics.median(s) / statistics.median(d)
                 rows.append(
-                    f"| {backend} | 2. restart: SIGKILL → first job by replacement (ms) | {fmt(d)} | "
+                    f"| {backend} | 2. restart: SIGKILL of a busy child every 1 s → first job by its replacement, "
+                    f"default settings (ms) | {fmt(d)} | "
                     f"{fmt(s)} (supervisord 4.3.0) | {speedup:.1f}× faster | ≥ 10×: "
                     f"{'met' if speedup >= 10 else 'MISSED'} |"
                 )

@@ -163,12 +163,15 @@ def supervise(db: TestDatabase, tmp_path: Path) -> Iterator[Callable[..., Superv
     Usage: ``sup = supervise(["-c", str(config)])``. The test pipelines see the test's prefix through
     DJS_TEST_PREFIX (in `db.env`). ``supervise(args, uts_host="node-b")`` runs it under that host name (its
     own UTS namespace), so that DataJoint's job reservations name that host, as on another machine;
-    ``env=account.env`` runs it with another environment (another database account, `accounts`).
+    ``env=account.env`` runs it with another environment (another database account, `accounts`);
+    ``nofile=40`` starts it under that RLIMIT_NOFILE (``ulimit -n 40``).
     """
     started: list[Supervised] = []
 
-    def start(args: list[str], uts_host: str | None = None, env: dict | None = None) -> Supervised:
-        supervised = Supervised(args, env or db.env, tmp_path, uts_host)
+    def start(
+        args: list[str], uts_host: str | None = None, env: dict | None = None, nofile: int | None = None
+    ) -> Supervised:
+        supervised = Supervised(args, env or db.env, tmp_path, uts_host, nofile)
         started.append(supervised)
         return supervised
 

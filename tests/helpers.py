@@ -4,8 +4,10 @@ its children from outside (psutil, process titles)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+import resource
 import selectors
 import shutil
 import signal
@@ -120,16 +122,25 @@ class Supervised:
     server and puts tests/ on PYTHONPATH, for its targets.
     """
 
-    def __init__(self, args: list[str], env: dict, workdir: Path, uts_host: str | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict, workdir: Path, uts_host: str | None = None, nofile: int | None = None
+    ) -> None:
         self.log_path = workdir / (f"supervisor-{uts_host}.log" if uts_host else "supervisor.log")
         self._log = open(self.log_path, "wb")
         env = dict(env, PYTHONUNBUFFERED="1")
         command = [*djsupervisor_command(), "start", *args]
         if uts_host:  # a host of its own name: a UTS namespace (root only), as on another machine
             command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', uts_host, *command]
+        limit = None if nofile is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (nofile,) * 2)
         self.process = subprocess.Popen(
-            command, env=env, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )  # its own group, like a shell's job
+            command,
+            env=env,
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, like a shell's job
+            preexec_fn=limit,  # `nofile`: its RLIMIT_NOFILE (ulimit -n), as LimitNOFILE= would set it
+        )
         self.pid = self.process.pid
 
     @property

@@ -42,3 +42,16 @@ def test_cost_growth_times_every_step_of_a_cycle(backend):
         assert f"6. cycle step: {step} (ms, statements)" in rows, done.stdout
     # every planted orphan, stale reservation and transient error was recovered in the measured cycles
     assert "re-pended/cleared per cycle: 500: 100/50, 1000: 100/50" in done.stdout, done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_first_refresh_compares_datajoints_refresh_with_the_bulk_one(backend):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "first_refresh.py"), "--backend", backend, "--keys", "2000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith(f"| {backend} | 2,000 |")]
+    assert row.endswith("× |"), row

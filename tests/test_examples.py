@@ -119,6 +119,25 @@ def test_demo_works_the_example_pipeline_under_the_supervisor(db, tmp_path):
         assert connection.query(f"SELECT COUNT(*) FROM {schema}.{q(job_table)}").fetchone()[0] == 0
 
 
+@pytest.mark.timeout(120)
+def test_the_example_config_finds_its_targets_from_anywhere(db):
+    """examples/djsupervisor.toml names its import directory (`pythonpath`): checked from / with no
+    PYTHONPATH, as systemd would run it (the demo broke once when the working directory stopped counting)."""
+    env = {k: v for k, v in db.env.items() if k != "PYTHONPATH"}
+    env["DJS_EXAMPLE_PREFIX"] = db.prefix
+    djsupervisor = str(Path(sys.executable).with_name("djsupervisor"))
+    result = subprocess.run(
+        [djsupervisor, "check", "-c", str(ROOT / "examples" / "djsupervisor.toml")],
+        cwd="/",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "standard" in result.stdout and "analysis" in result.stdout, result.stdout
+
+
 def throwaway(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(THROWAWAY), *args], env=env, capture_output=True, text=True, timeout=timeout

@@ -21,6 +21,7 @@ PARENT_PACKAGES = ("supervisor", "serve")
 PARENT_MODULES = (
     "cli.py",
     "cli_check.py",
+    "credentials.py",
     "cli_control.py",
     "preflight.py",
     "log.py",

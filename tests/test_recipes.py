@@ -10,6 +10,7 @@ arguments and the signals it gets.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import shlex
@@ -21,6 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from helpers import wait_until
@@ -396,8 +398,20 @@ class FakeSlurm:
         return wait_until(lambda: self.lines("args"), 15, message="the stub djsupervisor to start")[0][1:]
 
     def command_line(self) -> list[str]:
-        """What the script exec'd into (its pid is the same)."""
-        return Path(f"/proc/{self.process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        """The command line of the `timeout` the script started (its child; the script stays, to clean up)."""
+
+        def started() -> list[str] | None:
+            for child in psutil.Process(self.process.pid).children():
+                with contextlib.suppress(psutil.Error):
+                    if child.cmdline()[:1] == ["timeout"]:
+                        return child.cmdline()
+            return None
+
+        return wait_until(started, 15, message="the script's timeout command")
+
+    def config_copies(self) -> list[Path]:
+        """The per-allocation config copies in the fake TMPDIR."""
+        return sorted(self.tmp.glob("djsupervisor-*"))
 
     def finish(self, timeout: float = 15) -> tuple[int, str]:
         _, err = self.process.communicate(timeout=timeout)
@@ -453,6 +467,7 @@ def test_sbatch_names_the_host_and_stops_before_the_allocation_ends(slurm):
     status, err = slurm.finish()
     assert status == 0, err
     assert [pid for (pid,) in slurm.lines("TERM")] == [slurm.lines("args")[0][0]]
+    assert not generated.exists() and slurm.config_copies() == []  # the copy (maybe a password) is removed
 
 
 def test_sbatch_reads_the_end_time_from_squeue(slurm):
@@ -486,7 +501,36 @@ def test_sbatch_refuses_an_allocation_too_short_to_stop_cleanly(slurm):
     slurm.start(SLURM_JOB_END_TIME=str(int(time.time()) + 100))
     status, err = slurm.finish()
     assert status == 1 and "less than graceful_timeout (60 s) + margin (60 s): not starting" in err
-    assert not slurm.lines("args")
+    assert not slurm.lines("args") and slurm.config_copies() == []  # removed on this way out too
+
+
+def test_sbatch_config_copy_cannot_be_planted_and_is_removed(slurm, tmp_path):
+    """Security issue 18: the copy (maybe with a [database] password) went to the predictable
+    $TMPDIR/djsupervisor-JOB-HOST.toml, which another user could plant as a symlink to a file of the job
+    owner's (overwritten) or as a file of their own (then reading the password); and it was never removed."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    planted = slurm.tmp / "djsupervisor-4242-node07.toml"  # the old name
+    planted.symlink_to(victim)
+    slurm.start(SLURM_JOB_END_TIME=str(int(time.time()) + 1000), DJ_PASS="not-in-any-file")
+    generated = Path(slurm.stub_args()[2])
+    assert victim.read_text() == "precious\n" and generated != planted
+    assert generated.name.startswith("djsupervisor-4242-node07.") and len(generated.name) > len(planted.name) - 5
+    assert not generated.is_symlink() and generated.stat().st_uid == os.getuid()
+    assert (generated.stat().st_mode & 0o777) == 0o600
+    slurm.process.send_signal(signal.SIGTERM)
+    status, err = slurm.finish()
+    assert status == 0, err
+    assert not generated.exists() and slurm.config_copies() == [planted] and victim.read_text() == "precious\n"
+
+
+def test_sbatch_exits_with_the_supervisors_status_and_cleans_up(slurm):
+    stub = slurm.bin / "djsupervisor"
+    stub.write_text('#!/bin/bash\necho "args $$ $*" >> "$STUB_RECORD"\nexit 3\n')  # a supervisor that fails
+    slurm.start(SLURM_JOB_END_TIME=str(int(time.time()) + 1000))
+    status, err = slurm.finish()
+    assert status == 3, err
+    assert slurm.lines("args") and slurm.config_copies() == []
 
 
 def test_sbatch_outside_slurm_says_so(slurm):

@@ -368,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
     # The CLI reads DJ_* variables and the config's [database]; DataJoint's hint about a missing
     # datajoint.json would only stand in front of the one-line answers.
     warnings.filterwarnings("ignore", message="No datajoint.json found")
+    from djsupervisor.credentials import CredentialError, apply_credential
     from djsupervisor.fleet.cli import FleetError
     from djsupervisor.preflight import DatabaseError, SettingsError
     from djsupervisor.supervisor.config import ConfigError
 
     try:
         args = _parser().parse_args(argv)
+        apply_credential()  # systemd's LoadCredential=dj_pass:... : the database password, before any import
         if args.command == "start":
             return _start(args)
         if args.command == "status":
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "migrate-schema":
             return _migrate(args)
-    except (UsageError, ConfigError, FleetError, SettingsError, DatabaseError) as error:
+    except (UsageError, ConfigError, FleetError, SettingsError, DatabaseError, CredentialError) as error:
         more = len(getattr(error, "problems", ())) - 1  # a config file's further problems: `check` lists them
         hint = f" (and {more} more: djsupervisor check -c {error.source})" if more > 0 else ""  # type: ignore[union-attr]
         print(f"djsupervisor: error: {error}{hint}", file=sys.stderr)

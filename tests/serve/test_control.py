@@ -184,6 +184,20 @@ def test_default_socket_path_prefers_the_explicit_runtime_dir(monkeypatch, tmp_p
     assert control.default_socket_path("lab") == str(tmp_path / "lab.sock")
 
 
+def test_default_socket_path_finds_a_template_instances_directory(monkeypatch, tmp_path):
+    """djsupervisor@NAME.service listens in /run/djsupervisor/NAME/ (RuntimeDirectory=djsupervisor/%i, a user
+    per instance): `--name NAME` finds it there, as that instance's user."""
+    monkeypatch.delenv("DJSUPERVISOR_RUNTIME_DIR")
+    monkeypatch.setattr(control, "SYSTEM_RUNTIME_DIR", tmp_path)
+    (tmp_path / "lab").mkdir(mode=0o700)
+    server = ControlServer(str(tmp_path / "lab" / "lab.sock"), lambda request: {"ok": True})
+    try:
+        assert control.default_socket_path("lab") == str(tmp_path / "lab" / "lab.sock")
+    finally:
+        server.close()
+    assert control.default_socket_path("l[a]b") != str(tmp_path / "lab" / "lab.sock")  # a name, not a pattern
+
+
 def test_a_path_that_is_not_a_socket_is_never_replaced(tmp_path):
     path = tmp_path / "lab.sock"
     path.write_text("precious")
@@ -459,3 +473,34 @@ def test_a_silent_control_client_is_dropped_without_any_other_connection(db, sup
         silent.settimeout(control.IDLE_TIMEOUT + 15)
         assert silent.recv(1) == b""  # closed by the supervisor's timer, not by a later client
         assert control.IDLE_TIMEOUT <= time.monotonic() - connected < control.IDLE_TIMEOUT + 10
+
+
+@pytest.mark.process
+@pytest.mark.timeout(120)
+def test_scale_and_config_beyond_the_replicas_limit_are_refused_in_one_line(db, supervise, tmp_path):
+    declare(db.schema_name("pipe"))
+    socket_path = tmp_path / "lab.sock"
+    head = f'[supervisor]\nname = "lab"\ncontrol_socket = "{socket_path}"\n'
+    config = write_config(
+        tmp_path / "lab.toml", head + '[[worker]]\nname = "standard"\ntarget = "pipelines.supervised:standard"\n'
+    )
+    sup = supervise(["-c", str(config)])
+    pids = sup.wait_children({"standard": 1})
+    wait_until(socket_path.exists, 10, message="the control socket")
+    refused = cli(db, tmp_path, "scale", "standard", "1025", "-c", str(config))
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == "djsupervisor: error: scale: replicas must be <= 1024 (children per pool), got 1025\n"
+    answer = json.loads(raw_exchange(socket_path, b'{"cmd": "scale", "worker": "standard", "replicas": 1000000000}\n'))
+    assert answer == {"ok": False, "error": "replicas must be <= 1024 (children per pool), got 1000000000"}
+    status = json.loads(cli(db, tmp_path, "status", "--json", "-c", str(config)).stdout)
+    assert status["pools"][0]["replicas"] == 1 and sup.pids() == pids  # nothing forked
+
+    too_big = write_config(
+        tmp_path / "big.toml",
+        f'[supervisor]\nname = "big"\ncontrol_socket = "{tmp_path / "big.sock"}"\n'
+        '[[worker]]\nname = "standard"\ntarget = "pipelines.supervised:standard"\nreplicas = 5000\n',
+    )
+    done = cli(db, tmp_path, "start", "-c", str(too_big))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "worker[0] (standard).replicas: must be <= 1024 (children per pool), got 5000" in done.stderr
+    assert not (tmp_path / "big.sock").exists()

@@ -12,6 +12,7 @@ import pytest
 from djsupervisor.supervisor.autoscale import HostBudget
 from djsupervisor.supervisor.config import SupervisorConfig, WorkerConfig
 from djsupervisor.supervisor.pool import Pool, Spawn, Stop
+from djsupervisor.supervisor.settings import REPLICAS_LIMIT
 from djsupervisor.supervisor.slot import Then
 from djsupervisor.supervisor.states import SlotState, StopIntent
 
@@ -182,3 +183,14 @@ def test_a_stop_during_a_stop_only_gets_stronger():
         ("stop", 0, signal.SIGKILL, "again")
     ]
     assert slot.stop_intent is StopIntent.RETIRE and slot.stop_reason == "recycle" and slot.kill_reason == "again"
+
+
+def test_no_pool_grows_past_the_replicas_limit():
+    pool = running_pool()
+    for n in (REPLICAS_LIMIT + 1, 10**12):
+        with pytest.raises(ValueError, match=f"replicas must be <= {REPLICAS_LIMIT} \\(children per pool\\), got {n}"):
+            pool.scale(n)
+    assert pool.replicas == 3
+    pool.scale(REPLICAS_LIMIT)
+    pool.resize_by(1)  # SIGTTIN at the limit: nothing
+    assert pool.replicas == REPLICAS_LIMIT

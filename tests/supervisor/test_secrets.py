@@ -12,7 +12,7 @@ import sys
 import uuid
 
 import pytest
-from helpers import Supervised, run_cli, wait_until, write_config
+from helpers import Supervised, djsupervisor_command, run_cli, wait_until, write_config
 
 from djsupervisor.worker.schema import WorkerSchema
 
@@ -151,3 +151,85 @@ def test_an_uncaught_exception_in_a_child_goes_through_the_logger(tmp_path):
     assert any("ERROR" in line and "ended by an uncaught exception" in line for line in lines), done.stderr
     assert "RuntimeError: login with *** failed" in done.stderr and "uncaught-pw-123" not in done.stderr
     assert "  | <0>forged" in lines
+
+
+HAND_RUN = """
+from pipelines.env_worker import envdump
+envdump.run()
+"""
+
+
+@pytest.mark.parametrize("how", ["djsupervisor run", "DataJointWorker.run()"])
+def test_dj_pass_is_not_inherited_by_what_a_step_starts_outside_a_supervisor(db, tmp_path, account, how):
+    """Security issue 18: as a supervised child does, `djsupervisor run` and a hand-run worker drop DJ_PASS
+    once connected; the password works (it logs in) and no subprocess of the worker sees it."""
+    env_out = tmp_path / "env.txt"
+    env = dict(db.env, DJ_USER=account, DJ_PASS=MODULE_PASSWORD, DJS_TEST_ENV_OUT=str(env_out))
+    if how == "djsupervisor run":
+        config = write_config(
+            tmp_path / "lab.toml", '[[worker]]\nname = "envdump"\ntarget = "pipelines.env_worker:envdump"\n'
+        )
+        command = [*djsupervisor_command(), "run", "envdump", "-c", str(config)]
+    else:
+        command = [sys.executable, "-c", HAND_RUN]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    inherited = env_out.read_text()
+    assert f"DJ_USER={account}" in inherited  # the subprocess's whole environment was read
+    assert "DJ_PASS=" not in inherited and MODULE_PASSWORD not in inherited
+    assert MODULE_PASSWORD not in done.stdout + done.stderr
+
+
+def test_the_password_comes_from_the_systemd_credential(db, supervise, tmp_path, account):
+    """Security issue 18: under the units' LoadCredential=dj_pass:..., the password is read from
+    $CREDENTIALS_DIRECTORY/dj_pass (a trailing newline is not part of it); it wins over a stale DJ_PASS,
+    logs in (the MySQL account has no other password), never shows, and no subprocess of a child sees it."""
+    credentials = tmp_path / "credentials"
+    credentials.mkdir(mode=0o700)
+    (credentials / "dj_pass").write_text(MODULE_PASSWORD + "\n")
+    env_out = tmp_path / "env.txt"
+    config = write_config(
+        tmp_path / "lab.toml",
+        f"""
+        [supervisor]
+        name = "lab"
+        control_socket = "{tmp_path / "lab.sock"}"
+
+        [[worker]]
+        name = "envdump"
+        target = "pipelines.env_worker:envdump"
+        """,
+    )
+    env = dict(db.env, DJ_USER=account, DJ_PASS=ENV_PASSWORD, DJS_TEST_ENV_OUT=str(env_out))
+    if db.backend == "mysql":  # the stale DJ_PASS alone does not log in
+        done = subprocess.run(
+            [*djsupervisor_command(), "check", "-c", str(config)], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2 and "cannot connect" in done.stderr, done.stderr
+    env["CREDENTIALS_DIRECTORY"] = str(credentials)
+    done = subprocess.run(
+        [*djsupervisor_command(), "check", "-c", str(config)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and f"as {account}: ok" in done.stdout, done.stderr
+
+    supervised = Supervised(["-c", str(config)], env, tmp_path)
+    try:
+        wait_until(env_out.exists, 60, message=f"a child's subprocess; output:\n{supervised.output[-3000:]}")
+    finally:
+        supervised.close()
+    inherited = env_out.read_text()
+    assert f"DJ_USER={account}" in inherited and "CREDENTIALS_DIRECTORY=" in inherited
+    assert "DJ_PASS=" not in inherited and MODULE_PASSWORD not in inherited and ENV_PASSWORD not in inherited
+    assert MODULE_PASSWORD not in supervised.output and ENV_PASSWORD not in supervised.output
+
+
+@pytest.mark.parametrize("backend", ["mysql"])  # nothing connects
+def test_an_unreadable_credential_is_one_line(db, tmp_path):
+    (tmp_path / "dj_pass").mkdir()  # a directory where the file should be
+    config = write_config(tmp_path / "lab.toml", '[[worker]]\nname = "w"\ntarget = "pipelines.offline:worker"\n')
+    env = dict(db.env, CREDENTIALS_DIRECTORY=str(tmp_path))
+    done = subprocess.run(
+        [*djsupervisor_command(), "check", "-c", str(config)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"djsupervisor: error: credential {tmp_path / 'dj_pass'}: cannot read: ")

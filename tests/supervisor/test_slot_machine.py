@@ -122,6 +122,17 @@ class SlotMachine(RuleBasedStateMachine):
         outcome = self.slot.spawn_failed(self.rules, self.now)
         self._expect_crash(outcome, got_going=False)
 
+    @precondition(lambda self: may_start(self) and self.slot.due(self.now))
+    @rule()
+    def start_fails_for_want_of_descriptors(self):
+        """EMFILE in the parent is not the worker's fault: a backoff, never nearer to FATAL."""
+        outcome = self.slot.spawn_failed(self.rules, self.now, "no descriptor for its report pipe", shortage=True)
+        assert self.slot.early_exits == self.early and self.slot.state is SlotState.BACKOFF
+        assert outcome.then is Then.BACKOFF and outcome.level == "ERROR" and not outcome.recover
+        self.crashes += 1
+        base = min(self.rules.backoff_max, self.rules.backoff_initial * 2 ** (self.crashes - 1))
+        assert base / 2 - 1e-9 <= outcome.restart_at - self.now <= base + 1e-9
+
     # ----- a live child
 
     @precondition(lambda self: self.slot.pid is not None)

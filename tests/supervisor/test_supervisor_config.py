@@ -97,6 +97,8 @@ ERRORS = [
     (W + "replica = 2\n", r"worker\[0\] \(w\)\.replica", "unknown key"),
     (W + 'replicas = "two"\n', r"worker\[0\] \(w\)\.replicas", "must be an integer, got str 'two'"),
     (W + "replicas = -1\n", r"worker\[0\] \(w\)\.replicas", "must be >= 0, got -1"),
+    (W + "replicas = 1025\n", r"worker\[0\] \(w\)\.replicas", r"must be <= 1024 \(children per pool\), got 1025"),
+    (W + "max_replicas = 10000000\n", r"worker\[0\] \(w\)\.max_replicas", r"must be <= 1024 \(children per pool\)"),
     ("[supervisor]\ngraceful_timeout = -5\n" + W, "supervisor.graceful_timeout", "must be >= 0"),
     (W + 'restart = "sometimes"\n', r"worker\[0\] \(w\)\.restart", "must be one of 'always', 'on-failure', 'never'"),
     ("[database]\nport = 99999\n" + W, "database.port", "must be <= 65535"),

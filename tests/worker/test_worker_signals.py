@@ -16,16 +16,21 @@ pytestmark = pytest.mark.timeout(90)
 SCRIPT = TESTS / "scripts" / "sigterm_worker.py"
 
 
-def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
-    pipe = declare(db.schema_name("pipe"))
-    pipe.seed(range(1, 7), delay=1.5)
-    process = subprocess.Popen(
+def start_worker_script(db) -> subprocess.Popen:
+    """The hand-run worker script (a DataJointWorker's `run()` in its own process), its output piped."""
+    return subprocess.Popen(
         [sys.executable, str(SCRIPT), db.prefix],
         env=db.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed(range(1, 7), delay=1.5)
+    process = start_worker_script(db)
     try:
         wait_until(lambda: pipe.Square.jobs.progress()["reserved"] == 1, 30, message="a job in flight")
         process.send_signal(signal.SIGTERM)
@@ -42,13 +47,7 @@ def test_sigterm_lands_the_job_in_flight_and_exits_cleanly(db):
 
 def test_sigterm_while_sleeping_ends_the_sleep(db):
     pipe = declare(db.schema_name("pipe"))
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), db.prefix],
-        env=db.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_worker_script(db)
     try:
         wait_until(lambda: "sleeping" in registered_states(db), 30, message="the worker to sleep")
         process.send_signal(signal.SIGTERM)

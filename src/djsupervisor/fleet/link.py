@@ -34,6 +34,7 @@ from djsupervisor.protocol import (
     encode,
     parse_agent_report,
 )
+from djsupervisor.supervisor.shortage import Throttle
 
 if TYPE_CHECKING:
     from djsupervisor.supervisor.slot import Slot
@@ -121,6 +122,7 @@ class FleetAgentLink:
         self.restart_at = 0.0
         self.delay = _RESTART_FIRST
         self.started = 0.0
+        self.throttle = Throttle()
 
     @property
     def log(self) -> Any:
@@ -133,8 +135,19 @@ class FleetAgentLink:
     def start(self) -> None:
         """Fork the agent (or, if the fork fails, try again after the current delay)."""
         spec = self.spec()
-        command_r, self.command_w = os.pipe()
-        self.report_r, report_w = os.pipe()
+        try:
+            command_r, self.command_w = os.pipe()
+            try:
+                self.report_r, report_w = os.pipe()
+            except OSError:
+                os.close(command_r)
+                raise
+        except OSError as error:  # EMFILE: out of descriptors for now (held clients, a low ulimit -n)
+            self._close()
+            self.restart_at = time.monotonic() + self.delay
+            if self.throttle.allow("pipes"):  # tried again every tick: said once a minute
+                self.log.error("fleet agent: no descriptors for its pipes ({}); trying again later", error)
+            return
         parent_ends = [self.command_w, self.report_r]
 
         def child(close_fds: list[int]) -> None:

@@ -9,6 +9,7 @@ the loop as an exception.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import socket
 import stat
@@ -38,6 +39,10 @@ MAX_CLIENTS = 64  # connections served at once; more are closed right away
 MAX_PIPELINED = 8  # requests answered from one read; a client sending more is cut off
 
 
+#: The system's runtime directory for supervisors; the systemd units give each instance a directory in it.
+SYSTEM_RUNTIME_DIR = Path("/run/djsupervisor")
+
+
 class ControlError(Exception):
     """A control request could not be made; str() is one line."""
 
@@ -45,15 +50,18 @@ class ControlError(Exception):
 def default_socket_path(name: str, *, create: bool = False) -> str:
     """Where a supervisor called `name` listens unless its config says otherwise.
 
-    In order: ``$DJSUPERVISOR_RUNTIME_DIR`` (the systemd units set it to ``/run/djsupervisor``);
-    ``/run/djsupervisor`` when it is ours (or we are root); ``$XDG_RUNTIME_DIR/djsupervisor``;
+    In order: ``$DJSUPERVISOR_RUNTIME_DIR`` (the systemd units set it to ``/run/djsupervisor/INSTANCE``);
+    an existing ``/run/djsupervisor/*/NAME.sock`` we can see (the units' directory per instance, each of its
+    own user); ``/run/djsupervisor`` when it is ours (or we are root); ``$XDG_RUNTIME_DIR/djsupervisor``;
     ``/tmp/djsupervisor-<uid>``, unless another user made it (or it is not 0700): then a private
     ``/tmp/djsupervisor-XXXXXXXX`` (`fallback_directory`; made if `create`, the supervisor's side).
     """
     explicit = os.environ.get("DJSUPERVISOR_RUNTIME_DIR")
     if explicit:
         return str(Path(explicit) / f"{name}.sock")
-    system = Path("/run/djsupervisor")
+    system = SYSTEM_RUNTIME_DIR
+    for instance in sorted(system.glob(f"*/{glob.escape(name)}.sock")):  # only those our user may enter
+        return str(instance)
     try:
         if os.getuid() == 0 or system.stat().st_uid == os.getuid():
             return str(system / f"{name}.sock")

@@ -1,5 +1,6 @@
 """What the supervisor's socket servers (control socket, HTTP status) share: a non-blocking listener and its
-clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long.
+clients on the caller's selector loop, accepted in batches, capped in number, dropped when idle too long;
+out of descriptors (EMFILE), accepting pauses for a second instead of the loop spinning on the listener.
 
 A server open to a network (HTTP) must not let a few silent connections lock everyone else out: it caps
 connections per peer (`max_per_peer`) and, when a cap is reached, makes room by dropping the oldest *idle*
@@ -15,6 +16,14 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from loguru import logger
+
+from djsupervisor.supervisor.shortage import Throttle, is_shortage
+
+#: Seconds the listener is not watched after accept() ran out of descriptors (the idle sweep, every second,
+#: watches it again): the pending connection keeps it readable, and the loop must not spin on it.
+ACCEPT_PAUSE = 1.0
 
 
 class LoopClient:
@@ -43,6 +52,8 @@ class LoopServer(Generic[ClientT]):
         self.listener = listener
         self.selector: selectors.BaseSelector | None = None
         self.clients: dict[int, ClientT] = {}
+        self.paused_until: float | None = None  # out of descriptors: not accepting until then (monotonic)
+        self._throttle = Throttle()
 
     @property
     def max_clients(self) -> int:
@@ -130,7 +141,9 @@ class LoopServer(Generic[ClientT]):
         for _ in range(16):
             try:
                 sock, address = self.listener.accept()
-            except OSError:  # nothing pending, or out of descriptors: again on the next event
+            except OSError as error:  # nothing pending (again on the next event), or out of descriptors
+                if is_shortage(error):
+                    self._pause(error)
                 return
             peer = self.peer_of(address)
             if not self._make_room(peer):
@@ -160,6 +173,30 @@ class LoopServer(Generic[ClientT]):
         self._drop(min(idle, key=lambda client: client.since))
         return True
 
+    def _pause(self, error: OSError) -> None:
+        """Out of descriptors (EMFILE): stop watching the listener for `ACCEPT_PAUSE` seconds. It stays
+        readable while the connection waits, so the loop would otherwise spin on it; `expire_idle` (a timer)
+        watches it again. Said in one line, at most once a minute."""
+        self.paused_until = time.monotonic() + ACCEPT_PAUSE
+        with contextlib.suppress(Exception):
+            self.loop.unregister(self.listener)
+        if self._throttle.allow("accept"):
+            again = self._throttle.suppressed("accept")
+            logger.error(
+                "{}: cannot accept a connection: {}; not accepting for {:g} s ({} clients held){}",
+                type(self).__name__,
+                error.strerror or error,
+                ACCEPT_PAUSE,
+                len(self.clients),
+                f"; {again} more times since the last such line" if again else "",
+            )
+
+    def _resume(self, now: float) -> None:
+        if self.paused_until is not None and now >= self.paused_until and self.selector is not None:
+            self.paused_until = None
+            with contextlib.suppress(KeyError, ValueError):  # still registered, or closed meanwhile
+                self.selector.register(self.listener, selectors.EVENT_READ, data=self._accept)
+
     def _drop(self, client: ClientT) -> None:
         if self.clients.get(client.sock.fileno()) is client:
             del self.clients[client.sock.fileno()]
@@ -177,9 +214,11 @@ class LoopServer(Generic[ClientT]):
             age = now - client.since
             if age > self.idle_timeout or (head_timeout is not None and age > head_timeout and self._idle(client)):
                 self._drop(client)
+        self._resume(now)
 
     def close(self) -> None:
         """Stop serving: close every connection and the listening socket."""
+        self.paused_until = None
         for client in list(self.clients.values()):
             self._drop(client)
         if self.selector is not None:

@@ -73,7 +73,7 @@ class Supervisor:
         self.state = SupervisorState.STARTING
         self.pid = os.getpid()
         self.started = time.time()
-        self.timers = Timers()
+        self.timers = Timers(self.log)  # a callback that raises is logged there; the loop goes on
         self.fleet = FleetView()  # queue depths and drain flags, as the fleet agent last read them
         self._host_cpu: float | None = None  # host-wide CPU % over the last sample_interval
         self.selector = selectors.DefaultSelector()
@@ -354,7 +354,7 @@ class Supervisor:
 
         pid = self.children.spawn(slot, child)
         if pid is None:
-            self._follow(slot, slot.spawn_failed(self.config, time.monotonic()))
+            self._follow(slot, slot.spawn_failed(self.config, time.monotonic(), *self.children.failure))
             return
         self._slot_log(slot).info(
             "started {} (pid {}){}", slot.label, pid, f", restart {slot.restarts}" if slot.restarts else ""
@@ -437,8 +437,8 @@ class Supervisor:
     def _check_children(self) -> None:
         self._reap()  # a safety net: SIGCHLDs coalesce
         now, config, stopping = time.monotonic(), self.config, self._stop_mode is not None
+        timeouts = dict(heartbeat_timeout=config.heartbeat_timeout, hang_timeout=config.hang_timeout)
         for pool in list(self.pools.values()):
-            timeouts = dict(heartbeat_timeout=config.heartbeat_timeout, hang_timeout=config.hang_timeout)
             self._carry_out(pool.judge_children(now, **timeouts, stopping=stopping))
 
     def _sample(self) -> None:

@@ -318,9 +318,9 @@ def run_child(
         if not connect_until_stopped(connections, reporter, log):
             log.info("child {} stopped before it could connect", label)
             return EXIT_OK
-        # DataJoint read DJ_PASS when imported and keeps the password in dj.config (reconnects use that): the
-        # subprocesses that make() starts need not inherit it
-        os.environ.pop("DJ_PASS", None)
+        from djsupervisor.worker.connection import drop_password_variable
+
+        drop_password_variable()  # the subprocesses that make() starts need not inherit DJ_PASS
         reporter.worker = worker
         reporter.send({"event": "connected", "connection_ids": [c.connection_id for c in connections]})
         if died_job:

@@ -20,6 +20,7 @@ from typing import Any
 from djsupervisor.protocol import ChildReportMessage, ProtocolError, parse_child_report
 from djsupervisor.supervisor.fork import fork_child, killpg
 from djsupervisor.supervisor.monitor import ResourceSampler
+from djsupervisor.supervisor.shortage import is_shortage
 from djsupervisor.supervisor.slot import Slot
 from djsupervisor.supervisor.timers import Timers
 
@@ -46,6 +47,7 @@ class ChildProcesses:
         self.on_reports = on_reports
         self.log = log
         self.by_pid: dict[int, Slot] = {}
+        self.failure: tuple[str, bool] = ("fork failed", False)  # why the last spawn failed; a shortage?
         self.sampler = ResourceSampler()
 
     def fork(self, child: Callable[[list[int]], None]) -> int | None:
@@ -56,9 +58,14 @@ class ChildProcesses:
         return fork_child(child, close_in_child, self.blocked_signals, log=self.log)
 
     def spawn(self, slot: Slot, body: Callable[[int, list[int]], None]) -> int | None:
-        """Fork a child into `slot` that runs `body(report_fd, fds_to_close)`; its pid (None if the fork
-        failed: the slot is left as it was)."""
-        read_fd, write_fd = os.pipe()
+        """Fork a child into `slot` that runs `body(report_fd, fds_to_close)`; its pid (None if the start
+        failed: the slot is left as it was, and `failure` says why, for `Slot.spawn_failed`)."""
+        try:
+            read_fd, write_fd = os.pipe()
+        except OSError as error:  # EMFILE: clients hold the parent's descriptors (ulimit -n, LimitNOFILE=)
+            self.failure = (f"no descriptor for its report pipe: {error.strerror or error}", is_shortage(error))
+            return None
+        self.failure = ("fork failed", False)
         pid = self.fork(lambda close_fds: body(write_fd, [read_fd, *close_fds]))
         os.close(write_fd)
         if pid is None:

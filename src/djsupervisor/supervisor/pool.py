@@ -30,6 +30,7 @@ from djsupervisor.supervisor.autoscale import Autoscaler, Decision, HostBudget, 
 from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.supervisor.monitor import judge
 from djsupervisor.supervisor.notices import Notices
+from djsupervisor.supervisor.settings import REPLICAS_LIMIT
 from djsupervisor.supervisor.slot import Slot
 from djsupervisor.supervisor.states import DOWN_AFTER_EXIT, LIVE, WORKING, SlotState, StopIntent
 
@@ -266,9 +267,11 @@ class Pool:
     def scale(self, n: int) -> dict[str, Any]:
         """Set the size to `n` children; of an autoscaled pool, its minimum (the pool grows to `n` at once
         if smaller, and the autoscaler may shrink it down to `n` when idle). ValueError if `n` is not a
-        size, or above an autoscaled pool's max_replicas."""
+        size, above `REPLICAS_LIMIT` or above an autoscaled pool's max_replicas."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"replicas must be an integer >= 0, got {n!r}")
+        if n > REPLICAS_LIMIT:
+            raise ValueError(f"replicas must be <= {REPLICAS_LIMIT} (children per pool), got {n}")
         if self.autoscaler is not None:
             maximum = self.autoscaler.settings.max_replicas
             if n > maximum:
@@ -291,7 +294,8 @@ class Pool:
         if self.config is None:
             return
         size = (self.minimum if self.autoscaler else self.replicas) + step
-        if size >= 0 and (self.autoscaler is None or size <= self.autoscaler.settings.max_replicas):
+        maximum = self.autoscaler.settings.max_replicas if self.autoscaler else REPLICAS_LIMIT
+        if 0 <= size <= maximum:
             self.scale(size)
 
     # ----- autoscaling

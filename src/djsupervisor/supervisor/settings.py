@@ -32,6 +32,12 @@ LOG_LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL
 LOG_FORMATS = ("text", "json")
 RESTART_POLICIES = ("always", "on-failure", "never")
 BACKENDS = ("mysql", "postgresql")
+#: The most children one pool may have: `replicas`, `max_replicas` and `djsupervisor scale` above it are refused.
+#: Each child is a Python process with its own database session (tens to hundreds of MB, one server connection);
+#: 1024 is far more than one host runs, and stops a typo or `scale standard 1000000` from forking until the
+#: process table, the memory or the server's connections run out. One number, not a multiple of the CPU count:
+#: a config valid on one host is valid on every host.
+REPLICAS_LIMIT = 1024
 
 SUPERVISOR_SETTINGS = (
     Setting(
@@ -151,12 +157,27 @@ DATABASE_SETTINGS = (
 POOL_SETTINGS = (
     Setting("name", str, None, "the worker's name in logs, status and commands", required=True),
     Setting("target", str, None, "the DataJointWorker to run", required=True, form="module:attribute"),
-    Setting("replicas", int, 1, "pool size (the minimum of an autoscaled pool)"),
+    Setting(
+        "replicas",
+        int,
+        1,
+        "pool size (the minimum of an autoscaled pool)",
+        maximum=REPLICAS_LIMIT,
+        maximum_why="children per pool",
+    ),
     Setting("restart", str, "always", "when an exited child is replaced", choices=RESTART_POLICIES),
     Setting("max_memory_mb", float, None, "RSS above which a child is recycled after its job", exclusive=True),
     Setting("max_jobs", int, None, "jobs after which a child is replaced", minimum=1),
     Setting("job_timeout", float, None, "seconds after which a child's job is killed", exclusive=True),
-    Setting("max_replicas", int, None, "set: the pool autoscales between replicas and this", minimum=1),
+    Setting(
+        "max_replicas",
+        int,
+        None,
+        "set: the pool autoscales between replicas and this",
+        minimum=1,
+        maximum=REPLICAS_LIMIT,
+        maximum_why="children per pool",
+    ),
     Setting(
         "scale_up_pending",
         float,

@@ -82,8 +82,7 @@ def restart_delay(crashes: int, initial: float, maximum: float, rng: random.Rand
     if crashes <= 0 or initial <= 0:
         return 0.0
     base: float = min(maximum, initial * 2.0 ** min(crashes - 1, 32))
-    jitter: float = (rng or random).uniform(0, base / 2)
-    return base / 2 + jitter
+    return base / 2 + (rng or random).uniform(0, base / 2)
 
 
 @dataclasses.dataclass(eq=False)  # a slot is an entity: two are the same slot only if they are one object
@@ -110,6 +109,9 @@ class Slot:
     timed_out_job: dict[str, Any] | None = None  # set by the monitor's job_timeout kill: {"table", "key", "seconds"}
     stop_overran: bool = False  # the graceful stop ran past graceful_timeout: SIGKILLed
     died_job: dict[str, Any] | None = None  # the job the last child died in, for the next one (`dead_job`)
+    # distinct jobs children died in before getting going, none completing a job since: a make() that kills
+    # every process (a broken deploy) makes the slot FATAL after `fatal_after` of them; one poison key never
+    deadly_jobs: set[str] = dataclasses.field(default_factory=set)
     next_start: float | None = None  # monotonic deadline of a BACKOFF
     report: ChildReport = dataclasses.field(default_factory=ChildReport)
     last_report: float = 0.0  # monotonic
@@ -149,6 +151,7 @@ class Slot:
     def reset(self) -> None:
         """Forget the exits in a row: a new definition starts afresh (a FATAL slot may be started again)."""
         self.early_exits = self.crashes = 0
+        self.deadly_jobs.clear()
 
     # ----- the life of a child
 
@@ -170,10 +173,21 @@ class Slot:
         self.timed_out_job, self.died_job, self.stop_overran = None, None, False  # died_job: handed to this child
         self.rss_mb = self.cpu_percent = None
 
-    def spawn_failed(self, rules: RestartRules, now: float) -> Outcome:
-        """The fork failed: counts as a child that exited before getting going."""
+    def spawn_failed(
+        self, rules: RestartRules, now: float, why: str = "fork failed", shortage: bool = False
+    ) -> Outcome:
+        """The start failed (`why`): counts as a child that exited before getting going; but for a `shortage`
+        of the parent's (no descriptor for the report pipe: EMFILE), which says nothing of the worker, the
+        slot backs off without coming nearer to FATAL."""
         self.change(SlotState.STARTING)
-        return self._crashed("fork failed", False, rules, now)
+        if not shortage:
+            return self._crashed(why, False, rules, now)
+        self.crashes += 1
+        delay = restart_delay(self.crashes, rules.backoff_initial, rules.backoff_max)
+        self.change(SlotState.BACKOFF)
+        self.next_start = now + delay
+        message = "{} could not start ({}); retrying in {:.2f} s"
+        return Outcome(Then.BACKOFF, message, (self.label, why, delay), "ERROR", restart_at=self.next_start)
 
     def reported(self, reports: Iterable[ChildReportMessage], now: float, wall: float | None = None) -> bool:
         """The child sent `reports` (its latest counters, in order) at monotonic time `now`; whether that
@@ -196,6 +210,8 @@ class Slot:
         got_going = self.got_going()
         uptime = self.uptime(now) or 0.0
         self.died_job = self.dead_job(code, how)
+        if self.report.jobs_done or self.report.jobs_failed:  # this child's make() ran and returned
+            self.deadly_jobs.clear()
         self.pid = self.pipe_fd = None
         if self.state is SlotState.STOPPING:
             self.change(SlotState.STOPPED)
@@ -230,6 +246,15 @@ class Slot:
             self.crashes = 0
         if self.died_job is not None:  # the job's failure (its attempts count it), not the slot's: replace at once
             self.early_exits = 0
+            if not got_going:
+                self.deadly_jobs.add(repr((self.died_job["table"], sorted(self.died_job["key"].items()))))
+            if len(self.deadly_jobs) >= rules.fatal_after:
+                self.change(SlotState.FATAL)
+                message = (
+                    "{} died in {} different jobs in a row before completing one (last: {}): FATAL, not restarted "
+                    "(a make() that kills every process it runs in?)"
+                )
+                return Outcome(Then.STAY, message, (self.label, len(self.deadly_jobs), how), "ERROR", recover=True)
             self.change(SlotState.BACKOFF)
             self.next_start = now
             message = "{} died in a job ({} after {:.1f} s); replacing it"

@@ -71,6 +71,17 @@ def reconnect_after_fork(connection: dj.Connection | None = None) -> dj.Connecti
     return connection
 
 
+def drop_password_variable() -> None:
+    """Remove DJ_PASS from this process's environment, once connected.
+
+    DataJoint read it when imported and keeps the password in `dj.config` (reconnects use that), so nothing
+    here needs it any more; left there, every subprocess a `make()` starts (a shell, a MATLAB or a Slurm
+    command) would inherit the database password, and `/proc/PID/environ` of each would show it. A supervised
+    child, `djsupervisor run` and a hand-run `DataJointWorker.run()` all call this once connected.
+    """
+    os.environ.pop("DJ_PASS", None)
+
+
 #: MySQL client error codes that mean the server cannot be reached or the session is gone.
 _MYSQL_CONNECTION_ERRORS = {2002, 2003, 2005, 2006, 2013, 2055}
 

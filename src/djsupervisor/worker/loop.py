@@ -43,6 +43,7 @@ from djsupervisor.worker import compat, identifiers
 from djsupervisor.worker.attempts import attempt_book
 from djsupervisor.worker.connection import (
     distinct_connections,
+    drop_password_variable,
     keep_connection_id_current,
     note_server,
     refresh_connection_id,
@@ -388,6 +389,7 @@ class DataJointWorker:
         self._record.refused = None  # migrated since the last run(), perhaps
         try:
             keep_connection_id_current(self.connection)
+            drop_password_variable()  # connected: what make() starts does not inherit DJ_PASS
             self._record.attempt("reading the connection id", lambda: refresh_connection_id(self.connection))
             self._record.attempt("reading the server version", lambda: note_server(self.connection))
             log.info("worker {} running {} processes: {}", self.name, len(self._steps), ", ".join(self.processes))

@@ -202,12 +202,18 @@ class TableStep:
         if compat.transaction_left_open(connection):  # populate would refuse this connection forever after
             logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
             compat.clear_transaction(connection)
-        with compat.observed_jobs(
-            self._job_table(),
-            may_reserve=host.may_reserve,
-            reserved=lambda key: host.job_started(self.name, key),
-            completed=lambda key: host.job_ended(self.name, key, ok=True),
-            failed=lambda key, message, stack: host.job_ended(self.name, key, ok=False, message=message, stack=stack),
+        jobs = self._job_table()
+        with (
+            compat.bulk_refresh(jobs),
+            compat.observed_jobs(
+                jobs,
+                may_reserve=host.may_reserve,
+                reserved=lambda key: host.job_started(self.name, key),
+                completed=lambda key: host.job_ended(self.name, key, ok=True),
+                failed=lambda key, message, stack: host.job_ended(
+                    self.name, key, ok=False, message=message, stack=stack
+                ),
+            ),
         ):
             return self._populate_batches(host)
 
