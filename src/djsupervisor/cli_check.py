@@ -12,6 +12,7 @@ the control commands the pool's."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -44,13 +45,16 @@ def name_warnings(config, built: dict) -> list[str]:
 def check(args) -> int:
     """The `check` command; see the module's docstring."""
     from djsupervisor.log import add_secret, setup_logging
-    from djsupervisor.preflight import DatabaseError, check_database
+    from djsupervisor.preflight import DatabaseError, check_database, quiet_datajoint
     from djsupervisor.supervisor.config import ConfigError, Problems, load_config
 
     source = args.config
     early = load_config(source, check_targets=False, problems=Problems(source))
     add_secret(early.database.password)
     setup_logging(args.log_level or "WARNING", "text", supervisor=early.name, worker="check")
+    from djsupervisor.cli import _warn_if_password_readable
+
+    _warn_if_password_readable(source)
     problems = Problems(source)
     early.database.apply()
     refused: DatabaseError | None = None
@@ -58,7 +62,9 @@ def check(args) -> int:
         database = check_database(source)
     except DatabaseError as error:
         refused = error
-    config = load_config(source, problems=problems)  # the targets; problems collected, none raised
+    with quiet_datajoint() if refused is not None else contextlib.nullcontext():
+        config = load_config(source, problems=problems)  # the targets; problems collected, none raised
+    failed = {worker.name for worker in config.workers for p in problems if f"({worker.name})" in p.key}
     if refused is not None:  # a target may set dj.config's credentials when imported: ask again
         try:
             database = check_database(source)
@@ -68,6 +74,8 @@ def check(args) -> int:
             problems[:] = [ConfigError(source, "", str(error)), *kept]
     built = {}
     for worker in config.workers:
+        if worker.name in failed:
+            continue  # its import failed: importing it again would only repeat that
         try:
             built[worker.name] = worker.build_worker()
         except Exception:  # parse_config has already added the problem

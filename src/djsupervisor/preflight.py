@@ -68,16 +68,21 @@ def import_datajoint():
     return datajoint
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 @contextlib.contextmanager
-def _quiet_datajoint():
-    """DataJoint's own warnings about this probe (the TLS fallback repeats the reason) stay unsaid."""
+def quiet_datajoint():
+    """DataJoint's own warnings stay unsaid in the block (the TLS fallback repeats a refusal's reason).
+
+    A filter, not the logger's level: DataJoint sets that level again whenever its config is assigned to."""
     datajoint_logger = logging.getLogger("datajoint")
-    level = datajoint_logger.level
-    datajoint_logger.setLevel(logging.ERROR)
+    datajoint_logger.addFilter(_errors_only)
     try:
         yield
     finally:
-        datajoint_logger.setLevel(level)
+        datajoint_logger.removeFilter(_errors_only)
 
 
 def _hint(reason: str, where: str) -> str:
@@ -107,7 +112,7 @@ def check_database(source: str | None = None) -> str:
     if not user:
         raise DatabaseError(f"database: no user given: set [database] user in {where}, or DJ_USER")
     try:
-        with _quiet_datajoint():
+        with quiet_datajoint():
             connection = dj.Connection(host, user, password or "", port, config["database.use_tls"])
     except Exception as error:
         reason = " ".join(f"{error.__class__.__name__}: {error}".split())
@@ -133,7 +138,8 @@ def login_first(source: str | None, load: Callable[[], T]) -> T:
     else:
         return load()
     try:
-        loaded = load()
+        with quiet_datajoint():  # its TLS fallback warning would only repeat the refusal
+            loaded = load()
     except Exception:
         raise refused from None
     check_database(source)  # with whatever the targets set; raises DatabaseError if still refused
