@@ -321,3 +321,19 @@ def bulk_refresh(jobs: Any) -> Iterator[None]:
         yield
     finally:
         del jobs.refresh
+
+
+def declaring_job_table() -> bool:
+    """Whether the caller runs inside DataJoint declaring a table's job table (`Table.jobs` on first use).
+
+    DataJoint copies the primary key into the job table with its native SQL types and then warns, in every
+    process, that a native type is used (``Native type 'int' is used in attribute 'sample'``): a warning
+    about DataJoint's own table that the lab cannot act on, which `djsupervisor.log` keeps at DEBUG."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__get__" and frame.f_code.co_filename.endswith("datajoint/autopopulate.py"):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
