@@ -255,3 +255,47 @@ def test_as_root_binaries_the_server_user_cannot_read_are_copied_first(tmp_path)
     command = [sys.executable, "-c", code, str(private)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=100)
     assert result.returncode == 0 and "answered" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_on_djsupervisor_demo_removes_the_embedded_server(tmp_path):
+    """Ctrl+C in the terminal: SIGINT to the whole foreground process group (the command, the demo, the
+    supervisor and its children) while the pipeline is worked on the embedded server."""
+    log = tmp_path / "demo.out"
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DJ_")}
+        env.update(DJ_HOST="127.0.0.1", DJ_PORT=str(closed.getsockname()[1]), DJS_EXAMPLE_SLOW_SECONDS="2")
+        env.update(DJS_DEMO_LOG=str(tmp_path / "supervisor.log"), DJSUPERVISOR_RUNTIME_DIR=str(tmp_path / "run"))
+        with open(log, "w") as out:
+            demo = subprocess.Popen(
+                [str(Path(sys.executable).with_name("djsupervisor")), "demo"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as a terminal's foreground job
+            )
+        try:
+            wait_until(lambda: "WORKER    SLOT" in log.read_text(), 120, interval=0.2, message="the demo's status")
+            (directory,) = re.findall(r"started the embedded PostgreSQL on 127\.0\.0\.1:\d+ in (\S+) ", log.read_text())
+            server = postmaster(Path(directory))
+            os.killpg(demo.pid, signal.SIGINT)
+            assert demo.wait(150) == 130, log.read_text()
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+                demo.wait(30)
+    assert not Path(directory).exists(), log.read_text()
+    wait_until(lambda: not server.is_running(), 10, message="the embedded server to exit")
+
+    def left() -> list[int]:  # the demo's supervisor and its children, by their session
+        pids = []
+        for pid in psutil.pids():
+            try:
+                if os.getsid(pid) == demo.pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    pids.append(pid)
+            except (OSError, psutil.Error):
+                pass
+        return pids
+
+    wait_until(lambda: not left(), 30, interval=0.2, message="every process of the demo to exit")
