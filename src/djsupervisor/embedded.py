@@ -75,12 +75,22 @@ def _owner_line() -> str:
     return f"{os.getpid()} {psutil.Process().create_time():.3f}\n"
 
 
+#: A directory without its owner file yet is taken as being set up for this long (mkdtemp, then the file).
+SETUP_GRACE_SECONDS = 60
+
+
 def _owner_alive(directory: Path) -> bool:
     """Whether the process that started the server in `directory` still runs (the same process: its start
-    time matches, so a recycled pid does not count)."""
+    time matches, so a recycled pid does not count), or may still be writing the owner file."""
+    owner = directory / "owner"
     try:
-        pid_text, created = (directory / "owner").read_text().split()
+        pid_text, created = owner.read_text().split()
         return abs(psutil.Process(int(pid_text)).create_time() - float(created)) < 0.01
+    except FileNotFoundError:
+        try:
+            return time.time() - directory.stat().st_mtime < SETUP_GRACE_SECONDS
+        except OSError:
+            return False
     except (OSError, ValueError, psutil.Error):
         return False
 
