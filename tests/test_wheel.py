@@ -5,7 +5,7 @@
 installed alone in a fresh virtual environment — run from a directory outside the checkout, no PYTHONPATH —
 answers `djsupervisor --version`, `check`s the example config it ships (`python -m djsupervisor.example`
 prints its path) and works the example pipeline under `djsupervisor start` (`djsupervisor demo`) on the
-test database. pip's cache is reused; the test takes a few minutes at most (README: Tests).
+test database. pip's cache is left on (no --no-cache-dir); the test takes about 2 minutes (README: Tests).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_the_wheel_alone_checks_and_works_the_example_pipeline(dist, db, tmp_pat
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], 120)
     python, djs = str(venv / "bin" / "python"), str(venv / "bin" / "djsupervisor")
-    # the wheel and its dependencies from the registry (pip's cache reused), never the checkout
+    # the wheel and its dependencies from the registry (pip's own cache left on), never the checkout
     run([python, "-m", "pip", "install", "--quiet", f"{dist['wheel']}[postgres]"], 400, cwd=tmp_path)
     outside = tmp_path / "elsewhere"
     outside.mkdir()
