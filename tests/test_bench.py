@@ -42,3 +42,36 @@ def test_cost_growth_times_every_step_of_a_cycle(backend):
         assert f"6. cycle step: {step} (ms, statements)" in rows, done.stdout
     # every planted orphan, stale reservation and transient error was recovered in the measured cycles
     assert "re-pended/cleared per cycle: 500: 100/50, 1000: 100/50" in done.stdout, done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_first_refresh_compares_datajoints_refresh_with_the_bulk_one(backend):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "first_refresh.py"), "--backend", backend, "--keys", "2000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith(f"| {backend} | 2,000 |")]
+    assert row.endswith("× |"), row
+
+
+@pytest.mark.timeout(120)
+def test_progress_cost_counts_a_table_in_a_few_statements(backend):
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "progress_cost.py"), "--backend", backend, "--keys", "3000", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")
+        for line in done.stdout.splitlines()
+        if line.startswith(f"| {backend} |")
+    }
+    assert rows["progress on a 3,000-key table"][3].strip(" |") == "5"
+    assert rows["errors on a 3,000-key table"][3].strip(" |") == "6"
+    counted = next(cells[1] for name, cells in rows.items() if name.startswith("(counted"))
+    assert "total 3000, done 1500, remaining 390, reserved 100, error 1000, ignore 10" in counted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,8 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     [
         (
             [],
-            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; --help for more)",
+            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, progress, "
+            "errors, retry; --help for more)",
         ),
         (["bogus"], "invalid choice: 'bogus'"),
         (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
@@ -37,6 +39,11 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
         (["scale", "standard", "many", "--name", "x"], "argument N: must be a whole number >= 0, got 'many'"),
         (["status", "--socket", "/nonexistent/lab.sock"], "no supervisor listening on /nonexistent/lab.sock"),
         (["check"], "the following arguments are required: -c/--config"),
+        (["progress", "--window", "0", "x.mod"], "argument --window: must be a number of minutes > 0 and <= 1440"),
+        (["progress", "--watch", "--interval", "soon", "x.mod"], "argument --interval: must be a number of seconds"),
+        (["errors", "--match", " ", "x.mod"], "argument --match: must be an SQL LIKE pattern"),
+        (["errors", "-c", "a.toml", "x.mod"], "give either -c FILE or MODULE..., not both"),
+        (["retry", "--all"], "no configuration: give -c FILE or MODULE..."),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -46,6 +53,20 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("djsupervisor: error: "), result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_error_under_journald_carries_its_priority(tmp_path):
+    """With stderr connected to journald (JOURNAL_STREAM names it), the one-line error starts with ``<3>``, so
+    `journalctl -p err` shows why a unit failed to start; anywhere else the line is as above."""
+    stderr = tmp_path / "stderr"
+    with stderr.open("w") as file:
+        info = os.fstat(file.fileno())
+        env = dict(os.environ, JOURNAL_STREAM=f"{info.st_dev}:{info.st_ino}")
+        result = subprocess.run(
+            [*djsupervisor_command(), "start", "-c", "/nonexistent/lab.toml"], stderr=file, env=env, timeout=90
+        )
+    assert result.returncode == 2
+    assert stderr.read_text() == "<3>djsupervisor: error: /nonexistent/lab.toml: file not found\n"
 
 
 def test_version():
@@ -140,10 +161,10 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     wait_until((runtime / "tablelab.sock").exists, 20, message="the control socket in the runtime dir")
     wait_until(lambda: len(pipe.Square()) == 3, 30, message="the jobs")
 
-    def table() -> list[str]:
+    def table(pools: bool = False) -> list[str]:
         result = cli("status", "--name", "tablelab", env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        return result.stdout.splitlines()
+        return [line for line in result.stdout.splitlines() if pools or not line.startswith("pool ")]
 
     lines = wait_until(
         lambda: (t := table()) and "3 jobs done" in t[0] and " - " not in t[2] and t,
@@ -152,6 +173,9 @@ def test_status_table_name_lookup_scale_errors_and_fast_stop(db, supervise, tmp_
     )
     assert lines[0].startswith(f"supervisor tablelab (pid {sup.pid}) running, up ") and "2 running" in lines[0]
     assert lines[1].split()[:4] == ["WORKER", "SLOT", "PID", "STATE"]
+    # the fleet agent reads progress every 30 s: before or after the 3 jobs were done
+    pool = wait_until(lambda: (t := table(pools=True))[1].startswith("pool ") and t[1], 60, message="a pool line")
+    assert re.fullmatch(r"pool standard: [0-3] remaining, 0 in error \(1 table, read \w+ ago\)", pool), pool
     rows = [line.split() for line in lines[2:]]
     assert [(r[0], r[1], int(r[2]), r[3]) for r in rows] == [
         ("standard", "0", pids["standard[0]"], "running"),

@@ -18,7 +18,17 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "djsupervisor"
 PARENT_PACKAGES = ("supervisor", "serve")
-PARENT_MODULES = ("cli.py", "credentials.py", "log.py", "protocol.py", "fleet/view.py", "fleet/link.py")
+PARENT_MODULES = (
+    "cli.py",
+    "cli_check.py",
+    "credentials.py",
+    "cli_control.py",
+    "preflight.py",
+    "log.py",
+    "protocol.py",
+    "fleet/view.py",
+    "fleet/link.py",
+)
 DATABASE_MODULES = ("datajoint", "pymysql", "psycopg2", "djsupervisor.worker")
 #: Modules of the worker package that hold declarations only (no DataJoint, no I/O): the parent may use them.
 PURE_WORKER_MODULES = ("djsupervisor.worker.settings", "djsupervisor.worker.events", "djsupervisor.worker.identifiers")

@@ -151,3 +151,37 @@ def test_text_lines_escape_control_characters_without_journald():
     assert "INFO" in lines[0] and lines[0].endswith(r"key done\n<0>forged emergency\r\x1b[31mred\x85")
     assert all(line.startswith("  | ") for line in lines[2:-1]) and "WARNING" in lines[-1]
     assert "\x1b" not in result.stderr and "\r" not in result.stderr
+
+
+DATAJOINT_WARNINGS = """
+import logging, sys, warnings
+warnings.filterwarnings("ignore", message="No datajoint.json found")
+from djsupervisor.log import setup_logging
+setup_logging("INFO", sys.argv[1], supervisor="lab")
+datajoint = logging.getLogger("datajoint")
+for _ in range(3):  # as a pipeline's modules, its children and its job tables would say them
+    datajoint.warning("SSL connection failed (connection to server failed: received invalid response\\n)."
+                      " Falling back to non-SSL connection.")
+    datajoint.warning("Native type 'int' is used in attribute 'sample'. Consider using a core DataJoint type.")
+datajoint.warning("Native type 'int' is used in attribute 'session'. Consider using a core DataJoint type.")
+datajoint.warning("Native type 'float' is used in attribute 'value'. Consider using a core DataJoint type.")
+for _ in range(2):
+    warnings.warn("careful\\nover two lines")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_datajoint_warnings_are_one_line_each_and_said_once(fmt):
+    """Issue 19: the TLS fallback warning spread over two lines; "Native type 'int'" came three times."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    result = subprocess.run(
+        [sys.executable, "-c", DATAJOINT_WARNINGS, fmt], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    messages = [json.loads(line)["message"] for line in lines] if fmt == "json" else lines
+    assert len(messages) == 4, result.stderr  # TLS, 'int' (once, whichever attribute), 'float', the Python warning
+    assert sum("Falling back to non-SSL" in m for m in messages) == 1
+    assert any("received invalid response ). Falling back" in m for m in messages)  # the driver's newline: a space
+    assert sum("Native type 'int'" in m for m in messages) == 1 and sum("'float'" in m for m in messages) == 1
+    assert sum("careful over two lines" in m for m in messages) == 1

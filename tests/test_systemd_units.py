@@ -98,3 +98,12 @@ def test_unit_files_rate_ok_with_systemd_analyze_security(tmp_path, unit, instan
         pytest.skip("systemd-analyze security has no --offline")
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
     assert match and float(match.group(1)) <= 2.0, result.stdout[-2000:] + result.stderr
+
+
+@pytest.mark.parametrize("unit", ["djsupervisor.service", "djsupervisor@.service"])
+def test_unit_files_show_where_targets_come_from(unit):
+    """Issue 19: under systemd a loose lab_workers.py was not found (the working directory was /, unsaid)."""
+    text = (UNITS / unit).read_text()
+    assert "\nWorkingDirectory=/etc/djsupervisor\n" in text
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "config file's directory" in comments and "[supervisor] pythonpath" in comments

@@ -1,5 +1,5 @@
 """The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, forget,
-migrate-schema.
+progress, errors, retry (`djsupervisor.operate`), migrate-schema.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
 ``djsupervisor: error: ...``, and exit status 2; never a traceback.
@@ -8,12 +8,10 @@ Every problem with what the user gave (arguments, config, socket) is one line on
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from djsupervisor.protocol import ControlRequest, ControlResponse, refused
@@ -32,8 +30,8 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
             message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
-                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget; "
-                "--help for more)"
+                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, "
+                "progress, errors, retry; --help for more)"
             )
         raise UsageError(message)
 
@@ -61,6 +59,7 @@ def _seconds(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     from djsupervisor import __version__
     from djsupervisor.fleet import cli as fleet_cli
+    from djsupervisor.operate import cli as operate_cli
 
     parser = _Parser(prog="djsupervisor", description="Run DataJoint pipeline workers in production.")
     parser.add_argument("--version", action="version", version=f"djsupervisor {__version__}")
@@ -112,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         fleet_cli.add_schema_option(command)
 
     fleet_cli.add_arguments(commands, fleet_source)
+    operate_cli.add_arguments(commands, source_options)
 
     reload = commands.add_parser("reload", help="re-read the config file")
     socket_options(reload)
@@ -152,11 +152,20 @@ def _load(args, *, check_targets: bool = True):
     modules = getattr(args, "modules", None) or []
     if args.config and modules:
         raise UsageError("give either -c FILE or MODULE..., not both")
-    if args.config:
-        return load_config(args.config, check_targets=check_targets), args.config
-    if modules:
-        return config_from_modules(modules), None
-    raise UsageError("no configuration: give -c FILE or MODULE...")
+    if not args.config and not modules:
+        raise UsageError("no configuration: give -c FILE or MODULE...")
+    if not check_targets and args.config:
+        return load_config(args.config, check_targets=False), args.config
+    from djsupervisor.preflight import DatabaseError, login_first
+
+    if args.config:  # the file's [database] settings, for the login checked before the targets are imported
+        load_config(args.config, check_targets=False).database.apply()
+    try:
+        if args.config:
+            return login_first(args.config, lambda: load_config(args.config)), args.config
+        return login_first(None, lambda: config_from_modules(modules)), None
+    except DatabaseError as error:
+        raise UsageError(f"{args.config}: {error}" if args.config else str(error)) from None
 
 
 def _socket_path(args) -> str:
@@ -169,12 +178,12 @@ def _socket_path(args) -> str:
         return config.control_socket or default_socket_path(config.name)
     if args.name:
         return default_socket_path(args.name)
-    found = sorted(glob.glob(str(Path(default_socket_path("x")).parent / "*.sock")))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise UsageError("no supervisor found: give -c FILE, --name NAME or --socket PATH")
-    raise UsageError(f"several supervisors ({', '.join(Path(f).stem for f in found)}): give --name NAME")
+    from djsupervisor.cli_control import NoSupervisor, find_socket
+
+    try:  # the one that answers; dead sockets are skipped
+        return find_socket()
+    except NoSupervisor as error:
+        raise UsageError(str(error)) from None
 
 
 def _request(args, request: ControlRequest) -> ControlResponse:
@@ -256,16 +265,17 @@ def _warn_if_password_readable(path) -> None:
 
 
 def _start(args) -> int:
+    from djsupervisor.cli_control import refuse_second_start
     from djsupervisor.log import add_secret, known_secrets
-    from djsupervisor.serve.control import ControlError, default_socket_path, supervisor_listening
+    from djsupervisor.serve.control import ControlError, default_socket_path
     from djsupervisor.serve.http import HttpError
     from djsupervisor.supervisor.arbiter import Supervisor
 
     early = _logging_for(args, context={})
     if early is not None:  # refuse before importing anything (pipeline modules connect when imported)
         socket_path = early.control_socket or default_socket_path(early.name)
-        if supervisor_listening(socket_path):
-            raise UsageError(f"{early.source}: another supervisor is listening on {socket_path}")
+        if refused_start := refuse_second_start(early.source, socket_path):
+            raise UsageError(refused_start)
     config, path = _load(args)
     for secret in (config.database.password, config.notify_slack_webhook, config.notify_json_webhook):
         add_secret(secret)
@@ -289,14 +299,19 @@ def _status(args) -> int:
 
     if args.queues and not args.config:
         raise UsageError("status --queues needs -c FILE (it imports the worker definitions)")
-    response: dict[str, Any] = dict(_request(args, ControlRequest(cmd="status")))
+    try:
+        response: dict[str, Any] = dict(_request(args, ControlRequest(cmd="status")))
+    except UsageError:
+        if not args.queues:
+            raise
+        response = {"supervisor": None}  # the queues come from the database: no supervisor needed
     response.pop("ok", None)
     if args.queues:
         response["queues"] = _queues(args)
     if args.json:
         print(json.dumps(response, indent=2, default=str))
     else:
-        print(format_status(response))
+        print(format_status(response) if response.get("supervisor") else f"no supervisor runs for {args.config}")
         if args.queues:
             print()
             print(format_queues(response["queues"]))
@@ -314,50 +329,10 @@ def _queues(args) -> list[dict]:
         raise UsageError(f"{args.config}: job queues: {error.__class__.__name__}: {error}".splitlines()[0]) from None
 
 
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}s"
-
-
-def _pool_size(worker) -> str:
-    """``2``, or ``1..4`` for an autoscaled pool."""
-    return f"{worker.replicas}..{worker.max_replicas}" if worker.max_replicas is not None else str(worker.replicas)
-
-
 def _check(args) -> int:
-    import datajoint as dj
+    from djsupervisor.cli_check import check
 
-    from djsupervisor.worker.connection import session_alive
-
-    _logging_for(args, context={"worker": "check"}, quiet=True)
-    config, _ = _load(args)
-    for worker in config.workers:  # setting overrides are applied as `start` would apply them
-        try:
-            worker.build_worker()
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"{args.config}: worker {worker.name}: {error}".splitlines()[0]) from None
-    if config.http_token_file:  # as `start` will read it: run `check` as the supervisor's user
-        from djsupervisor.serve.http_access import read_token_file
-
-        try:
-            read_token_file(Path(config.http_token_file))
-        except ValueError as error:
-            raise UsageError(f"{args.config}: supervisor.http_token_file: {error}") from None
-    print(
-        f"{args.config}: valid; {_plural(len(config.workers), 'worker')}: "
-        + ", ".join(f"{w.name}×{_pool_size(w)} ({w.target})" for w in config.workers)
-    )
-    try:
-        connection = dj.conn()
-        alive = session_alive(connection)
-    except Exception as error:
-        raise UsageError(
-            f"{args.config}: database: cannot connect: {error.__class__.__name__}: {error}".splitlines()[0]
-        ) from None
-    if not alive:
-        raise UsageError(f"{args.config}: database: connected but the server does not answer")
-    info = connection.conn_info
-    print(f"database: {connection.adapter.backend} at {info['host']}:{info['port']} as {info['user']}: ok")
-    return 0
+    return check(args)
 
 
 def _run(args) -> int:
@@ -398,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="No datajoint.json found")
     from djsupervisor.credentials import CredentialError, apply_credential
     from djsupervisor.fleet.cli import FleetError
+    from djsupervisor.operate import OperateError
+    from djsupervisor.preflight import DatabaseError, SettingsError
     from djsupervisor.supervisor.config import ConfigError
 
     try:
@@ -409,11 +386,14 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "stop":
             return _stop(args)
-        if args.command == "reload":
-            _request(args, ControlRequest(cmd="reload"))
-            return 0
-        if args.command == "scale":
-            _request(args, ControlRequest(cmd="scale", worker=args.worker, replicas=args.replicas))
+        if args.command in ("reload", "scale"):
+            from djsupervisor import cli_control
+
+            if args.command == "reload":
+                print("\n".join(cli_control.reload_lines(_request(args, ControlRequest(cmd="reload")))))
+            else:
+                request = ControlRequest(cmd="scale", worker=args.worker, replicas=args.replicas)
+                print(cli_control.scale_line(_request(args, request)))
             return 0
         if args.command == "check":
             return _check(args)
@@ -422,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
 
             _logging_for(args, context={"worker": args.command}, quiet=True)
             return getattr(fleet_cli, args.command)(args, _load)
+        if args.command in ("progress", "errors", "retry"):
+            from djsupervisor.operate import cli as operate_cli
+
+            _logging_for(args, context={"worker": args.command}, quiet=True)
+            return operate_cli.run(args, _load)
         if args.command == "run":
             return _run(args)
         if args.command == "migrate-schema":
@@ -430,8 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             from djsupervisor.example.command import main as demo
 
             return demo()
-    except (UsageError, ConfigError, FleetError, CredentialError) as error:
-        print(f"djsupervisor: error: {error}", file=sys.stderr)
+    except (UsageError, ConfigError, FleetError, SettingsError, DatabaseError, CredentialError, OperateError) as error:
+        from djsupervisor.log import journal_prefix  # under systemd: in `journalctl -p err` (the unit fails)
+
+        more = len(getattr(error, "problems", ())) - 1  # a config file's further problems: `check` lists them
+        hint = f" (and {more} more: djsupervisor check -c {error.source})" if more > 0 else ""  # type: ignore[union-attr]
+        print(f"{journal_prefix(3)}djsupervisor: error: {error}{hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -55,8 +55,8 @@ def apply_credential() -> bool:
     from djsupervisor.log import add_secret
 
     add_secret(password)
-    import datajoint as dj
+    from djsupervisor.preflight import import_datajoint  # a refused DJ_* setting: one line
 
-    dj.config["database.password"] = password
+    import_datajoint().config["database.password"] = password
     os.environ.pop("DJ_PASS", None)
     return True

@@ -62,10 +62,42 @@ def mask(text: str) -> str:
     return text
 
 
+#: DataJoint's warnings said so far in this process (`_said_before`): each is said once.
+_warned: set[str] = set()
+
+
+def _said_before(record: logging.LogRecord) -> bool:
+    """Whether this warning of DataJoint's was said already; the attribute it names does not count, so that
+    "Native type 'int' is used in attribute ..." is said once per type, not once per attribute."""
+    if record.levelno < logging.WARNING or not record.name.startswith("datajoint"):
+        return False
+    if record.levelno == logging.ERROR and record.funcName == "_populate1":
+        return True  # a failed job's bare message: the worker's own line names table and key (progress.py)
+    key = re.sub(r"attribute '[^']*'", "attribute", " ".join(record.getMessage().split()))
+    if key in _warned:
+        return True
+    _warned.add(key)
+    return False
+
+
+def _about_a_job_table(record: logging.LogRecord) -> bool:
+    """DataJoint's native-type warning about its own job table (`compat.declaring_job_table`)."""
+    if record.levelno != logging.WARNING or not record.getMessage().startswith("Native type"):
+        return False
+    from djsupervisor.worker.compat import declaring_job_table  # DataJoint is loaded: it is logging
+
+    return declaring_job_table()
+
+
 class InterceptHandler(logging.Handler):
-    """Hands standard-library records (DataJoint's) to loguru, keeping level and origin."""
+    """Hands standard-library records (DataJoint's) to loguru, keeping level and origin; DataJoint's
+    warnings once each, on one line, and those about its own job tables at DEBUG."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        if _about_a_job_table(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        elif _said_before(record):
+            return
         try:
             level: str | int = logger.level(record.levelname).name
         except ValueError:
@@ -74,7 +106,10 @@ class InterceptHandler(logging.Handler):
         depth = 0  # find the caller outside the logging module
         while frame is not None and (depth == 0 or frame.f_code.co_filename == logging.__file__):
             frame, depth = frame.f_back, depth + 1
-        logger.opt(depth=depth, exception=record.exc_info).log(level, record.getMessage())
+        message = record.getMessage()
+        if record.name.startswith("datajoint"):  # a driver's error inside it may span lines
+            message = " ".join(message.split())
+        logger.opt(depth=depth, exception=record.exc_info).log(level, message)
 
 
 def _patch(record) -> None:
@@ -101,6 +136,12 @@ def _stderr_is_journal() -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return expected == f"{info.st_dev}:{info.st_ino}"
+
+
+def journal_prefix(priority: int) -> str:
+    """``<priority>`` when stderr is journald's stream (it reads the prefix as the line's syslog priority), else
+    "": for lines written without the logger, such as the command line's one-line errors."""
+    return f"<{priority}>" if _stderr_is_journal() else ""
 
 
 def _write(text: str) -> None:
@@ -148,8 +189,12 @@ def _json_sink(message, journal: bool = False) -> None:
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Python warnings as one log line each (warnings' own format spans two lines)."""
-    logger.opt(depth=2).warning("{}: {} ({}:{})", category.__name__, message, filename, lineno)
+    """Python warnings as one log line each (warnings' own format spans two lines), each text once."""
+    text = " ".join(str(message).split())
+    if f"{category.__name__}: {text}" in _warned:
+        return
+    _warned.add(f"{category.__name__}: {text}")
+    logger.opt(depth=2).warning("{}: {} ({}:{})", category.__name__, text, filename, lineno)
 
 
 def _route_standard_logging(level: str) -> None:
@@ -158,8 +203,10 @@ def _route_standard_logging(level: str) -> None:
         handlers=[InterceptHandler()], level=root_level if isinstance(root_level, int) else logging.INFO, force=True
     )
     warnings.showwarning = _log_warning
+    from djsupervisor.preflight import import_datajoint  # a refused DJ_* setting: one line, not pydantic's
+
     try:  # DataJoint replaces its logger's handlers when imported: import it first, then take them over
-        import datajoint  # noqa: F401
+        import_datajoint()
     except ImportError:
         pass
     if logging.getLevelName(15) == "JOBS":  # DataJoint's populate status level

@@ -338,6 +338,9 @@ class AgentReport(TypedDict, total=False):
     tables: dict[str, list[str]]  # pool -> the tables it populates
     depths: dict[str, dict[str, int]]
     drained: dict[str, str]  # pool -> "drain" or "halt"
+    progress: list[dict[str, Any]]  # `djsupervisor progress --json`'s rows (fleet.overview), every 30 s
+    errors: list[dict[str, Any]]  # `djsupervisor errors --json`'s groups, the most frequent 50
+    throughput: dict[str, list[list[int]]]  # pool -> [[minute since the epoch, jobs done], ...], the last hour
 
 
 def parse_agent_command(message: Any) -> AgentCommand:

@@ -130,10 +130,10 @@ def test_control_protocol_never_breaks_the_loop(control_server, payload, newline
         ("pipelines.offline:not_a_worker", "not a DataJointWorker"),
     ],
 )
-def test_bad_targets_exit_2_before_any_child(tmp_path, target, message):
+def test_bad_targets_exit_2_before_any_child(db, tmp_path, target, message):
     (TESTS / "pipelines" / "raises_on_import.py").exists() or pytest.skip("fixture module missing")
     config = write_config(tmp_path / "bad.toml", f'[[worker]]\nname = "w"\ntarget = "{target}"\n')
-    env = dict(os.environ, PYTHONPATH=str(TESTS))
+    env = dict(db.env, PYTHONPATH=str(TESTS))  # a database that answers: the login is checked before targets
     result = subprocess.run(
         [*djsupervisor_command(), "start", "-c", str(config)],
         env=env,

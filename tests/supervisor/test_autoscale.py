@@ -243,6 +243,7 @@ def test_scale_sets_the_minimum_of_an_autoscaled_pool_and_refuses_more_than_max_
         "replicas": 3,
         "min": 3,
         "max": 4,
+        "before": 1,  # the minimum it had: `djsupervisor scale` prints it
     }
     sup.pools["w"].replicas = 4  # the autoscaler grew it
     assert sup.handle_control({"cmd": "scale", "worker": "w", "replicas": 2})["replicas"] == 4  # no shrink now

@@ -75,3 +75,24 @@ def test_a_child_that_got_going_is_replaced_at_once_once_then_backs_off():
     slot.reported([{"cycles_done": 1, "state": "sleeping"}], 1.5)
     outcome = slot.exited(-signal.SIGKILL, RULES, 2.0, stopping=False)  # a second crash in a row
     assert outcome.restart_at is not None and outcome.restart_at > 2.0
+
+
+def test_a_make_that_kills_every_process_makes_the_slot_fatal_after_fatal_after_different_jobs():
+    slot = Slot("w", 0, WorkerConfig("w", "m:w"))
+    for n in range(3):  # a broken deploy: each fresh child dies in its first job, each on another key
+        started(slot, 100 + n, now=float(n))
+        slot.reported([{"state": "populating", "table": "lab.__square", "key": {"source_id": n}}], n + 0.1)
+        outcome = slot.exited(-signal.SIGSEGV, RULES, n + 0.5, stopping=False)
+    assert outcome.then is Then.STAY and slot.state is SlotState.FATAL and outcome.recover
+    assert "died in 3 different jobs in a row" in outcome.message.format(*outcome.args)
+    assert slot.died_job is not None  # the recovery run settles it
+
+
+def test_a_completed_job_in_between_starts_the_count_over():
+    slot = Slot("w", 0, WorkerConfig("w", "m:w"))
+    for n in range(6):
+        started(slot, 100 + n, now=float(n))
+        if n % 2:  # every other child completes a job before it dies in the next one
+            slot.reported([{"jobs_done": 1}], n + 0.05)
+        slot.reported([{"state": "populating", "table": "lab.__square", "key": {"source_id": n}}], n + 0.1)
+        assert slot.exited(-signal.SIGSEGV, RULES, n + 0.5, stopping=False).then is Then.BACKOFF

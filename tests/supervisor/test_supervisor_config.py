@@ -7,6 +7,7 @@ import re
 import subprocess
 
 import pytest
+from conftest import BACKENDS
 from helpers import TESTS, djsupervisor_command, write_config
 
 from djsupervisor.supervisor.config import ConfigError, config_from_modules, load_config
@@ -80,7 +81,8 @@ def test_modules_give_one_child_per_worker_they_define():
     assert [(w.name, w.target, w.replicas) for w in config.workers] == [("offline", "pipelines.offline:worker", 1)]
     with pytest.raises(ConfigError, match="defines no DataJointWorker"):
         config_from_modules(["pipelines.empty"])
-    with pytest.raises(ConfigError, match="cannot import: RuntimeError: this pipeline is broken"):
+    broken = r"cannot import 'pipelines.broken': RuntimeError: this pipeline is broken \(raised at .*broken\.py:\d+\)"
+    with pytest.raises(ConfigError, match=broken):
         config_from_modules(["pipelines.broken"])
 
 
@@ -148,6 +150,17 @@ def test_every_config_error_is_one_line_naming_file_key_and_problem(tmp_path, co
     assert re.match(rf"{re.escape(str(path))}: {key}{': ' if key else ''}.*{problem}", message), message
 
 
+#: DJ_* settings of a server that answers (`start` checks the login before it imports a target).
+REACHABLE = {
+    "DJ_HOST": BACKENDS["mysql"]["host"],
+    "DJ_PORT": str(BACKENDS["mysql"]["port"]),
+    "DJ_USER": BACKENDS["mysql"]["user"],
+    "DJ_PASS": BACKENDS["mysql"]["password"],
+    "DJ_BACKEND": "mysql",
+    "DJ_USE_TLS": "false",
+}
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr without Python warnings (a DataJoint import may warn about a missing datajoint.json)."""
     lines, skip_next = [], False
@@ -176,7 +189,7 @@ def test_start_exits_2_with_the_one_line(tmp_path, content, key, problem):
         text=True,
         timeout=60,
         cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": env_path},
+        env={**__import__("os").environ, "PYTHONPATH": env_path, **REACHABLE},  # the login is checked first
     )
     assert result.returncode == 2, result.stderr
     lines = error_lines(result.stderr)

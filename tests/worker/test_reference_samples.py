@@ -131,4 +131,11 @@ def test_worker_schema_has_the_reference_tables(db, pipe):
     worker = DataJointWorker("my_worker", db.schema_name("worker_schema"), sleep_duration=0)
     worker(pipe.Square)
     worker.run_once()
-    assert set(worker.schema.tables) == {"RegisteredWorker", "WorkerLog", "ErrorLog", "FleetFlag", "JobAttempt"}
+    assert set(worker.schema.tables) == {
+        "RegisteredWorker",
+        "WorkerLog",
+        "ErrorLog",
+        "FleetFlag",
+        "JobAttempt",
+        "RefreshLease",
+    }

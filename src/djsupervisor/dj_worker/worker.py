@@ -83,7 +83,7 @@ class DataJointWorker(loop.DataJointWorker):
         Deprecated (DeprecationWarning); False means ``stale_timeout_hours=0``, as in datajoint-utilities.
     notifiers : list, optional
         Objects with a ``notify`` method, kept in `notifiers` for djsupervisor's notifications.
-    max_sleep_duration, recovery_scope, max_attempts, retry_delay, log_retention_days, connection
+    max_sleep_duration, recovery_scope, refresh_interval, max_attempts, retry_delay, log_retention_days, connection
         djsupervisor's own settings (see `djsupervisor.worker.loop.DataJointWorker`).
     """
 
@@ -102,6 +102,7 @@ class DataJointWorker(loop.DataJointWorker):
         notifiers: Iterable[Any] | None = None,
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
+        refresh_interval: float | None = None,
         max_attempts: int = 3,
         retry_delay: float = 10,
         log_retention_days: float = 30,
@@ -134,6 +135,7 @@ class DataJointWorker(loop.DataJointWorker):
             db_prefix=_prefixes(db_prefix),
             max_sleep_duration=max_sleep_duration,
             recovery_scope=recovery_scope,
+            refresh_interval=refresh_interval,
             max_attempts=max_attempts,
             retry_delay=retry_delay,
             log_retention_days=log_retention_days,

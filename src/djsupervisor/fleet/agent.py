@@ -11,6 +11,7 @@ agent
    last_heartbeat by the server's clock, and a heartbeat window: when the next stamp is due),
 2. marks the rows of children that are gone as ``exited``,
 3. reads the FleetFlag rows of the pools' worker schemas and the job-queue depth of every pool table,
+   and, less often, each table's progress and the grouped errors (`djsupervisor.fleet.overview`),
 4. sends the supervisor's events the line carries (a slot gone FATAL, a job timed out, ...) to the
    notifiers (`djsupervisor.fleet.notify`), whether the database is reachable or not,
 5. every `_RETENTION_INTERVAL` seconds, prunes the pools' worker schemas of rows older than their
@@ -77,6 +78,7 @@ class FleetAgent:
         import platform
 
         from djsupervisor.fleet.notify import AgentNotifications
+        from djsupervisor.fleet.overview import Overview
 
         self.supervisor = supervisor
         self.host = host or platform.node()
@@ -92,6 +94,7 @@ class FleetAgent:
         self._last_prune: float | None = None
         self._refusals: set[str] = set()
         self._last_retention: float | None = None
+        self.overview = Overview()  # progress, errors and jobs per minute, for the status page
 
     def connect(self) -> None:
         """Reconnect every connection the worker definitions use (the parent's sessions stay untouched)."""
@@ -193,6 +196,9 @@ class FleetAgent:
         """Stamp the live children's rows; mark the gone ones exited."""
         import psutil
 
+        # their job counters, before anything here may fail (a child of a pool this agent lacks is skipped below)
+        self.overview.note_children(c for c in children if c["worker"] in self.workers)
+
         from djsupervisor.worker.schema import update_heartbeats
 
         by_pool: dict[str, list[dict]] = {}
@@ -249,6 +255,12 @@ class FleetAgent:
             if progress is not None:
                 depths[_short_table(table.full_table_name)] = progress
         report["depths"] = depths
+        if self.overview.throughput():
+            report["throughput"] = self.overview.throughput()
+        if any(tables.values()) and self.overview.due():  # key sources cost more than queues: every READ_INTERVAL
+            found = self._attempt("reading progress and errors", partial(self.overview.read, self.workers))
+            if found is not None:
+                report["progress"], report["errors"] = found["progress"], found["errors"]
         drained: dict[str, str] = {}
         flags_by_schema: dict[str, list | None] = {}
         for pool, worker in self.workers.items():

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from djsupervisor.fleet.registry import ANY, Selector, clear_flags, fleet_rows, read_flags, set_flag
 from djsupervisor.log import escape_controls
 from djsupervisor.serve.status_format import format_table
+
+ANY = "*"  # registry.ANY, repeated so that building the parser loads no DataJoint (registry imports it)
 
 
 class FleetError(Exception):
@@ -74,7 +75,9 @@ def _schemas(args, load) -> list[Any]:
         raise FleetError(f"database: {error.__class__.__name__}: {error}".splitlines()[0]) from None
 
 
-def _selector(args) -> Selector:
+def _selector(args):
+    from djsupervisor.fleet.registry import Selector
+
     selector = Selector(args.host, args.supervisor, args.worker)
     if selector == Selector() and not args.all:
         raise FleetError(f"{args.command}: say which pools: --host, --supervisor, --worker, or --all")
@@ -97,6 +100,8 @@ def _guarded(what: str, action):
 
 def drain(args, load) -> int:
     """Set a drain (or halt) flag in every worker schema."""
+    from djsupervisor.fleet.registry import set_flag
+
     selector = _selector(args)
     mode = "halt" if args.halt else "drain"
     for schema in _schemas(args, load):
@@ -108,6 +113,8 @@ def drain(args, load) -> int:
 
 def resume(args, load) -> int:
     """Remove the flags the selector covers; say which remain."""
+    from djsupervisor.fleet.registry import clear_flags, read_flags
+
     selector = _selector(args)
     for schema in _schemas(args, load):
         removed = _guarded(f"schema {schema.schema_name}", lambda s=schema: clear_flags(s, selector))
@@ -136,6 +143,8 @@ def forget(args, load) -> int:
 
 def fleet_status(args, load) -> int:
     """Every registered worker process of the schemas, overdue heartbeats marked, and the flags set."""
+    from djsupervisor.fleet.registry import fleet_rows, read_flags
+
     report = []
     for schema in _schemas(args, load):
         rows = _guarded(f"schema {schema.schema_name}", lambda s=schema: fleet_rows(s))

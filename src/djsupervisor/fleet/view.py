@@ -54,6 +54,10 @@ class FleetView:
     depths: dict[str, TableDepth] = dataclasses.field(default_factory=dict)
     drained: dict[str, str] = dataclasses.field(default_factory=dict)
     updated: float | None = None
+    progress: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # `progress --json` rows
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # `errors --json` groups
+    throughput: dict[str, list[list[int]]] = dataclasses.field(default_factory=dict)  # pool -> [[minute, done]]
+    progress_updated: float | None = None  # monotonic time of the last progress reading (rarer than depths)
 
     def pending(self, pool: str) -> int | None:
         """Pending jobs over every table pool `pool` populates; None if they have not been read yet, or if
@@ -79,3 +83,54 @@ class FleetView:
         if "drained" in report:
             self.drained = dict(report["drained"])
         self.updated = time.monotonic() if now is None else now
+        if "throughput" in report:
+            self.throughput = {pool: [list(b) for b in buckets] for pool, buckets in report["throughput"].items()}
+        if "progress" in report:
+            self.progress = [dict(row) for row in report["progress"]]
+            self.errors = [dict(group) for group in report.get("errors", [])]
+            self.progress_updated = self.updated
+
+    def pool_queues(self, pools: list[str], now: float | None = None) -> list[dict[str, Any]]:
+        """One entry per pool: how many tables it populates and their remaining and error counts summed, as
+        the last progress reading gave them (None before the first); `age` in seconds."""
+        if self.progress_updated is None:
+            return []
+        age = round((time.monotonic() if now is None else now) - self.progress_updated, 1)
+        out = []
+        for pool in pools:
+            rows = [row for row in self.progress if pool in row.get("workers", ())]
+            remaining = sum(int(row.get("remaining") or 0) for row in rows)
+            error = sum(int(row.get("error") or 0) for row in rows)
+            out.append({"worker": pool, "tables": len(rows), "remaining": remaining, "error": error, "age": age})
+        return out
+
+    def status_fields(self, pools: list[str]) -> dict[str, Any]:
+        """The supervisor's status fields this view gives: drain flags, the reading's age, per-pool queues."""
+        age = self.age()
+        return {
+            "drained": dict(self.drained),
+            "fleet_age": None if age is None else round(age, 3),
+            "pool_progress": self.pool_queues(pools),
+        }
+
+    def progress_report(self, now: float | None = None) -> dict[str, Any]:
+        """``/progress.json``: the tables' progress rows, the jobs done per minute per pool, and the age (s)."""
+        age = (
+            None
+            if self.progress_updated is None
+            else (time.monotonic() if now is None else now) - self.progress_updated
+        )
+        return {
+            "age": None if age is None else round(age, 1),
+            "tables": self.progress,
+            "throughput": self.throughput,
+        }
+
+    def errors_report(self, now: float | None = None) -> dict[str, Any]:
+        """``/errors.json``: the grouped errors of the last reading and its age (s)."""
+        age = (
+            None
+            if self.progress_updated is None
+            else (time.monotonic() if now is None else now) - self.progress_updated
+        )
+        return {"age": None if age is None else round(age, 1), "errors": self.errors}

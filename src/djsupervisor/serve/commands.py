@@ -16,6 +16,8 @@ from djsupervisor.protocol import ControlRequest, ControlResponse
 class Controlled(Protocol):
     """What the control commands ask of a supervisor."""
 
+    pools: dict[str, Any]  # name -> Pool: `changes` says what the last reload did to each
+
     def status(self) -> dict[str, Any]: ...
     def request_stop(self, fast: bool = False) -> None: ...
     def request_reload(self) -> str | None: ...
@@ -34,9 +36,13 @@ def stop(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
 
 
 def reload(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
-    """Re-read the config file; refused (the running configuration stays) when it is not valid."""
+    """Re-read the config file; refused (the running configuration stays) when it is not valid. The answer's
+    `changes` say what the reload did to each pool (empty: the file changed nothing)."""
     problem = supervisor.request_reload()
-    return {"ok": True} if problem is None else {"ok": False, "error": problem}
+    if problem is not None:
+        return {"ok": False, "error": problem}
+    changes = [change for pool in supervisor.pools.values() for change in getattr(pool, "changes", ())]
+    return {"ok": True, "changes": changes}  # type: ignore[typeddict-unknown-key]
 
 
 def scale(supervisor: Controlled, request: ControlRequest) -> ControlResponse:

@@ -251,7 +251,8 @@ def _fields(head: bytes) -> dict[str, list[str]]:
 
 
 def supervisor_pages(supervisor: Any) -> dict[str, Page]:
-    """The pages of a running `Supervisor`: /metrics, / (the status page) and /status.json."""
+    """The pages of a running `Supervisor`: /metrics, / (the status page), /status.json, /progress.json and
+    /errors.json."""
     import psutil
 
     from djsupervisor import __version__
@@ -272,4 +273,13 @@ def supervisor_pages(supervisor: Any) -> dict[str, Page]:
     def status_json() -> tuple[str, bytes]:
         return "application/json", json.dumps(supervisor.status(), default=str).encode()
 
-    return {"/metrics": metrics, "/": page, "/status.json": status_json}
+    def fleet_json(report: Callable[[], dict]) -> Page:  # the fleet agent's readings: the parent reads no table
+        return lambda: ("application/json", json.dumps(report(), default=str).encode())
+
+    return {
+        "/metrics": metrics,
+        "/": page,
+        "/status.json": status_json,
+        "/progress.json": fleet_json(supervisor.fleet.progress_report),
+        "/errors.json": fleet_json(supervisor.fleet.errors_report),
+    }

@@ -74,6 +74,7 @@ def format_status(data: dict) -> str:
     lines = [_summary(data, workers)]
     for pool, mode in sorted((data.get("drained") or {}).items()):
         lines.append(f"pool {pool}: {mode}ed by a fleet flag (djsupervisor resume clears it)")
+    lines.extend(_queue_lines(data.get("pool_progress") or []))
     header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
     rows = [
         (
@@ -95,6 +96,18 @@ def format_status(data: dict) -> str:
         lines.extend(format_table(header, rows))
     lines.extend(_autoscale_lines(data.get("pools") or []))
     return "\n".join(lines)
+
+
+def _queue_lines(queues: list[dict]) -> list[str]:
+    """One line per pool: its tables' remaining and error counts, as the fleet agent last read them."""
+    lines = []
+    for queue in queues:
+        tables = queue.get("tables", 0)
+        lines.append(
+            f"pool {queue.get('worker')}: {queue.get('remaining')} remaining, {queue.get('error')} in error "
+            f"({tables} table{'s' * (tables != 1)}, read {format_duration(queue.get('age'))} ago)"
+        )
+    return [escape_controls(line) for line in lines]
 
 
 def _autoscale_lines(pools: list[dict]) -> list[str]:

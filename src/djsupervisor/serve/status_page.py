@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from djsupervisor.fleet.view import QUEUE_STATES, FleetView
+from djsupervisor.serve.overview_page import STYLE as OVERVIEW_STYLE
+from djsupervisor.serve.overview_page import pipeline_sections
 from djsupervisor.serve.status_format import current_work, format_duration, status_slots
 
 REFRESH_SECONDS = 5
@@ -79,7 +81,7 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
-        f"<title>djsupervisor {name}</title><style>{_STYLE}</style></head><body>",
+        f"<title>djsupervisor {name}</title><style>{_STYLE}{OVERVIEW_STYLE}</style></head><body>",
         f'<h1>djsupervisor <span id="supervisor">{name}</span></h1>',
         f'<p id="summary">{html.escape(summary)}</p>',
         *(f'<p id="drained">Drained: {html.escape(drained)}</p>' for drained in [_drained(status)] if drained),
@@ -87,6 +89,7 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
         '<table id="slots"><thead><tr>' + "".join(f"<th>{c}</th>" for c in _SLOT_COLUMNS) + "</tr></thead><tbody>",
         *(_slot_row(slot) for slot in slots),
         "</tbody></table>",
+        *pipeline_sections(fleet),
         "<h2>Job queues</h2>",
     ]
     age = fleet.age(time.monotonic() if now is None else now)
@@ -101,5 +104,8 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
             *_queue_rows(fleet),
             "</tbody></table>",
         ]
-    parts.append('<p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a></p></body></html>')
+    parts.append(
+        '<p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a> · '
+        '<a href="/progress.json">progress.json</a> · <a href="/errors.json">errors.json</a></p></body></html>'
+    )
     return "\n".join(parts) + "\n"

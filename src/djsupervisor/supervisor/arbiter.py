@@ -111,8 +111,7 @@ class Supervisor:
             "state": self.state.value,
             "http": self.endpoints.http_address,
             "host": self.config.host or platform.node(),
-            "drained": dict(self.fleet.drained),
-            "fleet_age": None if (age := self.fleet.age()) is None else round(age, 3),
+            **self.fleet.status_fields(sorted(self.pools)),  # drained, fleet_age, pool_progress
             "slots": slots,
             "workers": slots,  # the old name of "slots", kept for one release
             "pools": [self.pools[name].status(self.fleet.pending(name)) for name in sorted(self.pools)],

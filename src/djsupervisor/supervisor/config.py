@@ -30,12 +30,26 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import tomllib
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
+
+from loguru import logger
 
 from djsupervisor.serve.http_access import exposure_problem
 from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
+from djsupervisor.supervisor.config_read import (
+    ConfigError as ConfigError,  # raised by everything here; defined with the readers that collect it
+)
+from djsupervisor.supervisor.config_read import (
+    Problems,
+    as_table,
+    read_table,
+    split_target,
+    unknown_key,
+)
+from djsupervisor.supervisor.config_read import split_host_port as split_host_port  # serve.http's import
 from djsupervisor.supervisor.import_path import ImportPathError, append_directories, config_directories
 from djsupervisor.supervisor.settings import (
     DATABASE_SETTINGS,
@@ -45,20 +59,11 @@ from djsupervisor.supervisor.settings import (
     defaults,
     names,
 )
-from djsupervisor.worker.settings import Setting, check_url, type_name
+from djsupervisor.worker.settings import type_name
 
 _SUPERVISOR_DEFAULTS = defaults(SUPERVISOR_SETTINGS)
 _POOL_DEFAULTS = defaults(POOL_SETTINGS)
 _DATABASE_DEFAULTS = defaults(DATABASE_SETTINGS)
-
-
-class ConfigError(Exception):
-    """A configuration problem; ``str(error)`` is one line: ``FILE: KEY: PROBLEM``."""
-
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        self.source, self.key, self.problem = source, key, problem
-        text = f"{source}: {key}: {problem}" if key else f"{source}: {problem}"
-        super().__init__(" ".join(text.split()))  # one line, whatever the problem's text holds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +123,7 @@ class WorkerConfig:
 
     def resolve(self):
         """The DataJointWorker instance the target names (imported, so already loaded after validation)."""
-        module_name, attribute = _split_target(self.target)
+        module_name, attribute = split_target(self.target)
         return getattr(importlib.import_module(module_name), attribute)
 
     def build_worker(self):
@@ -187,176 +192,141 @@ class SupervisorConfig:
         raise ConfigError(self.source, "worker", f"no worker named {name!r} (defined: {known})")
 
 
-# ----- validation: every key is read with its declaration (supervisor.settings)
+# ----- validation: every key is read with its declaration (supervisor.settings); config_read collects problems
 
 
-def split_host_port(text: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) as (host, port); ValueError saying what is wrong.
-
-    Port 0 means any free port."""
-    host, colon, port_text = text.rpartition(":")
-    if not colon or not host:
-        raise ValueError(f"must be 'host:port', got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(ch.isspace() or ch in "/[]" for ch in host) or (":" in host and not text.startswith("[")):
-        raise ValueError(f"must be 'host:port' (an IPv6 host in brackets), got {text!r}")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ValueError(f"port must be a number, got {text!r}")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port must be 0..65535, got {port} in {text!r}")
-    return host, port
-
-
-def _split_target(text: str) -> tuple[str, str]:
-    """``"module:attribute"`` as (module, attribute); ValueError saying what is wrong."""
-    if text.count(":") != 1 or not all(text.split(":")):
-        raise ValueError(f"must be 'module:attribute', got {text!r}")
-    module, _, attribute = text.partition(":")
-    return module, attribute
-
-
-#: The checks of a string setting's `form`, beyond its type: each raises ValueError with the problem.
-_FORMS: dict[str, Callable[[str], object]] = {
-    "host:port": split_host_port,
-    "module:attribute": _split_target,
-    "url": check_url,  # its problem never shows the URL: a webhook's path is its secret
-}
-
-
-class _Table:
-    """One TOML table read with its settings' declarations; ConfigError naming file and key on any problem.
-
-    Unknown keys are refused first (the message lists the known ones), then each declared key is checked
-    in declaration order. `read` returns only the keys given: the config dataclasses hold the defaults.
-    """
-
-    def __init__(self, source: str, prefix: str, table: Mapping[str, Any], settings: tuple[Setting, ...]) -> None:
-        self.source, self.prefix, self.table, self.settings = source, prefix, table, settings
-        known = names(settings)
-        for key in table:
-            if key not in known:
-                self.fail(key, f"unknown key (known: {', '.join(known)})")
-
-    def fail(self, key: str, problem: str) -> NoReturn:
-        raise ConfigError(self.source, f"{self.prefix}.{key}", problem)
-
-    def read(self) -> dict[str, Any]:
-        """``{key: value}`` of every key given, checked."""
-        values = {}
-        for setting in self.settings:
-            if setting.name not in self.table:
-                if setting.required:
-                    self.fail(setting.name, "missing (required)")
-                continue
-            if setting.requires and setting.requires not in self.table:
-                self.fail(setting.name, f"only applies to an autoscaled pool: set {setting.requires} too")
-            try:
-                values[setting.name] = setting.check(self.table[setting.name])
-                if setting.form:
-                    _FORMS[setting.form](values[setting.name])
-            except ValueError as error:
-                self.fail(setting.name, str(error))
-        return values
-
-
-def _table(source: str, key: str, value: Any) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise ConfigError(source, key, f"must be a table, got {type_name(value)}")
-    return value
-
-
-def _parse_supervisor(source: str, table: Any, default_name: str) -> dict[str, Any]:
-    values = _Table(source, "supervisor", _table(source, "supervisor", table), SUPERVISOR_SETTINGS).read()
+def _parse_supervisor(problems: Problems, table: Any, default_name: str) -> dict[str, Any]:
+    values = read_table(problems, "supervisor", as_table(problems, "supervisor", table), SUPERVISOR_SETTINGS)
     values.setdefault("name", default_name)
     floats = {setting.name for setting in SUPERVISOR_SETTINGS if setting.kind is float}
     return {key: float(value) if key in floats else value for key, value in values.items()}  # 30 s -> 30.0
 
 
-def _parse_database(source: str, table: Any) -> DatabaseConfig:
-    return DatabaseConfig(**_Table(source, "database", _table(source, "database", table), DATABASE_SETTINGS).read())
-
-
-def _parse_worker(source: str, table: Any, index: int) -> WorkerConfig:
+def _parse_worker(problems: Problems, table: Any, index: int) -> WorkerConfig | None:
     where = f"worker[{index}]"
-    table = _table(source, where, table)
+    table = as_table(problems, where, table)
     if isinstance(table.get("name"), str) and table["name"]:
         where = f"worker[{index}] ({table['name']})"
-    reader = _Table(source, where, table, POOL_SETTINGS + WORKER_OVERRIDES)
-    values = reader.read()
+    before = len(problems)
+    values = read_table(problems, where, table, POOL_SETTINGS + WORKER_OVERRIDES)
     overrides = tuple((key, values.pop(key)) for key in names(WORKER_OVERRIDES) if key in values)
     replicas, max_replicas = values.get("replicas", _POOL_DEFAULTS["replicas"]), values.get("max_replicas")
     if max_replicas is not None and max_replicas < replicas:
-        reader.fail("max_replicas", f"must be >= replicas ({replicas}), got {max_replicas!r}")
+        problems.add(f"{where}.max_replicas", f"must be >= replicas ({replicas}), got {max_replicas!r}")
+    if len(problems) > before or "name" not in values or "target" not in values:
+        return None
     return WorkerConfig(**values, overrides=overrides)
 
 
-def _check_target(source: str, worker: WorkerConfig, key: str) -> None:
-    """Import the target, check it is a DataJointWorker and that it accepts the overrides."""
+def _import_problem(module_name: str, error: Exception, looked_in: list[Path]) -> str:
+    """Why `module_name` did not import: where it was looked for, or the file and line that raised."""
+    text = f"cannot import {module_name!r}: {error.__class__.__name__}: {error}"
+    if isinstance(error, ModuleNotFoundError) and error.name and module_name.startswith(error.name):
+        places = ", ".join(str(p) for p in looked_in) or "the working directory"
+        return f"{text} (looked in {places} and the installed packages; [supervisor] pythonpath adds directories)"
+    frames = traceback.extract_tb(error.__traceback__)
+    outside = [f for f in frames if "importlib" not in f.filename and f.filename != __file__]
+    if outside:  # where it was raised; the whole traceback at --log-level DEBUG
+        text += f" (raised at {outside[-1].filename}:{outside[-1].lineno})"
+    logger.opt(exception=error).debug("importing {!r} failed", module_name)
+    return text
+
+
+def _check_target(worker: WorkerConfig, looked_in: list[Path]) -> tuple[str, str] | None:
+    """Import the target, check it is a DataJointWorker that accepts the overrides: ``(key suffix, problem)``
+    (the suffix ``.target`` or empty), or None."""
     from djsupervisor.worker.loop import DataJointWorker
 
-    module_name, attribute = _split_target(worker.target)
+    module_name, attribute = split_target(worker.target)
     try:
         module = importlib.import_module(module_name)
     except Exception as error:
-        raise ConfigError(
-            source, f"{key}.target", f"cannot import {module_name!r}: {error.__class__.__name__}: {error}"
-        )
+        return ".target", _import_problem(module_name, error, looked_in)
     if not hasattr(module, attribute):
-        raise ConfigError(source, f"{key}.target", f"module {module_name!r} has no attribute {attribute!r}")
+        return ".target", f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attribute!r}"
     value = getattr(module, attribute)
     if not isinstance(value, DataJointWorker):
-        raise ConfigError(source, f"{key}.target", f"{worker.target!r} is a {type_name(value)}, not a DataJointWorker")
+        return ".target", f"{worker.target!r} is a {type_name(value)}, not a DataJointWorker"
     try:
         worker.build_worker()
     except (TypeError, ValueError) as error:
-        raise ConfigError(source, key, f"invalid worker setting: {error}")
+        return "", f"invalid worker setting: {error}"
+    return None
 
 
 def parse_config(
-    data: Mapping[str, Any], source: str, default_name: str, *, check_targets: bool = True
+    data: Mapping[str, Any],
+    source: str,
+    default_name: str,
+    *,
+    check_targets: bool = True,
+    problems: Problems | None = None,
 ) -> SupervisorConfig:
-    """Validate parsed TOML `data` (from `source`, for messages) into a SupervisorConfig."""
+    """Validate parsed TOML `data` (from `source`, for messages) into a SupervisorConfig.
+
+    Without `problems`, the first problem is raised (ConfigError, `problems` holding them all) before any
+    target is imported. With it, every problem is added there, targets are imported whatever else is wrong,
+    and the configuration of what was valid is returned."""
+    collect = problems is not None
+    problems = problems if problems is not None else Problems(source)
     for key in data:
         if key not in ("supervisor", "database", "worker"):
-            raise ConfigError(source, key, "unknown key (known: supervisor, database, worker)")
-    settings = _parse_supervisor(source, data.get("supervisor", {}), default_name)
-    database = _parse_database(source, data.get("database", {}))
+            problems.add(key, unknown_key(key, ("supervisor", "database", "worker")))
+    settings = _parse_supervisor(problems, data.get("supervisor", {}), default_name)
+    database_table = as_table(problems, "database", data.get("database", {}))
+    database = DatabaseConfig(**read_table(problems, "database", database_table, DATABASE_SETTINGS))
     entries = data.get("worker", [])
     if not isinstance(entries, list):
-        raise ConfigError(source, "worker", "must be an array of tables ([[worker]])")
-    if not entries:
-        raise ConfigError(source, "worker", "no [[worker]] defined")
-    workers = [_parse_worker(source, entry, i) for i, entry in enumerate(entries)]
+        problems.add("worker", "must be an array of tables ([[worker]])")
+        entries = []
+    elif not entries:
+        problems.add("worker", "no [[worker]] defined")
+    parsed = [(i, _parse_worker(problems, entry, i)) for i, entry in enumerate(entries)]
+    workers: list[WorkerConfig] = []
     seen: dict[str, int] = {}
-    for i, worker in enumerate(workers):
+    for i, worker in parsed:
+        if worker is None:
+            continue
         if worker.name in seen:
-            raise ConfigError(
-                source, f"worker[{i}].name", f"duplicate worker name {worker.name!r} (also worker[{seen[worker.name]}])"
-            )
+            also = f"also worker[{seen[worker.name]}]"
+            problems.add(f"worker[{i}].name", f"duplicate worker name {worker.name!r} ({also})")
+            continue
         seen[worker.name] = i
+        workers.append(worker)
     socket_path = settings.get("control_socket")
     if socket_path is not None and ".." in Path(socket_path).parts:
-        raise ConfigError(source, "supervisor.control_socket", f"must not contain '..' components, got {socket_path!r}")
+        problems.add("supervisor.control_socket", f"must not contain '..' components, got {socket_path!r}")
+        settings.pop("control_socket")
     if "http_token_file" in settings:  # relative: to the config file, as pythonpath
         settings["http_token_file"] = str(Path(source).parent / settings["http_token_file"])
     http, token_file = settings.get("http"), settings.get("http_token_file")  # a network bind needs a token
     if exposed := exposure_problem(http, token_file, settings.get("http_allow_anonymous", False)):
-        raise ConfigError(source, "supervisor.http", exposed)
+        problems.add("supervisor.http", exposed)
+    if not collect:
+        problems.raise_first()
     if check_targets:
         database.apply()  # pipeline modules connect when imported
+        looked_in = config_directories(Path(source), settings.get("pythonpath", ()))
         try:  # after site-packages, never the working directory (import_path's docstring says why)
-            append_directories(config_directories(Path(source), settings.get("pythonpath", ())))
+            append_directories(looked_in)
         except ImportPathError as error:
-            raise ConfigError(source, "", str(error))
-        for i, worker in enumerate(workers):
-            _check_target(source, worker, f"worker[{i}] ({worker.name})")
+            problems.add("", str(error))
+            workers = []
+        for worker in workers:
+            found = _check_target(worker, looked_in)
+            if found is not None:
+                suffix, problem = found
+                problems.add(f"worker[{seen[worker.name]}] ({worker.name}){suffix}", problem)
+        if not collect:
+            problems.raise_first()
     return SupervisorConfig(workers=tuple(workers), source=source, database=database, **settings)
 
 
-def load_config(path: str | Path, *, check_targets: bool = True) -> SupervisorConfig:
-    """Read and validate the TOML file at `path`; imports every target (ConfigError on any problem)."""
+def load_config(path: str | Path, *, check_targets: bool = True, problems: Problems | None = None) -> SupervisorConfig:
+    """Read and validate the TOML file at `path`; imports every target (ConfigError on any problem).
+
+    `problems`: collect the problems there instead of raising (parse_config); a file that cannot be read or
+    parsed is raised all the same."""
     path = Path(path)
     source = str(path)
     try:
@@ -371,7 +341,7 @@ def load_config(path: str | Path, *, check_targets: bool = True) -> SupervisorCo
         raise ConfigError(source, "", f"not UTF-8 text: {error.reason} at byte {error.start}")
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(source, "", f"TOML syntax error: {error}")  # the message holds line and column
-    return parse_config(data, source, path.stem, check_targets=check_targets)
+    return parse_config(data, source, path.stem, check_targets=check_targets, problems=problems)
 
 
 def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig:
@@ -396,7 +366,7 @@ def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig
         try:
             module = importlib.import_module(module_name)
         except Exception as error:
-            raise ConfigError(source, module_name, f"cannot import: {error.__class__.__name__}: {error}")
+            raise ConfigError(source, module_name, _import_problem(module_name, error, [Path.cwd()]))
         defines_one = False
         for attribute, value in vars(module).items():
             if not isinstance(value, DataJointWorker):

@@ -74,6 +74,7 @@ class Pool:
     autoscaler: Autoscaler | None = None
     hold_logged: str | None = None  # the kind of the autoscaler's last hold, logged once
     supervisor: str = "-"
+    changes: list[str] = dataclasses.field(default_factory=list)  # what the last reload did (its answer)
     notices: Notices = dataclasses.field(init=False, repr=False)  # what the notifiers hear of
 
     def __post_init__(self) -> None:
@@ -90,6 +91,11 @@ class Pool:
     @property
     def log(self) -> Any:
         return logger.bind(supervisor=self.supervisor, worker="-", slot="-")
+
+    def _changed(self, text: str, *args: Any) -> None:
+        """Log a reload's change to this pool and keep it for the reload command's answer."""
+        self.log.info("reload: " + text, *args)
+        self.changes.append(text.format(*args))
 
     def slot_log(self, slot: Slot) -> Any:
         return logger.bind(supervisor=self.supervisor, worker=slot.worker, slot=slot.index)
@@ -212,9 +218,10 @@ class Pool:
         next `reconcile`) within host `budget`. A changed `replicas` resizes the pool; a changed definition
         rolls its children (at the next `reconcile`s, one at a time)."""
         old = self.config
+        self.changes = []
         if worker is None:
             if old is not None:
-                self.log.info("reload: worker {} removed", self.name)
+                self._changed("worker {} removed", self.name)
                 self.config = None
             return
         if worker.autoscale is not None or self.autoscaler is not None:
@@ -222,10 +229,19 @@ class Pool:
         elif old is None:
             self.replicas = worker.replicas
         elif worker.replicas != old.replicas:
-            self.log.info("reload: worker {} resized to {}", worker.name, worker.replicas)
+            self._changed(
+                "worker {} resized from {} to {} (the file's replicas)", worker.name, self.replicas, worker.replicas
+            )
             self.replicas = worker.replicas
+        elif self.replicas != worker.replicas:  # one rule for every pool: a runtime scale outlives a reload
+            self._changed(
+                "worker {} stays at {} (set by scale; the file's replicas, {}, did not change)",
+                worker.name,
+                self.replicas,
+                worker.replicas,
+            )
         if old is not None and old.definition != worker.definition:
-            self.log.info("reload: worker {} changed; rolling its children one at a time", worker.name)
+            self._changed("worker {} changed; rolling its children one at a time", worker.name)
         self.config = worker
 
     def _reconfigure_autoscaling(self, old: WorkerConfig | None, worker: WorkerConfig, budget: HostBudget) -> None:
@@ -234,7 +250,7 @@ class Pool:
         that no longer autoscales takes its `replicas`."""
         settings = worker.autoscale
         if settings is None:
-            self.log.info("reload: worker {} no longer autoscales: {} children", worker.name, worker.replicas)
+            self._changed("worker {} no longer autoscales: {} children", worker.name, worker.replicas)
             self.autoscaler = None
             self.replicas = self.minimum = worker.replicas
             return
@@ -245,9 +261,7 @@ class Pool:
             self.autoscaler = Autoscaler(settings, budget)
         self.autoscaler.settings, self.autoscaler.budget = settings, budget
         size = min(max(self.replicas, self.minimum), settings.max_replicas)
-        self.log.info(
-            "reload: worker {} autoscales {}..{}, now {}", worker.name, self.minimum, settings.max_replicas, size
-        )
+        self._changed("worker {} autoscales {}..{}, now {}", worker.name, self.minimum, settings.max_replicas, size)
         self.replicas = size
 
     def scale(self, n: int) -> dict[str, Any]:
@@ -265,14 +279,15 @@ class Pool:
                     f"pool {self.name} autoscales up to max_replicas {maximum}: scale sets its minimum, "
                     f"got {n} (raise max_replicas in the config and reload)"
                 )
-            size = max(n, self.replicas)
+            size, before = max(n, self.replicas), self.minimum
             self.log.info("pool {} minimum set to {} (autoscaling {}..{}, now {})", self.name, n, n, maximum, size)
             self.minimum, self.replicas = n, size
-            return {"worker": self.name, "replicas": self.replicas, "min": n, "max": maximum}
+            return {"worker": self.name, "replicas": self.replicas, "min": n, "max": maximum, "before": before}
+        before = self.replicas
         if n != self.replicas:
             self.log.info("pool {} scaled from {} to {}", self.name, self.replicas, n)
         self.replicas = n
-        return {"worker": self.name, "replicas": n}
+        return {"worker": self.name, "replicas": n, "before": before}
 
     def resize_by(self, step: int) -> None:
         """TTIN/TTOU: one child more or fewer (of an autoscaled pool, its minimum), within the bounds."""
@@ -380,7 +395,7 @@ def reconfigure_pools(
             pools[worker.name].reconfigure(worker, budget)
         else:
             pools[worker.name] = Pool.create(worker, budget, supervisor)
-            pools[worker.name].log.info("reload: worker {} added ({}×{})", worker.name, worker.target, worker.replicas)
+            pools[worker.name]._changed("worker {} added ({}×{})", worker.name, worker.target, worker.replicas)
 
 
 def summarize(pools: Iterable[Pool]) -> str:

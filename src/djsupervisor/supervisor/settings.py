@@ -218,6 +218,8 @@ def toml_value(value: Any) -> str:
     """`value` written as TOML (strings, numbers and booleans: what a config key takes)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, float):

@@ -109,6 +109,9 @@ class Slot:
     timed_out_job: dict[str, Any] | None = None  # set by the monitor's job_timeout kill: {"table", "key", "seconds"}
     stop_overran: bool = False  # the graceful stop ran past graceful_timeout: SIGKILLed
     died_job: dict[str, Any] | None = None  # the job the last child died in, for the next one (`dead_job`)
+    # distinct jobs children died in before getting going, none completing a job since: a make() that kills
+    # every process (a broken deploy) makes the slot FATAL after `fatal_after` of them; one poison key never
+    deadly_jobs: set[str] = dataclasses.field(default_factory=set)
     next_start: float | None = None  # monotonic deadline of a BACKOFF
     report: ChildReport = dataclasses.field(default_factory=ChildReport)
     last_report: float = 0.0  # monotonic
@@ -148,6 +151,7 @@ class Slot:
     def reset(self) -> None:
         """Forget the exits in a row: a new definition starts afresh (a FATAL slot may be started again)."""
         self.early_exits = self.crashes = 0
+        self.deadly_jobs.clear()
 
     # ----- the life of a child
 
@@ -206,6 +210,8 @@ class Slot:
         got_going = self.got_going()
         uptime = self.uptime(now) or 0.0
         self.died_job = self.dead_job(code, how)
+        if self.report.jobs_done or self.report.jobs_failed:  # this child's make() ran and returned
+            self.deadly_jobs.clear()
         self.pid = self.pipe_fd = None
         if self.state is SlotState.STOPPING:
             self.change(SlotState.STOPPED)
@@ -240,6 +246,15 @@ class Slot:
             self.crashes = 0
         if self.died_job is not None:  # the job's failure (its attempts count it), not the slot's: replace at once
             self.early_exits = 0
+            if not got_going:
+                self.deadly_jobs.add(repr((self.died_job["table"], sorted(self.died_job["key"].items()))))
+            if len(self.deadly_jobs) >= rules.fatal_after:
+                self.change(SlotState.FATAL)
+                message = (
+                    "{} died in {} different jobs in a row before completing one (last: {}): FATAL, not restarted "
+                    "(a make() that kills every process it runs in?)"
+                )
+                return Outcome(Then.STAY, message, (self.label, len(self.deadly_jobs), how), "ERROR", recover=True)
             self.change(SlotState.BACKOFF)
             self.next_start = now
             message = "{} died in a job ({} after {:.1f} s); replacing it"

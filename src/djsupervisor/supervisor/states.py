@@ -8,7 +8,8 @@ below is the same table, edge for edge (a test reads this docstring and compares
              ──▶ STOPPING   stop requested (shrink, drain, roll, recycle, kill, supervisor stop)
              ──▶ BACKOFF    it exited and will be restarted after the restart delay (also: fork failed)
              ──▶ EXITED     it exited and the restart policy keeps it down (or the supervisor is stopping)
-             ──▶ FATAL      it exited before getting going `fatal_after` times in a row
+             ──▶ FATAL      it exited before getting going `fatal_after` times in a row (or died in
+                            `fatal_after` different jobs before getting going, none completing)
     RUNNING  ──▶ STOPPING | BACKOFF | EXITED    as from STARTING (max_jobs reached: BACKOFF with no delay)
     BACKOFF  ──▶ STARTING   the restart delay passed
              ──▶ STOPPED    stop requested (no child to signal)

@@ -77,6 +77,11 @@ def interval_sql(connection: datajoint.Connection, seconds: int) -> str:
     return connection.adapter.interval_expr(seconds, "second")
 
 
+def interval_sql_unit(connection: datajoint.Connection, value: int, unit: str) -> str:
+    """An SQL interval of `value` `unit`s (``"microsecond"``, ``"second"``...) for the connection's server."""
+    return connection.adapter.interval_expr(value, unit)
+
+
 def driver_connection(connection: datajoint.Connection) -> Any | None:
     """The pymysql or psycopg2 connection under `connection` (``Connection._conn``), None when closed."""
     return connection._conn
@@ -281,3 +286,54 @@ def unpack_blob(data: bytes) -> Any:
     from datajoint.blob import unpack
 
     return unpack(data)
+
+
+#: Rows per INSERT when `bulk_refresh` writes the new jobs of a refresh.
+REFRESH_INSERT_BATCH = 5000
+
+
+@contextlib.contextmanager
+def bulk_refresh(jobs: Any) -> Iterator[None]:
+    """Within the block, ``jobs.refresh()`` writes its new jobs `REFRESH_INSERT_BATCH` rows per INSERT.
+
+    DataJoint 2.3's ``Job.refresh`` inserts each new key with its own ``insert1`` (100k new keys: about 40 s,
+    every worker's first cycle held up meanwhile). Here the ``insert1`` calls it makes are collected and
+    written once it returns, with ``insert(..., skip_duplicates=True)`` (another worker may have inserted a
+    key meanwhile: DataJoint's own loop skipped such a duplicate too). The steps after the insert loop
+    (re-pend, removal of vanished and stale jobs) do not read the new rows, so writing them last changes
+    nothing; the count of added jobs DataJoint returns is the number of new keys it found.
+    """
+    original = jobs.refresh
+
+    def refresh(*args: Any, **kwargs: Any) -> dict:
+        rows: list[dict] = []
+        jobs.insert1 = lambda row, **_: rows.append(dict(row))
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            del jobs.insert1
+        for start in range(0, len(rows), REFRESH_INSERT_BATCH):
+            jobs.insert(rows[start : start + REFRESH_INSERT_BATCH], skip_duplicates=True, ignore_extra_fields=True)
+        return result
+
+    jobs.refresh = refresh
+    try:
+        yield
+    finally:
+        del jobs.refresh
+
+
+def declaring_job_table() -> bool:
+    """Whether the caller runs inside DataJoint declaring a table's job table (`Table.jobs` on first use).
+
+    DataJoint copies the primary key into the job table with its native SQL types and then warns, in every
+    process, that a native type is used (``Native type 'int' is used in attribute 'sample'``): a warning
+    about DataJoint's own table that the lab cannot act on, which `djsupervisor.log` keeps at DEBUG."""
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__get__" and frame.f_code.co_filename.endswith("datajoint/autopopulate.py"):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False

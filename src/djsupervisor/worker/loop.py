@@ -61,9 +61,13 @@ from djsupervisor.worker.stop import StopSignal
 from djsupervisor.worker.upstream_schema import UpstreamWorkerSchema
 
 
-def _positive_or_disabled(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+def _number(name: str, value: Any, minimum: float | None = None, *, integer: bool = False, above: bool = False) -> Any:
+    """`value` if it is a number (an integer if `integer`) of at least `minimum` (more if `above`); otherwise
+    ValueError naming setting `name`."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if minimum is not None and (value < minimum or (above and value == minimum)):
+        raise ValueError(f"{name} must be {'>' if above else '>='} {minimum:g}, got {value!r}")
     return value
 
 
@@ -97,6 +101,9 @@ class DataJointWorker:
     max_sleep_duration : float, optional
         Adaptive sleep: the wait doubles after each idle cycle up to this, and drops back to
         `sleep_duration` as soon as a cycle does work. None keeps the sleep fixed.
+    refresh_interval : float, optional
+        Seconds between two refreshes of a table's job queue by any worker of the fleet (one refresh per
+        table and interval, see `djsupervisor.worker.refresh_lease`); None: `sleep_duration`; 0: every cycle.
     max_attempts : int
         Failed attempts at a job (its process died, it timed out, a transient error was cleared) after which
         it becomes an error that nothing re-pends (see `djsupervisor.worker.attempts`).
@@ -140,6 +147,7 @@ class DataJointWorker:
         db_prefix: str | Sequence[str] | None = None,
         max_sleep_duration: float | None = None,
         recovery_scope: str = "own",
+        refresh_interval: float | None = None,
         max_attempts: int = 3,
         retry_delay: float = 10,
         log_retention_days: float = 30,
@@ -155,14 +163,10 @@ class DataJointWorker:
             )
         self.name = worker_name
         self.worker_schema_name = worker_schema_name
-        self.run_duration = _positive_or_disabled("run_duration", run_duration)
-        self.sleep_duration = _positive_or_disabled("sleep_duration", sleep_duration)
-        if self.sleep_duration < 0:
-            raise ValueError(f"sleep_duration must be >= 0, got {sleep_duration!r}")
-        self.max_idled_cycle = _positive_or_disabled("max_idled_cycle", max_idled_cycle)
-        self.stale_timeout_hours = _positive_or_disabled("stale_timeout_hours", stale_timeout_hours)
-        if self.stale_timeout_hours < 0:
-            raise ValueError(f"stale_timeout_hours must be >= 0, got {stale_timeout_hours!r}")
+        self.run_duration = _number("run_duration", run_duration)
+        self.sleep_duration = _number("sleep_duration", sleep_duration, 0)
+        self.max_idled_cycle = _number("max_idled_cycle", max_idled_cycle)
+        self.stale_timeout_hours = _number("stale_timeout_hours", stale_timeout_hours, 0)
         if isinstance(autoclear_error_patterns, str):
             autoclear_error_patterns = [autoclear_error_patterns]
         self.autoclear_error_patterns = tuple(autoclear_error_patterns)
@@ -174,17 +178,13 @@ class DataJointWorker:
         if recovery_scope == "db_prefix" and not self.db_prefix:
             raise ValueError("recovery_scope 'db_prefix' needs a db_prefix (recovery is never server-wide)")
         self.recovery_scope = recovery_scope
-        if not _positive_or_disabled("log_retention_days", log_retention_days) > 0:
-            raise ValueError(f"log_retention_days must be > 0, got {log_retention_days!r}")
-        self.log_retention_days = log_retention_days
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise ValueError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
-        self.max_attempts = max_attempts
-        if _positive_or_disabled("retry_delay", retry_delay) < 0:
-            raise ValueError(f"retry_delay must be >= 0, got {retry_delay!r}")
-        self.retry_delay = retry_delay
+        self.log_retention_days = _number("log_retention_days", log_retention_days, 0, above=True)
+        self.max_attempts = _number("max_attempts", max_attempts, 1, integer=True)
+        self.retry_delay = _number("retry_delay", retry_delay, 0)
+        no_interval = refresh_interval is None  # the sleep_duration
+        self.refresh_interval = None if no_interval else _number("refresh_interval", refresh_interval, 0)
         if max_sleep_duration is not None:
-            _positive_or_disabled("max_sleep_duration", max_sleep_duration)
+            _number("max_sleep_duration", max_sleep_duration)
             if max_sleep_duration < self.sleep_duration:
                 raise ValueError(
                     f"max_sleep_duration ({max_sleep_duration!r}) must be >= sleep_duration ({sleep_duration!r})"
@@ -204,7 +204,11 @@ class DataJointWorker:
             outage=self._outage,
         )
         self._progress = Progress(
-            worker_name, record=self._record, stop_signal=self._stop_signal, listeners=lambda: self._listeners
+            worker_name,
+            record=self._record,
+            stop_signal=self._stop_signal,
+            listeners=lambda: self._listeners,
+            refresh_interval=lambda: self.sleep_duration if self.refresh_interval is None else self.refresh_interval,
         )
         self._recovery: JobRecovery | None = None
         self._recovery_identity: dict | None = None  # the process identity `_recovery` was made for

@@ -14,6 +14,7 @@ from loguru import logger
 
 from djsupervisor.worker.events import Activity, State, WorkerEvent
 from djsupervisor.worker.record import WorkerRecord
+from djsupervisor.worker.refresh_lease import take_refresh_lease
 from djsupervisor.worker.stop import StopSignal
 
 _SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
@@ -33,15 +34,32 @@ class Progress:
         record: WorkerRecord,
         stop_signal: StopSignal,
         listeners: Callable[[], list[Callable[[WorkerEvent], None]]],
+        refresh_interval: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.worker_name = worker_name
         self.record = record
         self.stop_signal = stop_signal
         self._listeners = listeners
+        self._refresh_interval = refresh_interval
         self.activity = Activity("idle")
         self.cycles = 0
         self.jobs_done = 0
         self.jobs_failed = 0
+
+    def may_refresh(self, table: str) -> bool:
+        """Whether this cycle's first populate() of `table` refreshes its job queue: once per refresh interval
+        across the fleet (`djsupervisor.worker.refresh_lease`); when the lease cannot be read, refresh."""
+        interval = self._refresh_interval()
+        if interval <= 0:
+            return True
+        schema = self.record.schema
+        taken = self.record.attempt(
+            "taking the refresh lease",
+            lambda: take_refresh_lease(
+                schema.connection, schema.tables["RefreshLease"].full_table_name, table, interval
+            ),
+        )
+        return taken is not False
 
     def emit(self, event: WorkerEvent) -> None:
         """Hand `event` to every listener, in the worker's thread; a failing listener is logged, not raised."""

@@ -69,6 +69,7 @@ class WorkerRecord:
         self.refused: UpstreamWorkerSchema | None = None  # the worker schema is datajoint-utilities'
         self._cycle_log = CycleLog(lambda: self.schema)
         self._last_prune: float | None = None
+        self._idle_since: int | None = None  # the first cycle of the current idle stretch (logged once)
 
     def attempt(self, what: str, action: Callable[[], Any]) -> Any:
         """`action()`, or None after logging its failure (bookkeeping never ends the loop, but for a worker
@@ -155,8 +156,21 @@ class WorkerRecord:
         )
 
     def log_cycle(self, summary: CycleSummary, durations: dict[str, float]) -> None:
-        """The log line and the WorkerLog rows of the cycle `summary` describes."""
-        logger.bind(worker=self.worker_name).info(
+        """The log line and the WorkerLog rows of the cycle `summary` describes.
+
+        Quiet by default: a busy cycle is an INFO line, an idle one a DEBUG line; going idle and finding work
+        again are one INFO line each (an idle child would otherwise say something every sleep_duration)."""
+        log = logger.bind(worker=self.worker_name)
+        recovered = summary.recovered_stale + summary.recovered_orphaned + summary.cleared_errors
+        busy = not summary.idle or bool(summary.jobs_failed or recovered)
+        if not busy and self._idle_since is None:
+            self._idle_since = summary.cycle
+            log.info("idle from cycle {}: nothing to do (idle cycles are logged at DEBUG)", summary.cycle)
+        elif busy and self._idle_since is not None:
+            log.info("found work again after {} idle cycles", summary.cycle - self._idle_since)
+            self._idle_since = None
+        log.log(
+            "INFO" if busy else "DEBUG",
             "cycle {} done in {:.2f} s: {} jobs done, {} failed, {} re-pended, {} errors cleared{}",
             summary.cycle,
             summary.duration,

@@ -165,7 +165,18 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
         INDEX (last_time)
         """
 
+    @schema
+    class RefreshLease(dj.Manual):
+        definition = """
+        # When each table's job queue was last refreshed: one refresh per table and interval across the fleet
+        table_name      : varchar(255)    # the auto-populated table's full name
+        ---
+        refreshed_at    : datetime(3)     # by the database server's clock
+        refreshed_by    : varchar(255)    # host:pid of the process that refreshed
+        """
+
     return dict(
+        RefreshLease=RefreshLease,
         RegisteredWorker=RegisteredWorker,
         WorkerLog=WorkerLog,
         ErrorLog=ErrorLog,

@@ -30,7 +30,8 @@ class Setting:
     name : str
         The key (TOML) and the keyword (Python).
     kind : type
-        ``str``, ``float`` (any finite number), ``int``, ``bool``, or ``tuple`` (Python only, never checked).
+        ``str``, ``float`` (any finite number), ``int``, ``bool``, or ``list`` (of non-empty strings, read as a
+        tuple).
     default : Any
         The value when the key is absent; None: unset.
     help : str
@@ -151,12 +152,11 @@ WORKER_SETTINGS = (
     Setting("stale_timeout_hours", float, 24, "age after which a reservation whose connection is gone is re-pended"),
     Setting(
         "autoclear_error_patterns",
-        tuple,
+        list,
         (),
         "SQL LIKE patterns of error messages to re-pend, besides the built-in transient ones",
-        overridable=False,
     ),
-    Setting("db_prefix", tuple, None, "the prefixes of the lab's schemas", overridable=False),
+    Setting("db_prefix", list, None, "the prefixes of the lab's schemas"),
     Setting("max_sleep_duration", float, None, "adaptive sleep: the wait doubles per idle cycle up to this"),
     Setting(
         "recovery_scope",
@@ -164,6 +164,13 @@ WORKER_SETTINGS = (
         "own",
         "job tables recovery touches: the worker's own, or every one under db_prefix",
         choices=RECOVERY_SCOPES,
+    ),
+    Setting(
+        "refresh_interval",
+        float,
+        None,
+        "seconds between refreshes of a table's job queue across the fleet; 0: every cycle",
+        default_text="sleep_duration",
     ),
     Setting(
         "max_attempts",

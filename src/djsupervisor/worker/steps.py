@@ -50,6 +50,11 @@ class StepHost(Protocol):
         """Ask the worker to stop at the next job boundary."""
         ...
 
+    def may_refresh(self, table: str) -> bool:
+        """Before a cycle's first populate() of `table`: whether it refreshes the job queue (False: another
+        worker of the fleet did so within the refresh interval; work the queue as it stands)."""
+        ...
+
     def may_reserve(self) -> bool:
         """At a job boundary, just before reserving the next job: False when no new job may start."""
         ...
@@ -202,12 +207,18 @@ class TableStep:
         if compat.transaction_left_open(connection):  # populate would refuse this connection forever after
             logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
             compat.clear_transaction(connection)
-        with compat.observed_jobs(
-            self._job_table(),
-            may_reserve=host.may_reserve,
-            reserved=lambda key: host.job_started(self.name, key),
-            completed=lambda key: host.job_ended(self.name, key, ok=True),
-            failed=lambda key, message, stack: host.job_ended(self.name, key, ok=False, message=message, stack=stack),
+        jobs = self._job_table()
+        with (
+            compat.bulk_refresh(jobs),
+            compat.observed_jobs(
+                jobs,
+                may_reserve=host.may_reserve,
+                reserved=lambda key: host.job_started(self.name, key),
+                completed=lambda key: host.job_ended(self.name, key, ok=True),
+                failed=lambda key, message, stack: host.job_ended(
+                    self.name, key, ok=False, message=message, stack=stack
+                ),
+            ),
         ):
             return self._populate_batches(host)
 
@@ -218,6 +229,8 @@ class TableStep:
         (Batches all the way cost throughput with several workers on PostgreSQL: 0.83 against 0.96 of
         plain loops in one A/B, cause not established.) With `max_calls` or `processes` given, one call."""
         kwargs = dict(self.populate_kwargs)
+        if "refresh" not in kwargs:
+            kwargs["refresh"] = host.may_refresh(self.name)
         if "max_calls" in kwargs or (kwargs.get("processes") or 1) > 1:
             return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
         total: dict = {"success_count": 0, "error_list": []}

@@ -1,0 +1,69 @@
+"""One refresh of a table's job queue per interval across the fleet: of two workers (two sessions, as on two
+hosts) sharing a worker schema, the first cycle refreshes and the second works the queue as it stands; once
+the interval has passed (moved back by hand), the next cycle refreshes again; the claim is one statement."""
+
+from __future__ import annotations
+
+import pytest
+from jobtools import open_connection
+from pipelines.lab import declare
+
+from djsupervisor import DataJointWorker
+from djsupervisor.worker.refresh_lease import take_refresh_lease
+from djsupervisor.worker.schema import WorkerSchema
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def worker(db, name: str, lab, **settings) -> DataJointWorker:
+    w = DataJointWorker(name, db.schema_name("workers"), sleep_duration=60, **settings)
+    w(lab.Square, max_calls=1)
+    return w
+
+
+def lease_table(db) -> str:
+    return WorkerSchema(db.schema_name("workers"), db.connection).tables["RefreshLease"].full_table_name
+
+
+def age_the_lease(db, seconds: int) -> None:
+    q = db.connection.adapter.quote_identifier
+    interval = db.connection.adapter.interval_expr(seconds, "second")
+    db.connection.query(f"UPDATE {lease_table(db)} SET {q('refreshed_at')} = {q('refreshed_at')} - {interval}")
+
+
+def test_one_refresh_per_table_and_interval_across_workers(db):
+    lab = declare(db.schema_name("pipe"))
+    lab.seed(range(1, 4))
+    first, second = worker(db, "a", lab), worker(db, "b", lab)
+    assert first.run_once().jobs_done == 1  # refreshed: 3 keys queued, 1 done
+    assert lab.Square.jobs.progress()["pending"] == 2
+    lab.seed(range(4, 7))  # new keys
+    assert second.run_once().jobs_done == 1  # within the interval: the queue as it stands, no refresh
+    assert len(lab.Square.jobs) == 1 and lab.Square.jobs.progress()["pending"] == 1  # the new keys not queued
+    age_the_lease(db, 61)
+    assert second.run_once().jobs_done == 1  # the interval passed: this one refreshes
+    assert lab.Square.jobs.progress()["pending"] == 3  # 1 left + 3 new - 1 done
+    rows = (WorkerSchema(db.schema_name("workers"), db.connection).tables["RefreshLease"]()).to_dicts()
+    assert [r["table_name"] for r in rows] == [lab.Square().full_table_name]
+
+
+def test_refresh_interval_zero_refreshes_every_cycle(db):
+    lab = declare(db.schema_name("pipe"))
+    lab.seed(range(1, 3))
+    w = worker(db, "a", lab, refresh_interval=0)
+    w.run_once()
+    lab.seed(range(3, 5))
+    w.run_once()
+    assert len(lab.Square.jobs) + len(lab.Square()) == 4  # every key queued (or done) by the second refresh
+
+
+def test_the_claim_goes_to_exactly_one_session(db):
+    lab = declare(db.schema_name("pipe"))
+    table, target = lease_table(db), lab.Square().full_table_name
+    sessions = [db.connection, open_connection(db), open_connection(db)]
+    assert [take_refresh_lease(c, table, target, 30) for c in sessions] == [True, False, False]
+    age_the_lease(db, 31)
+    assert [take_refresh_lease(c, table, target, 30) for c in reversed(sessions)] == [True, False, False]
+    assert take_refresh_lease(sessions[1], table, target, 0)  # no interval: always
+    for connection in sessions[1:]:
+        connection.close()
