@@ -4,7 +4,6 @@ and credentials that must never show (titles, logs, status, the socket)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import uuid
 
