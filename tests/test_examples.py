@@ -2,7 +2,8 @@
 
 In process: the example pipeline imported under this test's schema prefix, seeded, and worked by its
 `standard` and `analysis` workers until they go idle computes every key exactly once. Under the supervisor:
-`examples/demo.py` (what ./scripts/demo runs once a database answers) ends with every session analysed.
+`djsupervisor.example.demo` (what `djsupervisor demo` runs once a database answers) ends with every session
+analysed.
 The throwaway server: `scripts/throwaway_db.py` starts a private MariaDB and PostgreSQL from the installed
 binaries, and stops and removes them.
 """
@@ -27,7 +28,9 @@ THROWAWAY = ROOT / "scripts" / "throwaway_db.py"
 
 def forget_example_modules() -> None:
     """Drop the example pipeline's modules, so the next import declares its tables under the current prefix."""
-    for name in [n for n in sys.modules if n == "examples.pipeline" or n.startswith("examples.pipeline.")]:
+    for name in [
+        n for n in sys.modules if n == "djsupervisor.example.pipeline" or n.startswith("djsupervisor.example.pipeline.")
+    ]:
         del sys.modules[name]
 
 
@@ -40,8 +43,8 @@ def example(db, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     forget_example_modules()
     try:
-        pipeline = importlib.import_module("examples.pipeline")
-        workers = importlib.import_module("examples.pipeline.workers")
+        pipeline = importlib.import_module("djsupervisor.example.pipeline")
+        workers = importlib.import_module("djsupervisor.example.pipeline.workers")
         yield pipeline, workers
     finally:
         forget_example_modules()
@@ -102,7 +105,12 @@ def test_demo_works_the_example_pipeline_under_the_supervisor(db, tmp_path):
         DJSUPERVISOR_RUNTIME_DIR=str(tmp_path / "run"),
     )
     result = subprocess.run(
-        [sys.executable, "-m", "examples.demo"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=150
+        [sys.executable, "-m", "djsupervisor.example.demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every session analysed" in result.stdout
@@ -121,8 +129,8 @@ def test_demo_works_the_example_pipeline_under_the_supervisor(db, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_the_example_config_finds_its_targets_from_anywhere(db):
-    """examples/djsupervisor.toml names its import directory (`pythonpath`): checked from / with no
-    PYTHONPATH, as systemd would run it (the demo broke once when the working directory stopped counting)."""
+    """examples/djsupervisor.toml's targets ship in the package: checked from / with no PYTHONPATH, as systemd
+    would run it (the demo broke once when the working directory stopped counting)."""
     env = {k: v for k, v in db.env.items() if k != "PYTHONPATH"}
     env["DJS_EXAMPLE_PREFIX"] = db.prefix
     djsupervisor = str(Path(sys.executable).with_name("djsupervisor"))
@@ -268,3 +276,11 @@ def test_throwaway_database_is_no_gift_to_other_local_users(backend_name, tmp_pa
     finally:
         throwaway("stop", str(directory))
     assert not directory.exists()
+
+
+def test_the_repository_config_is_the_one_the_package_ships():
+    """examples/djsupervisor.toml is what a checkout's README commands use; the wheel carries the same file
+    (`python -m djsupervisor.example` prints its path)."""
+    from djsupervisor.example import CONFIG
+
+    assert (ROOT / "examples" / "djsupervisor.toml").read_text() == CONFIG.read_text()

@@ -264,7 +264,7 @@ def test_compose_seeds_the_example_pipeline(compose):
     (imported,) = [n for n in ast.walk(code) if isinstance(n, ast.ImportFrom)]
     (call,) = [n for n in ast.walk(code) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "seed"]
     # the function and the keywords exist (read, not imported: importing the pipeline connects)
-    package = ROOT / Path(*imported.module.split(".")) / "__init__.py"
+    package = ROOT / "src" / Path(*imported.module.split(".")) / "__init__.py"
     assert "seed" in ast.literal_eval(
         next(
             n.value
@@ -280,7 +280,7 @@ def test_compose_seeds_the_example_pipeline(compose):
 def test_fleet_config_loads():
     config = load((FLEET / "djsupervisor.toml").read_text(), "examples/fleet/djsupervisor.toml")
     assert [w.name for w in config.workers] == ["standard", "analysis"]
-    assert all(w.target.startswith("examples.pipeline.workers:") for w in config.workers)
+    assert all(w.target.startswith("djsupervisor.example.pipeline.workers:") for w in config.workers)
 
 
 def readme_commands() -> list[list[str]]:

@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper)
     run.add_argument("--log-format", choices=LOG_FORMATS)
 
+    commands.add_parser("demo", help="work the example pipeline (DJ_* database, else the embedded PostgreSQL)")
     from djsupervisor.worker.migrate import MAPPING  # text only: importing it loads no DataJoint
 
     migrate = commands.add_parser(
@@ -410,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command == "migrate-schema":
             return _migrate(args)
+        if args.command == "demo":
+            from djsupervisor.example.command import main as demo
+
+            return demo()
     except (UsageError, ConfigError, FleetError, SettingsError, DatabaseError, CredentialError, OperateError) as error:
         from djsupervisor.log import journal_prefix  # under systemd: in `journalctl -p err` (the unit fails)
 

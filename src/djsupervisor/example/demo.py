@@ -1,7 +1,8 @@
 """The demo: seed the example pipeline in fresh schemas, work it under `djsupervisor start`, show
 `djsupervisor status` while it runs, stop it gracefully, then show each table's queue.
 
-Run by ./scripts/demo (which sets up the virtualenv and the database). Schemas are named
+Run by ``djsupervisor demo`` (`djsupervisor.example.command`, which finds or starts the database; ./scripts/demo
+sets up the virtualenv and calls it) with the database in the DJ_* variables. Schemas are named
 ``$DJS_EXAMPLE_PREFIX_*`` (default ``djs_demo``) and recreated on each run.
 """
 
@@ -23,6 +24,8 @@ warnings.filterwarnings("ignore", message="No datajoint.json found")  # the demo
 warnings.filterwarnings("ignore", message="MariaDB is not officially supported")  # see README
 
 import datajoint as dj  # noqa: E402
+
+from djsupervisor.example import CONFIG  # noqa: E402
 
 
 def drop_demo_schemas(prefix: str) -> None:
@@ -56,11 +59,11 @@ def main() -> int:
     prefix = os.environ["DJS_EXAMPLE_PREFIX"]
     dj.config["safemode"] = False
     drop_demo_schemas(prefix)
-    from examples.pipeline import Recording, Spikes, Summary, seed
+    from djsupervisor.example.pipeline import Recording, Spikes, Summary, seed
 
     sessions = seed()
     print(f"demo: seeded {sessions} sessions in {prefix}_pipeline")
-    config = str(Path(__file__).with_name("djsupervisor.toml"))
+    config = str(CONFIG)
     log = Path(os.environ.get("DJS_DEMO_LOG", "demo-supervisor.log"))
     print(f"demo: djsupervisor start -c {config}   (its log: {log})")
     with open(log, "w") as log_file:
