@@ -49,40 +49,58 @@ def settle_dead_job(connection: dj.Connection, job: dict[str, Any], book: Attemp
     host = platform.node()
     key = dict(job["key"])
     queue = job_queue(connection, job["table"], tuple(key))
-    q = queue.q
-    where = " AND ".join(f"{q(c)}=%s" for c in key)
-    row = connection.query(
-        f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('error_message')}, "
-        f"{', '.join(map(q, key))} FROM {queue.full_name} WHERE {where}",
-        args=tuple(key.values()),
-    ).fetchone()
+    row = _read(queue, key)
     if row is None:
         return "no longer queued"
-    status, holder_host, pid, connection_id, message, *values = row
-    key = dict(zip(key, values))  # as the database gives them (hashed alike by every process)
+    status, holder_host, pid, connection_id, message, key = row
     incident = f"{host}:{job['pid']}"
     if status == "reserved" and holder_host == host and pid == job["pid"]:
         holder = [(holder_host, pid, connection_id)]
         if job["kind"] == "stopped":
             settled = settle(queue, "reserved", [Failure(key, incident, "stopped", job["reason"])], holder, None)
             return "re-pended (not counted: stopped by the supervisor)" if settled.repended else "already settled"
-        failure = Failure(key, incident, job["kind"], job["reason"], detailed=True)
-        return _said(settle(queue, "reserved", [failure], holder, book))
+        settled = settle(
+            queue, "reserved", [Failure(key, incident, job["kind"], job["reason"], detailed=True)], holder, book
+        )
+        if settled.repended or settled.given_up:
+            return _said(settled)
+        # another process settled it between our read and our update (a sibling's recovery): see how
+        row = _read(queue, key)
+        if row is None:
+            return "no longer queued"
+        status, _, _, _, message, key = row
     if book is None or job["kind"] == "stopped":
         return "already settled"
     if status == "error" and (match := _GAVE_UP_COUNT.match(message or "")):
         # a sibling's recovery gave up on it with the generic reason: say what really happened
+        q = queue.q
+        where = " AND ".join(f"{q(c)}=%s" for c in key)
         better = give_up_message(job["kind"], int(match[1]), job["reason"])
         connection.query(
             f"UPDATE {queue.full_name} SET {q('error_message')}=%s WHERE {q('status')}='error' AND {where}",
             args=(better, *key.values()),
         )
+        book.forget(queue.target, [key])  # a count our own update may have made again after the give-up
         return "given up (reason completed)"
     last = book.last(queue.target, key)
     if last is not None and last[1] == incident:
         book.count(queue.target, [Failure(key, incident, job["kind"], job["reason"], detailed=True)])
         return "already re-pended (reason completed)"
     return "already settled"
+
+
+def _read(queue: JobQueue, key: dict) -> tuple | None:
+    """(status, host, pid, connection_id, error_message, key as the database gives it) of `key`'s job."""
+    q = queue.q
+    row = queue.connection.query(
+        f"SELECT {q('status')}, {q('host')}, {q('pid')}, {q('connection_id')}, {q('error_message')}, "
+        f"{', '.join(map(q, key))} FROM {queue.full_name} WHERE {' AND '.join(f'{q(c)}=%s' for c in key)}",
+        args=tuple(key.values()),
+    ).fetchone()
+    if row is None:
+        return None
+    status, host, pid, connection_id, message, *values = row
+    return status, host, pid, connection_id, message, dict(zip(key, values))  # hashed alike by every process
 
 
 def _said(settled: Settled) -> str:
