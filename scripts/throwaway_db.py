@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from djsupervisor.example.command import login_error  # the same login check as `djsupervisor demo`
+
 
 def settings() -> dict:
     backend = os.environ.get("DJ_BACKEND", "mysql")
@@ -46,31 +48,6 @@ def settings() -> dict:
         user=os.environ.get("DJ_USER", default_user),
         password=os.environ.get("DJ_PASS", ""),
     )
-
-
-def login_error(s: dict, timeout: float = 3) -> str | None:
-    """None if a server of the configured backend accepts the configured login, else why not."""
-    try:
-        if s["backend"] == "postgresql":
-            import psycopg2
-
-            psycopg2.connect(
-                host=s["host"],
-                port=s["port"],
-                user=s["user"],
-                password=s["password"],
-                dbname="postgres",
-                connect_timeout=max(1, int(timeout)),
-            ).close()
-        else:
-            import pymysql
-
-            pymysql.connect(
-                host=s["host"], port=s["port"], user=s["user"], password=s["password"], connect_timeout=timeout
-            ).close()
-        return None
-    except Exception as error:
-        return " ".join(str(error).split()) or type(error).__name__
 
 
 def answers(s: dict, timeout: float = 3) -> bool:

@@ -19,7 +19,8 @@ import json
 import re
 from typing import Any
 
-from djsupervisor.operate.pipeline import Pipeline, PipelineTable, Sql, decode_stack
+from djsupervisor.operate.pipeline import Pipeline, PipelineTable, Sql
+from djsupervisor.worker.compat import decode_stack
 
 #: Folded in this order: quoted values, paths, UUIDs and long hex strings, then numbers.
 _FOLDS = (

@@ -179,17 +179,3 @@ def key_terms(sql: Sql, columns: Sequence[str], count: int) -> str:
     """``((a=%s AND b=%s) OR ...)`` for `count` keys of `columns`."""
     one = "(" + " AND ".join(f"{sql.q(c)}=%s" for c in columns) + ")"
     return "(" + " OR ".join([one] * count) + ")"
-
-
-def decode_stack(value: Any) -> str:
-    """An error stack as text (DataJoint stores it as a `<blob>`)."""
-    if value is None:
-        return ""
-    if isinstance(value, memoryview):
-        value = value.tobytes()
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return str(compat.unpack_blob(bytes(value)))
-        except Exception:
-            return bytes(value).decode("utf-8", "replace")
-    return str(value)

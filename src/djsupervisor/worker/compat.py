@@ -337,3 +337,17 @@ def declaring_job_table() -> bool:
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False
+
+
+def decode_stack(value: Any) -> str:
+    """An error stack of a job row as text (DataJoint stores it as a `<blob>`)."""
+    if value is None:
+        return ""
+    if isinstance(value, memoryview):
+        value = value.tobytes()
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return str(unpack_blob(bytes(value)))
+        except Exception:
+            return bytes(value).decode("utf-8", "replace")
+    return str(value)

@@ -106,20 +106,6 @@ def _first_line(message: str | None, limit: int = 500) -> str:
     return lines[0][:limit] if lines else "(no message)"
 
 
-def _decode_stack(value) -> str:
-    """The error stack of a job row as text (DataJoint stores it as a `<blob>`)."""
-    if value is None:
-        return ""
-    if isinstance(value, memoryview):
-        value = value.tobytes()
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return str(compat.unpack_blob(bytes(value)))
-        except Exception:
-            return bytes(value).decode("utf-8", "replace")
-    return str(value)
-
-
 class JobRecovery:
     """Recovery and cleanup of job tables for one worker (keeps what it learns about the server)."""
 
@@ -338,7 +324,7 @@ class JobRecovery:
         if self.on_cleared_error is not None:
             for row in rows:
                 sink = self.on_cleared_error
-                sink(queue.target, row["key"], row["message"], _decode_stack(row["stack"]), row["completed"])
+                sink(queue.target, row["key"], row["message"], compat.decode_stack(row["stack"]), row["completed"])
         failures = [
             Failure(row["key"], f"error:{row['completed']}", "transient", _first_line(row["message"])) for row in rows
         ]
