@@ -173,9 +173,3 @@ def _safe(name: str) -> bool:
     except identifiers.UnsafeIdentifier:
         return False
     return True
-
-
-def key_terms(sql: Sql, columns: Sequence[str], count: int) -> str:
-    """``((a=%s AND b=%s) OR ...)`` for `count` keys of `columns`."""
-    one = "(" + " AND ".join(f"{sql.q(c)}=%s" for c in columns) + ")"
-    return "(" + " OR ".join([one] * count) + ")"

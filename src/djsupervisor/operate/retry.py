@@ -20,7 +20,8 @@ import functools
 from typing import Any
 
 from djsupervisor.operate import OperateError
-from djsupervisor.operate.pipeline import Pipeline, PipelineTable, Sql, key_terms
+from djsupervisor.operate.pipeline import Pipeline, PipelineTable, Sql
+from djsupervisor.worker import identifiers
 from djsupervisor.worker.attempts import AttemptBook
 
 BATCH = 200  # keys per UPDATE: bounded statements and locks, as job recovery's _CLEAR_BATCH
@@ -75,7 +76,7 @@ def change(pipeline: Pipeline, entry: PipelineTable, match: str | None, *, ignor
             break
         values = [value for key in keys for value in key]
         changed += sql.execute(
-            f"UPDATE {jobs} SET {assignments} WHERE {where} AND {key_terms(sql, columns, len(keys))}",
+            f"UPDATE {jobs} SET {assignments} WHERE {where} AND {identifiers.key_terms(sql.q, columns, len(keys))}",
             (*args, *values),
         )
         for book in books:

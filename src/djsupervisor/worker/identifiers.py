@@ -15,6 +15,7 @@ SQL, run with the worker's privileges on every cycle. Two defences, both here:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 #: DataJoint's attribute names (declare.py: lowercase, starting with a letter).
 _COLUMN = re.compile(r"[a-z][a-z0-9_]*", re.ASCII)
@@ -51,6 +52,13 @@ def quote(backend: str, name: str) -> str:
 def full_name(backend: str, schema: str, table: str) -> str:
     """``schema.table`` with both parts quoted."""
     return f"{quote(backend, schema)}.{quote(backend, table)}"
+
+
+def key_terms(quoted: Callable[[str], str], columns: Sequence[str], count: int) -> str:
+    """``((a=%s AND b=%s) OR ...)``: a WHERE term matching any of `count` keys of `columns`, whose values follow
+    as arguments in that order; `quoted` quotes a column name for the connection's backend."""
+    one = "(" + " AND ".join(f"{quoted(c)}=%s" for c in columns) + ")"
+    return "(" + " OR ".join([one] * count) + ")"
 
 
 def is_column_name(name: str) -> bool:

@@ -68,8 +68,7 @@ class JobQueue:
         return f"{q('status')}='reserved'"
 
     def terms(self, columns: Sequence[str], count: int) -> str:
-        one = "(" + " AND ".join(f"{self.q(c)}=%s" for c in columns) + ")"
-        return "(" + " OR ".join([one] * count) + ")"
+        return identifiers.key_terms(self.q, columns, count)
 
 
 def settle(
