@@ -322,16 +322,22 @@ def checks(args, report, env, config, supervisor, pipe, nvml, overhead, work) ->
     jobs = {pid: sum(1 for row in rows if row["pid"] == pid) for pid in {row["pid"] for row in rows}}
     expected = {pid: overhead + n * args.mb for pid, n in jobs.items()}
 
-    def readings():
-        found = children(status_of(env, config))
-        by_pid = {s["pid"]: s for s in found.values()}
-        return by_pid if all(by_pid.get(pid, {}).get("gpu_memory_mb") is not None for pid in jobs) else None
+    latest: dict[int, dict] = {}
 
-    by_pid = wait_for(readings, 20) or children(status_of(env, config))
+    def readings():  # every child measured (with NVML: within the tolerance; a sample may predate a job)
+        latest.clear()
+        latest.update({s["pid"]: s for s in children(status_of(env, config)).values()})
+        got = [latest.get(pid, {}).get("gpu_memory_mb") for pid in jobs]
+        if nvml is None:
+            return all(g is None for g in got) and all(latest.get(pid, {}).get("gpu_note") for pid in jobs)
+        return all(g is not None and abs(g - expected[pid]) <= TOLERANCE * expected[pid] for g, pid in zip(got, jobs))
+
+    wait_for(readings, 20)
+    by_pid = dict(latest)
     threads = len(os.listdir(f"/proc/{supervisor.pid}/task"))
     report.line(threads == 1, f"the supervisor has {threads} thread(s) after sampling the GPU (forks safely)")
     if nvml is None:
-        notes = {s.get("gpu_note") for s in children(status_of(env, config)).values()}
+        notes = {s.get("gpu_note") for s in by_pid.values()}
         report.line(all(notes), f"status: GPU memory not measured, saying why: {sorted(map(str, notes))}")
         address = (status_of(env, config) or {}).get("http")
         report.line(gpu_metrics(address) == {}, "metrics: djsupervisor_child_gpu_memory_bytes present, no samples")

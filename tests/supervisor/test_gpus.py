@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from helpers import write_config
@@ -306,3 +307,17 @@ def test_a_supervisor_without_gpu_pools_shows_no_gpu_columns():
     status = status_of(plain)
     assert "GPU" not in format_status(status) and "GPU" not in render_page(status, FleetView(), version="1")
     assert status["slots"][0]["gpu"] is None and status["slots"][0]["gpu_note"] is None
+
+
+def test_the_readme_workstation_config_is_valid_on_four_gpus_and_refused_on_two(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("### GPU workers") :]
+    start = section.index("```toml\n") + 8
+    block = section[start : section.index("\n```", start)]
+    path = write_config(tmp_path / "lab.toml", block)
+    four = [GpuDevice(i, "Fake", f"GPU-{i}", 2**34) for i in range(4)]
+    config = load_config(path, check_targets=False, gpu_devices=lambda: four)
+    standard, gpu = config.workers
+    assert (standard.gpus, gpu.gpus, gpu.replicas, gpu.max_gpu_memory_mb) == (None, ("0", "1", "2", "3"), 4, 20000)
+    with pytest.raises(ConfigError, match=r"worker\[1\] \(gpu\)\.gpus: no GPU 2 on this machine"):
+        load_config(path, check_targets=False, gpu_devices=lambda: four[:2])
