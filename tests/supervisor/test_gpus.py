@@ -229,9 +229,16 @@ def test_without_nvidia_ml_py_the_reason_says_how_to_install_it(monkeypatch):
     assert GpuMemorySampler().sample({1: [1]}) == {1: GpuReading(None, NOT_INSTALLED)}
 
 
+def test_listing_the_gpus_lets_nvml_go_after(monkeypatch):
+    fake = FakeNvml()
+    monkeypatch.setitem(sys.modules, "pynvml", fake)  # what `import pynvml` finds
+    assert list_devices() == TWO and fake.calls[-1] == "nvmlShutdown"
+
+
 def test_check_reports_the_gpus_it_sees(tmp_path):
     config = load(tmp_path, "gpus = [0]\n")
-    assert list_devices(Nvml(FakeNvml())) == TWO
+    fake = FakeNvml()
+    assert list_devices(Nvml(fake)) == TWO and "nvmlShutdown" not in fake.calls  # a given NVML stays started
     line = gpu_line(config, TWO)
     assert line == "gpus: 2 (0: Fake A100 40960 MiB (GPU-aaaa), 1: Fake A100 40960 MiB (GPU-bbbb))"
     assert gpu_line(config, "no NVIDIA GPU/driver found") == "gpus: none seen: no NVIDIA GPU/driver found"

@@ -111,6 +111,15 @@ class Nvml:
         self._retry_at = self._clock() + RETRY_AFTER
         raise error
 
+    def close(self) -> None:
+        """Let NVML go (it counts its starts: a config read at every reload must not leave one behind)."""
+        if self._handles is not None:
+            self._handles = None
+            try:
+                self._module.nvmlShutdown()
+            except Exception:
+                pass
+
     def devices(self) -> list[GpuDevice]:
         """Every GPU NVML sees; RuntimeError(reason) if NVML cannot be had."""
         handles = self._start()
@@ -146,11 +155,15 @@ class Nvml:
 
 
 def list_devices(nvml: Nvml | None = None) -> list[GpuDevice] | str:
-    """The GPUs NVML sees, or why it cannot tell (one line)."""
+    """The GPUs NVML sees, or why it cannot tell (one line); NVML is let go after, unless `nvml` was given."""
+    own = nvml or Nvml()
     try:
-        return (nvml or Nvml()).devices()
+        return own.devices()
     except RuntimeError as error:
         return str(error)
+    finally:
+        if nvml is None:
+            own.close()
 
 
 class GpuMemorySampler:
