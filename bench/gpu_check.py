@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,7 @@ import time
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_NO_GPU = 0, 1, 3
 DEADLINE = 170.0  # seconds for the whole run: the promise is under 3 minutes
@@ -167,9 +169,6 @@ class Report:
         self.failed = self.failed or ok is False
         return bool(ok)
 
-    def left(self) -> float:
-        return DEADLINE - (time.monotonic() - self.started)
-
 
 def wait_for(predicate, timeout: float, interval: float = 0.25):
     """The first truthy value of `predicate()` within `timeout` seconds, else None."""
@@ -181,7 +180,7 @@ def wait_for(predicate, timeout: float, interval: float = 0.25):
         time.sleep(interval)
 
 
-def probe_gpu(index: int) -> tuple[str, object]:
+def probe_gpu(index: int) -> tuple[str, Any]:
     """A line on GPU `index`, and NVML's module; NoGpu when there is no NVIDIA GPU/driver to check on."""
     import ctypes
 
@@ -221,7 +220,8 @@ def context_overhead(nvml, index: int, env: dict) -> float:
         text=True,
     )
     try:
-        assert probe.stdout is not None and probe.stdout.readline().strip() == "ready", "the CUDA probe failed"
+        if probe.stdout is None or probe.stdout.readline().strip() != "ready":
+            raise RuntimeError("the CUDA probe process could not create a context (its error is above)")
         return wait_for(lambda: used_mb(nvml, index).get(probe.pid), 10) or 0.0
     finally:
         probe.kill()
@@ -232,8 +232,11 @@ def djsupervisor(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "djsupervisor", *args], env=env, capture_output=True, text=True)
 
 
-def gpu_metrics(address: str) -> dict[str, float]:
-    """``djsupervisor_child_gpu_memory_bytes`` samples by slot (only gpu="…" of the checked GPU is kept)."""
+def gpu_metrics(address: str | None) -> dict[str, float]:
+    """``djsupervisor_child_gpu_memory_bytes`` samples as ``{"SLOT@GPU": bytes}`` ({"missing": -1} without the
+    family, or without the supervisor's HTTP address)."""
+    if address is None:
+        return {"missing": -1.0}
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
         text = response.read().decode()
     if "# TYPE djsupervisor_child_gpu_memory_bytes gauge" not in text:
@@ -295,6 +298,8 @@ def run(args: argparse.Namespace, report: Report) -> None:
             log.close()
             if report.failed:
                 print(f"     supervisor log: {work / 'supervisor.log'}", flush=True)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
 
 
 def status_of(env: dict, config: Path) -> dict | None:
@@ -358,7 +363,10 @@ def memory_checks(report, env, config, pipe, nvml, args, by_pid, expected) -> No
     for pid, want in sorted(expected.items()):
         got = (by_pid.get(pid) or {}).get("gpu_memory_mb")
         ok = got is not None and abs(got - want) <= TOLERANCE * want
-        hint = "" if pid in on_gpu else f" (NVML lists pids {sorted(on_gpu)}: another pid namespace?)"
+        note = (by_pid.get(pid) or {}).get("gpu_note")
+        hint = f" ({note})" if note else ""
+        if not note and pid not in on_gpu:
+            hint = f" (NVML lists pids {sorted(on_gpu)}, not {pid}: another pid namespace?)"
         report.line(ok, f"status: child {pid} uses {got} MiB of GPU {args.gpu}, expected {want:.0f} ± 10 %{hint}")
     address = (status_of(env, config) or {}).get("http")
     samples = gpu_metrics(address)
@@ -389,7 +397,12 @@ def memory_checks(report, env, config, pipe, nvml, args, by_pid, expected) -> No
     errors = pipe.Held().jobs.progress()["error"]
     report.line(errors == 0, f"its job recorded as done, {errors} job(s) in error")
     fresh = wait_for(
-        lambda: (s := children(status_of(env, config)).get(slot)) and s.get("gpu_memory_mb") is not None and s, 10
+        lambda: (
+            (s := children(status_of(env, config)).get(slot if slot is not None else -1))
+            and s.get("gpu_memory_mb") is not None
+            and s
+        ),
+        10,
     )
     report.line(
         bool(fresh) and fresh["gpu_memory_mb"] < 1,
