@@ -99,6 +99,9 @@ def test_each_slot_sees_its_gpu_also_after_a_restart_and_status_says_gpu_memory_
         families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
     gpu_memory = families["djsupervisor_child_gpu_memory_bytes"]
     assert gpu_memory.type == "gauge" and gpu_memory.samples == []
+    with urllib.request.urlopen(f"http://{status['http']}/", timeout=5) as response:
+        page = response.read().decode()
+    assert "<th>CPU %</th><th>GPU</th><th>GPU MB</th>" in page and "GPU memory not measured: " in page
     assert sup.process.poll() is None  # NVML's absence never stopped the parent
     sup.signal(signal.SIGTERM)
     assert sup.wait_exit(30) == 0

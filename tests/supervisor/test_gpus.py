@@ -262,6 +262,19 @@ def test_max_gpu_memory_mb_recycles_after_the_job_like_max_memory_mb():
     assert replaced.gpu_reading is None
 
 
+def test_the_pool_recycles_a_child_over_max_gpu_memory_mb_after_its_job_and_tells_the_notifiers():
+    pool = Pool.create(WorkerConfig("gpu", "m:w", gpus=("0", "1"), replicas=2, max_gpu_memory_mb=1000), HostBudget())
+    for action in pool.reconcile(0.0, None):
+        action.slot.spawned(100 + action.slot.index, -1, 0.0)
+        action.slot.reported([{"cycles_done": 1}], 0.5)
+    pool.slots[1].gpu_reading = GpuReading({"1": 1500 * 2**20})
+    (stop,) = pool.judge_children(1.0, heartbeat_timeout=30, hang_timeout=600, stopping=False)
+    assert (stop.slot.index, stop.signal.name) == (1, "SIGTERM")  # graceful: the job in flight finishes
+    assert stop.slot.stop_intent.name == "RESPAWN" and "max_gpu_memory_mb 1000" in stop.reason
+    (event,) = pool.notices.take()
+    assert event["kind"] == "memory" and event["message"].endswith("; recycled after its job")
+
+
 # ----- status, metrics, status page
 
 
