@@ -113,7 +113,7 @@ def test_the_dataclasses_hold_exactly_the_declared_keys_and_defaults():
     pool = defaults_of(WorkerConfig)
     assert names(POOL_SETTINGS) == tuple(k for k in pool if k != "overrides")
     assert all(pool[s.name] == s.default for s in POOL_SETTINGS if not s.required)
-    autoscale = {s.name: s.default for s in POOL_SETTINGS if s.requires}
+    autoscale = {s.name: s.default for s in POOL_SETTINGS if s.requires == "max_replicas"}
     assert {k: v for k, v in defaults_of(AutoscaleSettings).items() if k != "max_replicas"} == autoscale
     assert defaults_of(HostBudget) == {k: supervisor[k] for k in ("max_cpu_percent", "min_available_memory_mb")}
 
@@ -162,12 +162,12 @@ def test_every_key_refuses_a_value_out_of_bounds_with_one_line_naming_it(tmp_pat
     [("supervisor", names(SUPERVISOR_SETTINGS)), ("database", names(DATABASE_SETTINGS))],
 )
 def test_an_unknown_key_lists_the_declared_ones(tmp_path, table, known):
-    path = write_config(tmp_path / "lab.toml", f"[{table}]\nbogus = 1\n[[worker]]\n{WORKER_ENTRY}")
-    with pytest.raises(ConfigError, match=rf"{table}\.bogus: unknown key \(known: {', '.join(known)}\)$"):
+    path = write_config(tmp_path / "lab.toml", f"[{table}]\nunheard_of = 1\n[[worker]]\n{WORKER_ENTRY}")
+    with pytest.raises(ConfigError, match=rf"{table}\.unheard_of: unknown key \(known: {', '.join(known)}\)$"):
         load_config(path, check_targets=False)
-    path = write_config(tmp_path / "lab.toml", f"[[worker]]\n{WORKER_ENTRY}bogus = 1\n")
+    path = write_config(tmp_path / "lab.toml", f"[[worker]]\n{WORKER_ENTRY}unheard_of = 1\n")
     known = ", ".join(names(POOL_SETTINGS + WORKER_OVERRIDES))
-    with pytest.raises(ConfigError, match=rf"worker\[0\] \(w\)\.bogus: unknown key \(known: {known}\)$"):
+    with pytest.raises(ConfigError, match=rf"worker\[0\] \(w\)\.unheard_of: unknown key \(known: {known}\)$"):
         load_config(path, check_targets=False)
 
 

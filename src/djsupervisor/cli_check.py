@@ -8,7 +8,8 @@ if it is still refused, it replaces the import failures it explains. Problems ar
 stderr (``djsupervisor: error: FILE: KEY: PROBLEM``), exit status 2; warnings (``warning: ...``, on stdout
 with the report) leave the exit status 0. A pool whose ``[[worker]] name`` is not its DataJointWorker's own
 name is warned about: the registry, WorkerLog and ErrorLog use the worker's name, the status output and
-the control commands the pool's."""
+the control commands the pool's. The GPUs NVML sees are reported (`gpu_line`); a pool naming a GPU that is not
+there is one of the file's problems (`supervisor.gpus`)."""
 
 from __future__ import annotations
 
@@ -100,4 +101,22 @@ def check(args) -> int:
         + ", ".join(f"{w.name}×{pool_size(w)} ({w.target})" for w in config.workers)
     )
     print(f"database: {database}: ok")
+    if gpus := gpu_line(config):
+        print(gpus)
     return EXIT_OK
+
+
+def gpu_line(config, devices=None) -> str | None:
+    """``gpus: 2 (0: NVIDIA H200 143771 MiB, 1: ...)``, the GPUs NVML sees; or why it sees none when a pool
+    has GPUs (nothing to say otherwise: a machine without GPUs running CPU pools needs no line about them).
+    `devices`: what `gpu_memory.list_devices` returned (asked here if None)."""
+    from djsupervisor.supervisor.gpu_memory import list_devices
+
+    devices = list_devices() if devices is None else devices
+    wanted = any(worker.gpus or worker.max_gpu_memory_mb for worker in config.workers)
+    if isinstance(devices, str):
+        return f"gpus: none seen: {devices}" if wanted else None
+    if not devices and not wanted:
+        return None
+    seen = ", ".join(f"{d.index}: {d.name} {d.memory_total // 2**20} MiB ({d.uuid})" for d in devices)
+    return f"gpus: {len(devices)}" + (f" ({seen})" if seen else "")

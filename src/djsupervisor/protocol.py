@@ -309,7 +309,8 @@ class GoneChild(TypedDict):
 class SupervisorEvent(TypedDict):
     """Something the supervisor did that its notifiers are told of (the agent sends it: the parent does no
     network I/O). `kind`: ``fatal`` (a slot gave up), ``job_timeout`` and ``hung`` (a child killed),
-    ``memory`` (a child recycled above max_memory_mb), ``drain`` and ``halt`` (a pool stopped by a fleet flag)."""
+    ``memory`` (a child recycled above max_memory_mb or max_gpu_memory_mb), ``drain`` and ``halt`` (a pool
+    stopped by a fleet flag)."""
 
     kind: str
     pool: str

@@ -97,6 +97,11 @@ def render_metrics(
     failed = _Family("djsupervisor_jobs_failed", "counter", "Jobs that failed in the children of a worker.")
     rss = _Family("djsupervisor_child_rss_bytes", "gauge", "Resident memory of a child and its descendants.")
     cpu = _Family("djsupervisor_child_cpu_percent", "gauge", "CPU use of a child and its descendants (percent).")
+    gpu = _Family(
+        "djsupervisor_child_gpu_memory_bytes",
+        "gauge",
+        "GPU memory used by a child and its descendants, per GPU (NVML; none without nvidia-ml-py or a GPU).",
+    )
     for worker in workers:
         own = [s for s in slots if s["worker"] == worker]
         for state in SlotState:
@@ -112,6 +117,11 @@ def render_metrics(
                 rss.add(round(s["rss_mb"] * 2**20), worker=worker, slot=s["slot"])
             if s.get("cpu_percent") is not None and s.get("pid") is not None:
                 cpu.add(float(s["cpu_percent"]), worker=worker, slot=s["slot"])
+            if s.get("pid") is not None:
+                # the slot's own GPU with 0 until the child uses it; every GPU the child's processes use
+                used = {**({s["gpu"]: 0} if s.get("gpu") is not None else {}), **(s.get("gpu_memory") or {})}
+                for device in sorted(used) if s.get("gpu_memory") is not None else ():
+                    gpu.add(int(used[device]), worker=worker, slot=s["slot"], gpu=device)
 
     parent = _Family("djsupervisor_parent_rss_bytes", "gauge", "Resident memory of the supervisor process.")
     if parent_rss_bytes is not None:
@@ -126,7 +136,23 @@ def render_metrics(
     if reading_age is not None:
         age.add(round(reading_age, 3))
 
-    families = (up, info, current, started, children, desired, restarts, done, failed, rss, cpu, parent, queue, age)
+    families = (
+        up,
+        info,
+        current,
+        started,
+        children,
+        desired,
+        restarts,
+        done,
+        failed,
+        rss,
+        cpu,
+        gpu,
+        parent,
+        queue,
+        age,
+    )
     return "\n".join(line for family in families for line in family.lines()) + "\n"
 
 

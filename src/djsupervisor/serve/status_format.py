@@ -45,6 +45,17 @@ def current_work(slot: Mapping[str, Any], width: int | None = None) -> str:
     return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
+def gpu_columns(slots: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether the GPU and GPU MB columns are shown: some slot has a GPU or a GPU reading (GPU pools, pools
+    with max_gpu_memory_mb); a supervisor without either shows none of it."""
+    return any(slot.get("gpu") or slot.get("gpu_memory") is not None or slot.get("gpu_note") for slot in slots)
+
+
+def gpu_notes(slots: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why GPU memory was not measured (nvidia-ml-py not installed, no driver, ...), each reason once."""
+    return list(dict.fromkeys(str(slot["gpu_note"]) for slot in slots if slot.get("gpu_note")))
+
+
 def _summary(data: dict, workers: list[dict]) -> str:
     started = data.get("started")
     uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
@@ -75,7 +86,9 @@ def format_status(data: dict) -> str:
     for pool, mode in sorted((data.get("drained") or {}).items()):
         lines.append(f"pool {pool}: {mode}ed by a fleet flag (djsupervisor resume clears it)")
     lines.extend(_queue_lines(data.get("pool_progress") or []))
-    header = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %", "DONE", "FAILED", "CURRENT")
+    gpu = gpu_columns(workers)
+    header: tuple[str, ...] = ("WORKER", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS MB", "CPU %")
+    header += ("GPU", "GPU MB") * gpu + ("DONE", "FAILED", "CURRENT")
     rows = [
         (
             str(w.get("worker")),
@@ -86,6 +99,7 @@ def format_status(data: dict) -> str:
             str(w.get("restarts", 0)),
             _number(w.get("rss_mb"), ".0f"),
             _number(w.get("cpu_percent"), ".1f"),
+            *((w.get("gpu") or "-", _number(w.get("gpu_memory_mb"), ".0f")) * gpu),
             str(w.get("jobs_done", 0)),
             str(w.get("jobs_failed", 0)),
             current_work(w, 60),
@@ -94,6 +108,7 @@ def format_status(data: dict) -> str:
     ]
     if rows:
         lines.extend(format_table(header, rows))
+    lines.extend(f"GPU memory not measured: {note}" for note in gpu_notes(workers))
     lines.extend(_autoscale_lines(data.get("pools") or []))
     return "\n".join(lines)
 

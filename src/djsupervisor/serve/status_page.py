@@ -10,7 +10,7 @@ from typing import Any
 from djsupervisor.fleet.view import QUEUE_STATES, FleetView
 from djsupervisor.serve.overview_page import STYLE as OVERVIEW_STYLE
 from djsupervisor.serve.overview_page import pipeline_sections
-from djsupervisor.serve.status_format import current_work, format_duration, status_slots
+from djsupervisor.serve.status_format import current_work, format_duration, gpu_columns, gpu_notes, status_slots
 
 REFRESH_SECONDS = 5
 
@@ -23,6 +23,7 @@ tr.running td.state { color: #1a7f37; } tr.backoff td.state, tr.fatal td.state {
 """
 
 _SLOT_COLUMNS = ("Worker", "Slot", "PID", "State", "Current", "Done", "Failed", "Restarts", "RSS MB", "CPU %", "Uptime")
+_GPU_COLUMNS = ("GPU", "GPU MB")  # after CPU %, when some slot has a GPU or a GPU reading (`gpu_columns`)
 
 
 def _cell(value: Any, numeric: bool = False, css: str = "") -> str:
@@ -31,8 +32,8 @@ def _cell(value: Any, numeric: bool = False, css: str = "") -> str:
     return f"<td{attribute}>{html.escape('-' if value is None else str(value))}</td>"
 
 
-def _slot_row(slot: Mapping[str, Any]) -> str:
-    rss, cpu = slot.get("rss_mb"), slot.get("cpu_percent")
+def _slot_row(slot: Mapping[str, Any], gpu: bool) -> str:
+    rss, cpu, gpu_mb = slot.get("rss_mb"), slot.get("cpu_percent"), slot.get("gpu_memory_mb")
     cells = [
         _cell(slot.get("worker")),
         _cell(slot.get("slot"), True),
@@ -44,6 +45,7 @@ def _slot_row(slot: Mapping[str, Any]) -> str:
         _cell(slot.get("restarts"), True),
         _cell(None if rss is None else f"{rss:.0f}", True),
         _cell(None if cpu is None else f"{cpu:.1f}", True),
+        *(_cell(slot.get("gpu")), _cell(None if gpu_mb is None else f"{gpu_mb:.0f}", True))[: 2 * gpu],
         _cell(format_duration(slot.get("uptime")), True),
     ]
     state = html.escape(str(slot.get("state")), quote=True)
@@ -76,6 +78,8 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
     started = status.get("started")
     uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
     slots = status_slots(status)
+    gpu = gpu_columns(slots)
+    columns = _SLOT_COLUMNS[:10] + _GPU_COLUMNS * gpu + _SLOT_COLUMNS[10:]
     summary = f"pid {status.get('pid')}, {status.get('state')}, up {uptime}, {len(slots)} slots, djsupervisor {version}"
     parts = [
         "<!DOCTYPE html>",
@@ -86,9 +90,10 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
         f'<p id="summary">{html.escape(summary)}</p>',
         *(f'<p id="drained">Drained: {html.escape(drained)}</p>' for drained in [_drained(status)] if drained),
         "<h2>Children</h2>",
-        '<table id="slots"><thead><tr>' + "".join(f"<th>{c}</th>" for c in _SLOT_COLUMNS) + "</tr></thead><tbody>",
-        *(_slot_row(slot) for slot in slots),
+        '<table id="slots"><thead><tr>' + "".join(f"<th>{c}</th>" for c in columns) + "</tr></thead><tbody>",
+        *(_slot_row(slot, gpu) for slot in slots),
         "</tbody></table>",
+        *(f'<p class="gpu-note">GPU memory not measured: {html.escape(note)}</p>' for note in gpu_notes(slots)),
         *pipeline_sections(fleet),
         "<h2>Job queues</h2>",
     ]

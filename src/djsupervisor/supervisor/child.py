@@ -15,6 +15,8 @@ The order matters:
    would otherwise settle it with a generic reason.
 5. Run the worker; stop it after `max_jobs` jobs.
 
+(Between 1 and 2, a child of a GPU pool sets its slot's ``CUDA_VISIBLE_DEVICES``: `djsupervisor.supervisor.gpus`.)
+
 Reporting: `protocol.ChildReportMessage` snapshots, as JSON lines on a pipe to the parent, sent on worker
 events (throttled) and every `heartbeat_interval` seconds by a small daemon thread, so the parent hears from
 the child while a long `make()` blocks the main thread and while it sleeps. A thread rather than SIGALRM: an interval
@@ -38,6 +40,7 @@ import setproctitle
 
 from djsupervisor.protocol import ChildReportMessage, encode
 from djsupervisor.supervisor.fork import EXIT_ERROR, EXIT_OK, EXIT_ORPHANED, EXIT_RECYCLE, isolate, run_then_exit
+from djsupervisor.supervisor.gpus import apply_in_child
 
 if TYPE_CHECKING:
     import datajoint as dj
@@ -303,6 +306,7 @@ def run_child(
 
     def body() -> int:
         isolate(parent_pid, close_fds)
+        apply_in_child(worker_config, slot_index)  # the slot's GPU, before any of the worker's code runs
         from loguru import logger
 
         label = f"{worker_config.name}[{slot_index}]"

@@ -19,6 +19,7 @@ from typing import Any
 
 from djsupervisor.protocol import ChildReportMessage, ProtocolError, parse_child_report
 from djsupervisor.supervisor.fork import fork_child, killpg
+from djsupervisor.supervisor.gpu_memory import GpuMemorySampler
 from djsupervisor.supervisor.monitor import ResourceSampler
 from djsupervisor.supervisor.shortage import is_shortage
 from djsupervisor.supervisor.slot import Slot
@@ -49,6 +50,7 @@ class ChildProcesses:
         self.by_pid: dict[int, Slot] = {}
         self.failure: tuple[str, bool] = ("fork failed", False)  # why the last spawn failed; a shortage?
         self.sampler = ResourceSampler()
+        self.gpu_sampler: GpuMemorySampler | None = None
 
     def fork(self, child: Callable[[list[int]], None]) -> int | None:
         """Fork a child that runs `child(fds_to_close)` (see `fork.fork_child`); its pid, or None."""
@@ -166,9 +168,17 @@ class ChildProcesses:
             yield pid, status
 
     def sample(self) -> None:
-        """Measure every child's process tree (RSS, CPU) into its slot."""
+        """Measure every child's process tree (RSS, CPU) into its slot; and the GPU memory of the children of
+        GPU pools and of pools with max_gpu_memory_mb, by one NVML reading for all of them."""
         for pid, slot in list(self.by_pid.items()):
             sample = self.sampler.sample(pid)
             if sample is not None:
                 slot.rss_mb, slot.cpu_percent = sample
         self.sampler.prune()
+        watched = {pid: slot for pid, slot in self.by_pid.items() if slot.config.gpus or slot.config.max_gpu_memory_mb}
+        if watched:
+            if self.gpu_sampler is None:  # NVML is loaded on the first GPU pool's sample, never without one
+                self.gpu_sampler = GpuMemorySampler()
+            readings = self.gpu_sampler.sample({pid: self.sampler.trees.get(pid, [pid]) for pid in watched})
+            for pid, reading in readings.items():
+                watched[pid].gpu_reading = reading

@@ -28,16 +28,18 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import tomllib
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from djsupervisor.serve.http_access import exposure_problem
+from djsupervisor.supervisor import gpu_memory, gpus
 from djsupervisor.supervisor.autoscale import AutoscaleSettings, HostBudget
 from djsupervisor.supervisor.config_read import (
     ConfigError as ConfigError,  # raised by everything here; defined with the readers that collect it
@@ -106,19 +108,28 @@ class WorkerConfig:
     scale_down_after: float = _POOL_DEFAULTS["scale_down_after"]
     scale_cooldown: float = _POOL_DEFAULTS["scale_cooldown"]
     scale_step: int = _POOL_DEFAULTS["scale_step"]
+    gpus: tuple[str, ...] | None = _POOL_DEFAULTS["gpus"]  # a GPU pool: CUDA_VISIBLE_DEVICES of each slot (gpus.py)
+    per_gpu: int = _POOL_DEFAULTS["per_gpu"]
+    max_gpu_memory_mb: float | None = _POOL_DEFAULTS["max_gpu_memory_mb"]
 
     @property
     def definition(self) -> tuple:
         """Everything but the pool size: when this changes on reload, the pool's children are rolled."""
-        return (self.target, self.restart, self.max_memory_mb, self.max_jobs, self.job_timeout, self.overrides)
+        gpu = (self.gpus, self.per_gpu, self.max_gpu_memory_mb)
+        return (self.target, self.restart, self.max_memory_mb, self.max_jobs, self.job_timeout, self.overrides, *gpu)
 
     @property
     def autoscale(self) -> AutoscaleSettings | None:
-        """The pool's autoscaling settings (None: fixed size)."""
+        """The pool's autoscaling settings (None: fixed size); a GPU pool never grows past its GPUs."""
         if self.max_replicas is None:
             return None
+        limit = gpus.capacity(self)
         return AutoscaleSettings(
-            self.max_replicas, self.scale_up_pending, self.scale_down_after, self.scale_cooldown, self.scale_step
+            self.max_replicas if limit is None else min(self.max_replicas, limit),
+            self.scale_up_pending,
+            self.scale_down_after,
+            self.scale_cooldown,
+            self.scale_step,
         )
 
     def resolve(self):
@@ -202,13 +213,18 @@ def _parse_supervisor(problems: Problems, table: Any, default_name: str) -> dict
     return {key: float(value) if key in floats else value for key, value in values.items()}  # 30 s -> 30.0
 
 
-def _parse_worker(problems: Problems, table: Any, index: int) -> WorkerConfig | None:
+def _parse_worker(
+    problems: Problems, table: Any, index: int, devices: Callable[[], Any] = gpu_memory.list_devices
+) -> WorkerConfig | None:
     where = f"worker[{index}]"
     table = as_table(problems, where, table)
     if isinstance(table.get("name"), str) and table["name"]:
         where = f"worker[{index}] ({table['name']})"
     before = len(problems)
     values = read_table(problems, where, table, POOL_SETTINGS + WORKER_OVERRIDES)
+    if "gpus" in values:  # resolved, and `replicas` defaulted to and checked against the GPUs (gpus.py)
+        for key, problem in gpus.read_pool(values, devices):
+            problems.add(f"{where}.{key}", problem)
     overrides = tuple((key, values.pop(key)) for key in names(WORKER_OVERRIDES) if key in values)
     replicas, max_replicas = values.get("replicas", _POOL_DEFAULTS["replicas"]), values.get("max_replicas")
     if max_replicas is not None and max_replicas < replicas:
@@ -261,8 +277,11 @@ def parse_config(
     *,
     check_targets: bool = True,
     problems: Problems | None = None,
+    gpu_devices: Callable[[], Any] = gpu_memory.list_devices,
 ) -> SupervisorConfig:
     """Validate parsed TOML `data` (from `source`, for messages) into a SupervisorConfig.
+
+    `gpu_devices` gives the GPUs NVML sees (or why it cannot tell), for pools with ``gpus``.
 
     Without `problems`, the first problem is raised (ConfigError, `problems` holding them all) before any
     target is imported. With it, every problem is added there, targets are imported whatever else is wrong,
@@ -281,7 +300,8 @@ def parse_config(
         entries = []
     elif not entries:
         problems.add("worker", "no [[worker]] defined")
-    parsed = [(i, _parse_worker(problems, entry, i)) for i, entry in enumerate(entries)]
+    devices = functools.cache(gpu_devices)  # NVML asked once, and only if some pool has GPUs
+    parsed = [(i, _parse_worker(problems, entry, i, devices)) for i, entry in enumerate(entries)]
     workers: list[WorkerConfig] = []
     seen: dict[str, int] = {}
     for i, worker in parsed:
@@ -322,7 +342,13 @@ def parse_config(
     return SupervisorConfig(workers=tuple(workers), source=source, database=database, **settings)
 
 
-def load_config(path: str | Path, *, check_targets: bool = True, problems: Problems | None = None) -> SupervisorConfig:
+def load_config(
+    path: str | Path,
+    *,
+    check_targets: bool = True,
+    problems: Problems | None = None,
+    gpu_devices: Callable[[], Any] = gpu_memory.list_devices,
+) -> SupervisorConfig:
     """Read and validate the TOML file at `path`; imports every target (ConfigError on any problem).
 
     `problems`: collect the problems there instead of raising (parse_config); a file that cannot be read or
@@ -341,7 +367,9 @@ def load_config(path: str | Path, *, check_targets: bool = True, problems: Probl
         raise ConfigError(source, "", f"not UTF-8 text: {error.reason} at byte {error.start}")
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(source, "", f"TOML syntax error: {error}")  # the message holds line and column
-    return parse_config(data, source, path.stem, check_targets=check_targets, problems=problems)
+    return parse_config(
+        data, source, path.stem, check_targets=check_targets, problems=problems, gpu_devices=gpu_devices
+    )
 
 
 def config_from_modules(modules: list[str], **settings: Any) -> SupervisorConfig:

@@ -13,6 +13,7 @@ import difflib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from djsupervisor.supervisor.gpus import check_gpus
 from djsupervisor.worker.settings import Setting, check_url, type_name
 
 
@@ -86,7 +87,10 @@ FORMS: dict[str, Callable[[str], object]] = {
     "host:port": split_host_port,
     "module:attribute": split_target,
     "url": check_url,  # its problem never shows the URL: a webhook's path is its secret
+    "gpus": check_gpus,
 }
+#: What a key that `requires` another makes of a pool, for the problem of one given without it.
+REQUIRED_FOR = {"max_replicas": "an autoscaled pool", "gpus": "a GPU pool"}
 
 
 def as_table(problems: Problems, key: str, value: Any) -> Mapping[str, Any]:
@@ -115,7 +119,8 @@ def read_table(
                 problems.add(f"{prefix}.{setting.name}", "missing (required)")
             continue
         if setting.requires and setting.requires not in table:
-            problems.add(f"{prefix}.{setting.name}", f"only applies to an autoscaled pool: set {setting.requires} too")
+            what = REQUIRED_FOR.get(setting.requires, f"a pool with {setting.requires}")
+            problems.add(f"{prefix}.{setting.name}", f"only applies to {what}: set {setting.requires} too")
             continue
         try:
             value = setting.check(table[setting.name])

@@ -4,7 +4,9 @@
 ``populate(processes=N)`` pools): current RSS, not peak (a peak-based limit recycles forever after one
 spike), and CPU percent since the previous sample. `judge` looks at one slot and says whether its child
 must be killed (no report for `heartbeat_timeout`: SIGSTOPped or wedged; a job past `job_timeout`; no
-progress outside a job for `hang_timeout`) or recycled gracefully (above `max_memory_mb`).
+progress outside a job for `hang_timeout`) or recycled gracefully (above `max_memory_mb`, or above
+`max_gpu_memory_mb` by the reading of `djsupervisor.supervisor.gpu_memory`: a CUDA context and what a
+framework's caching allocator keeps go only with the process).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ResourceSampler:
     def __init__(self) -> None:
         self._processes: dict[int, psutil.Process] = {}
         self._proc_children = _proc_children_supported()
+        self.trees: dict[int, list[int]] = {}  # each sampled child's tree (pids) at its last sample, for NVML
 
     def _descendants(self, root: psutil.Process) -> list[psutil.Process]:
         if not self._proc_children:
@@ -77,6 +80,7 @@ class ResourceSampler:
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             self.forget(root_pid)
             return None
+        self.trees[root_pid] = [member.pid for member in tree]
         rss = cpu = 0.0
         for member in tree:
             process = self._processes.setdefault(member.pid, member)
@@ -91,6 +95,7 @@ class ResourceSampler:
     def forget(self, pid: int) -> None:
         """Drop what is kept about a process that is gone."""
         self._processes.pop(pid, None)
+        self.trees.pop(pid, None)
 
     def prune(self) -> None:
         """Drop every kept process that has ended."""
@@ -101,6 +106,7 @@ class ResourceSampler:
                 running = False
             if not running:
                 del self._processes[pid]
+                self.trees.pop(pid, None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,4 +147,8 @@ def judge(slot: Slot, now: float, *, heartbeat_timeout: float, hang_timeout: flo
             )
     if config.max_memory_mb and slot.rss_mb is not None and slot.rss_mb > config.max_memory_mb:
         return Verdict("recycle", f"RSS {slot.rss_mb:.0f} MB > max_memory_mb {config.max_memory_mb:g}", kind="memory")
+    gpu_mb = slot.gpu_reading.total_mb if slot.gpu_reading is not None else None
+    if config.max_gpu_memory_mb and gpu_mb is not None and gpu_mb > config.max_gpu_memory_mb:
+        limit = config.max_gpu_memory_mb
+        return Verdict("recycle", f"GPU memory {gpu_mb:.0f} MB > max_gpu_memory_mb {limit:g}", kind="memory")
     return None

@@ -26,6 +26,7 @@ from typing import Any
 from loguru import logger
 
 from djsupervisor.fleet.view import FleetView
+from djsupervisor.supervisor import gpus
 from djsupervisor.supervisor.autoscale import Autoscaler, Decision, HostBudget, Observation
 from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.supervisor.monitor import judge
@@ -242,6 +243,9 @@ class Pool:
             )
         if old is not None and old.definition != worker.definition:
             self._changed("worker {} changed; rolling its children one at a time", worker.name)
+        if (limit := gpus.capacity(worker)) is not None and self.replicas > limit:  # a scale before fewer GPUs
+            self._changed("worker {} cut to {} children (its GPUs take no more)", worker.name, limit)
+            self.replicas, self.minimum = limit, min(self.minimum, limit)
         self.config = worker
 
     def _reconfigure_autoscaling(self, old: WorkerConfig | None, worker: WorkerConfig, budget: HostBudget) -> None:
@@ -272,6 +276,8 @@ class Pool:
             raise ValueError(f"replicas must be an integer >= 0, got {n!r}")
         if n > REPLICAS_LIMIT:
             raise ValueError(f"replicas must be <= {REPLICAS_LIMIT} (children per pool), got {n}")
+        if self.config is not None and (beyond := gpus.limit_problem(self.config, n)):
+            raise ValueError(f"replicas {beyond}")  # a GPU pool: never more children than its GPUs take
         if self.autoscaler is not None:
             maximum = self.autoscaler.settings.max_replicas
             if n > maximum:
@@ -295,6 +301,7 @@ class Pool:
             return
         size = (self.minimum if self.autoscaler else self.replicas) + step
         maximum = self.autoscaler.settings.max_replicas if self.autoscaler else REPLICAS_LIMIT
+        maximum = min(maximum, gpus.capacity(self.config) or maximum)
         if 0 <= size <= maximum:
             self.scale(size)
 

@@ -188,6 +188,24 @@ POOL_SETTINGS = (
     Setting("scale_down_after", float, 60.0, "seconds of zero pending before it shrinks", requires="max_replicas"),
     Setting("scale_cooldown", float, 30.0, "seconds between two changes of its size", requires="max_replicas"),
     Setting("scale_step", int, 1, "children added per growth", minimum=1, requires="max_replicas"),
+    Setting(
+        "gpus",
+        object,
+        None,
+        "the GPUs of a GPU pool: slot i's child sees GPU i mod len(gpus) (CUDA_VISIBLE_DEVICES)",
+        form="gpus",
+        default_text="no GPU pool",
+    ),
+    Setting(
+        "per_gpu", int, 1, "children sharing one GPU; replicas defaults to len(gpus) × this", minimum=1, requires="gpus"
+    ),
+    Setting(
+        "max_gpu_memory_mb",
+        float,
+        None,
+        "GPU memory (NVML) above which a child is recycled after its job",
+        exclusive=True,
+    ),
 )
 
 #: The worker's own settings a ``[[worker]]`` entry may override (`DataJointWorker.configure`).
@@ -200,6 +218,8 @@ SECTIONS = (
     ("`[[worker]]`", POOL_SETTINGS),
     ("`[[worker]]` override", WORKER_OVERRIDES),
 )
+#: How README's table says what a `form` of a setting allows, where the form's name would not say it.
+FORM_TEXTS = {"gpus": 'indices or UUIDs (`[0, 1]`), `"all"`, or a count'}
 TABLE_START = "<!-- settings-table:start -->"
 TABLE_END = "<!-- settings-table:end -->"
 
@@ -230,13 +250,16 @@ def toml_value(value: Any) -> str:
 def _kind_text(setting: Setting) -> str:
     if setting.choices:
         return "string"
-    return {str: "string", float: "number", int: "integer", bool: "boolean", list: "list of strings"}[setting.kind]
+    kinds = {str: "string", float: "number", int: "integer", bool: "boolean", list: "list of strings"}
+    return kinds.get(setting.kind, "list, integer or string")
 
 
 def _allowed_text(setting: Setting) -> str:
     """The bounds in words, e.g. ``> 0 and <= 100``."""
     if setting.choices:
         return ", ".join(f"`{toml_value(choice)}`" for choice in setting.choices)
+    if setting.form in FORM_TEXTS:
+        return FORM_TEXTS[setting.form]
     if setting.form:
         return f"`{setting.form}`"
     if setting.secret:

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 from djsupervisor.protocol import MAX_CHILD_REPORT_BYTES, ChildReport, ChildReportMessage, LineDecoder
 from djsupervisor.supervisor.config import WorkerConfig
 from djsupervisor.supervisor.fork import EXIT_RECYCLE, describe_exit
+from djsupervisor.supervisor.gpu_memory import GpuReading, slot_fields
+from djsupervisor.supervisor.gpus import gpu_for_slot
 from djsupervisor.supervisor.states import TRANSITIONS, SlotState, StopIntent
 
 __all__ = ["InvalidTransition", "Outcome", "RestartRules", "Slot", "SlotState", "Then", "restart_delay"]
@@ -118,6 +120,7 @@ class Slot:
     last_report_wall: float | None = None
     rss_mb: float | None = None
     cpu_percent: float | None = None
+    gpu_reading: GpuReading | None = None  # GPU memory at the last sample (GPU pools, max_gpu_memory_mb)
     rolled: bool = False  # restarted by a config roll, not yet RUNNING
     jobs_done_before: int = 0  # by this slot's earlier children (a child's own counts start at 0)
     jobs_failed_before: int = 0
@@ -171,7 +174,7 @@ class Slot:
         self.report = ChildReport()
         self.stop_intent, self.stop_reason, self.kill_reason = StopIntent.STAY, "", ""
         self.timed_out_job, self.died_job, self.stop_overran = None, None, False  # died_job: handed to this child
-        self.rss_mb = self.cpu_percent = None
+        self.rss_mb = self.cpu_percent = self.gpu_reading = None
 
     def spawn_failed(
         self, rules: RestartRules, now: float, why: str = "fork failed", shortage: bool = False
@@ -368,4 +371,5 @@ class Slot:
             "jobs_done_total": self.jobs_done_total,
             "jobs_failed_total": self.jobs_failed_total,
             "last_heartbeat": self.last_report_wall,
+            **slot_fields(gpu_for_slot(self.config, self.index), self.gpu_reading),
         }

@@ -30,8 +30,8 @@ class Setting:
     name : str
         The key (TOML) and the keyword (Python).
     kind : type
-        ``str``, ``float`` (any finite number), ``int``, ``bool``, or ``list`` (of non-empty strings, read as a
-        tuple).
+        ``str``, ``float`` (any finite number), ``int``, ``bool``, ``list`` (of non-empty strings, read as a
+        tuple), or ``object`` (any TOML value, whose `form` checks it: ``gpus``).
     default : Any
         The value when the key is absent; None: unset.
     help : str
@@ -97,6 +97,8 @@ class Setting:
             if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
                 raise ValueError(f"must be a list of non-empty strings, got {type_name(value)} {value!r}")
             return tuple(value)
+        if self.kind is object and self.form:
+            return value
         raise TypeError(f"{self.name}: a {self.kind.__name__} setting cannot be read from a config file")
 
     def _check_string(self, value: Any) -> str:
