@@ -7,6 +7,7 @@ FACTOR and its pid into each row, so the rows say which code computed them and w
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -132,8 +133,6 @@ def test_restart_rolls_new_code_without_losing_a_job(deployed):
 
     # a crash replacement after the restart runs the new code, not the code the parent imported
     sup_child = new["deploy[0]"]
-    import os
-
     os.kill(sup_child, signal.SIGKILL)
     replaced = wait_until(
         lambda: (pids := sup.pids("deploy")).get("deploy[0]") not in (None, sup_child) and pids, 30, message="replaced"
@@ -146,6 +145,14 @@ def test_restart_rolls_new_code_without_losing_a_job(deployed):
     )
     by_replacement = [row for row in computed(tables, range(40, 50)).values() if row["pid"] == replaced["deploy[0]"]]
     assert {row["factor"] for row in by_replacement} == {30}
+
+    # --worker names one pool (a wrong name: one line, exit 2); SIGUSR2 restarts every pool, as systemd can send it
+    wrong = restart("--worker", "nope")
+    assert wrong.returncode == 2 and "no worker named 'nope' (workers: deploy)" in wrong.stderr, wrong.stderr
+    before_signal = sup.pids("deploy")
+    sup.signal(signal.SIGUSR2)
+    wait_until(lambda: "restart 2 done" in sup.output, 90, message="the SIGUSR2 restart")
+    assert not set(sup.pids("deploy").values()) & set(before_signal.values())
 
 
 def test_a_broken_deploy_halts_the_restart_and_the_old_children_keep_working(deployed):

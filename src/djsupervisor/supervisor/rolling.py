@@ -170,18 +170,17 @@ class Roll:
         sent = slot.stop(reason, StopIntent.RETIRE, fast=fast)
         return [Stop(slot, sent, reason)] if sent is not None else []
 
-    def surge_exited(self, how: str, now: float) -> None:
-        """The new child ended before it took its slot: the roll halts there."""
-        surge = self.surge
-        if surge is None:
-            return
-        self.surge = None
-        if self.phase is Phase.ROLLING:
-            self.fail(
-                f"{surge.label}: the new child exited ({how}) before its first cycle; the old children keep"
-                " working (the supervisor's log has the child's error)",
-                now,
-            )
+    def surge_exited(self, how: str, now: float) -> bool:
+        """The new child ended before it took its slot: the roll halts there (True: it halted now)."""
+        surge, self.surge = self.surge, None
+        if surge is None or self.phase is not Phase.ROLLING:
+            return False
+        self.fail(
+            f"{surge.label}: the new child exited ({how}) before its first cycle; the old children keep"
+            " working (the supervisor's log has the child's error)",
+            now,
+        )
+        return True
 
     def left(self, slot: Slot, pools: dict[str, Pool]) -> None:
         """The old child that `slot` held is gone: count what it did after the swap in its pool's totals."""
@@ -262,10 +261,8 @@ class Restarts:
     def surge_exited(self, slot: Slot, outcome: Outcome, how: str, now: float) -> Outcome:
         """The new child of `slot` ended before taking its slot: the roll halts; what the arbiter does about
         it (nothing but log it, and recover the job it may have died in)."""
-        if self.current is not None:
-            self.current.surge_exited(how, now)
-            if self.current.done:
-                self._finished(self.current)
+        if self.current is not None and self.current.surge_exited(how, now):
+            self._finished(self.current)
         message = "{} new child (restart) exited ({}) before its first cycle: the restart halts"
         return Outcome(Then.STAY, message, (slot.label, how), "ERROR", recover=outcome.recover or bool(slot.died_job))
 
