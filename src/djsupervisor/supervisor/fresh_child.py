@@ -45,9 +45,20 @@ def _interpreter(payload_fd: int, *flags: str) -> list[str]:
 
 
 def _payload_file(payload: dict[str, Any]) -> int:
-    """An inheritable descriptor of an anonymous file holding `payload` (pickled), positioned at its start."""
+    """An inheritable descriptor the new interpreter reads `payload` (pickled) from: an anonymous file, or
+    where ``memfd_create`` is refused (a seccomp filter), a pipe already written and closed (a payload is a
+    few KiB; a pipe holds 64)."""
     data = pickle.dumps(payload)
-    fd = os.memfd_create("djsupervisor-child", 0)  # not MFD_CLOEXEC: the new interpreter inherits it
+    try:
+        fd = os.memfd_create("djsupervisor-child", 0)  # not MFD_CLOEXEC: the new interpreter inherits it
+    except (AttributeError, OSError):
+        read_fd, write_fd = os.pipe()
+        if len(data) > 60000:
+            raise OSError(f"child payload of {len(data)} bytes does not fit a pipe") from None
+        os.write(write_fd, data)
+        os.close(write_fd)
+        os.set_inheritable(read_fd, True)
+        return read_fd
     os.write(fd, data)
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
