@@ -115,3 +115,16 @@ def test_a_slot_removed_during_the_roll_is_skipped_and_its_new_child_stopped():
     [stop] = roll.advance(pools, 2.2)
     assert stop.slot is spawn.slot
     assert roll.surge is None
+
+
+def test_a_new_child_that_hangs_in_its_first_job_is_judged_as_a_pool_child_would_be():
+    rules = SupervisorConfig("lab", (), heartbeat_timeout=10)
+    pools = running_pools(1)
+    roll = probed_roll("a")
+    [spawn] = roll.advance(pools, 2.0, rules)
+    start(spawn)
+    spawn.slot.reported([{"state": "populating", "job_elapsed": 1.0}], 3.0)
+    assert roll.advance(pools, 12.0, rules) == []  # in a job, reporting: waited for
+    [stop] = roll.advance(pools, 14.0, rules)  # silent for 11 s > heartbeat_timeout
+    assert stop.slot is spawn.slot and stop.signal is signal.SIGKILL
+    assert roll.phase is Phase.FAILED and "no report for 11 s" in (roll.error or "")

@@ -389,7 +389,7 @@ class Supervisor:
         if self._stop_mode:
             return
         now = time.monotonic()
-        self._carry_out(self.restarts.advance(self.pools, now))
+        self._carry_out(self.restarts.advance(self.pools, now, self.config))
         for name, pool in list(self.pools.items()):
             self._carry_out(pool.reconcile(now, self.fleet.drained.get(name)))
             if pool.gone:

@@ -17,9 +17,10 @@ The same module is the **probe** a restart runs first (`exec_probe`): it imports
 short-lived fresh interpreter and checks it as ``djsupervisor check`` does (the file and line an import error
 was raised at), and writes one JSON line of problems; a problem stops the restart before any child moves.
 
-The cost, measured on the development machine (2 shared cores; ``python bench/fresh_child.py``): see
-ARCHITECTURE.md. A fresh child pays the interpreter's start and the imports (djsupervisor, DataJoint, the
-pipeline module) that a forked child gets for free.
+The cost: a fresh child pays the interpreter's start and the imports (djsupervisor, DataJoint, the pipeline
+module) and the connection that a forked child gets for free: 5.2 s against 0.22 s on the loaded 2-core
+development machine (``bench/restart_roll.py``; ARCHITECTURE.md has the table). So forking stays the
+default, and only the pools that were restarted pay it.
 """
 
 from __future__ import annotations

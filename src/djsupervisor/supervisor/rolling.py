@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 from djsupervisor.supervisor.fork import killpg
+from djsupervisor.supervisor.monitor import judge
 from djsupervisor.supervisor.pool import Action, Pool, Spawn, Stop
 from djsupervisor.supervisor.slot import Outcome, Slot, Then
 from djsupervisor.supervisor.states import WORKING, StopIntent
@@ -76,6 +77,7 @@ class Roll:
     leaving: Slot | None = None  # the old child it replaced, finishing its job in flight
     leaving_done_at_swap: tuple[int, int] = (0, 0)
     queue: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (pool, index) still to roll
+    pool_name: str | None = None  # the pool being rolled
     rolled: set[str] = dataclasses.field(default_factory=set)  # pools whose new code started (or had no child)
     finished: float | None = None
 
@@ -94,17 +96,21 @@ class Roll:
             return
         self.phase = Phase.ROLLING
 
-    def advance(self, pools: dict[str, Pool], now: float) -> list[Action]:
-        """What moves the roll on at monotonic time `now`."""
+    def advance(self, pools: dict[str, Pool], now: float, rules: Any = None) -> list[Action]:
+        """What moves the roll on at monotonic time `now`; `rules` (the supervisor's config) has the
+        heartbeat and hang timeouts the new child is judged by, as its pool's children are."""
         if self.phase is not Phase.ROLLING:
             return []
         if self.surge is not None:
-            return self._watch_surge(pools, now)
+            return self._watch_surge(pools, now, rules)
         if self.leaving is not None and self.leaving.pid is not None:
             return []  # a surge of one: the next slot waits until the old child is gone
         self.leaving = None
         while True:
             if not self.queue:
+                if self.pool_name is not None:  # its slots are done (or were down): later children start fresh
+                    self.rolled.add(self.pool_name)
+                    self.pool_name = None
                 if not self.names:
                     self.phase, self.finished = Phase.DONE, now
                     return []
@@ -113,10 +119,10 @@ class Roll:
                 if pool is None or pool.config is None:
                     self.changes.append(f"{name}: removed meanwhile, not restarted")
                     continue
+                self.pool_name = name
                 live = [s.index for s in pool.active() if s.pid is not None and s.state in WORKING]
                 self.queue = [(name, index) for index in live]
-                if not live:
-                    self.rolled.add(name)  # probed, it imports: its next children start fresh
+                if not live:  # probed, it imports: its next children start fresh
                     self.changes.append(f"{name}: no child running; its next children start on the new code")
                 continue
             name, index = self.queue.pop(0)
@@ -128,7 +134,7 @@ class Roll:
             self.surge_deadline = now + FIRST_CYCLE_TIMEOUT
             return [Spawn(self.surge)]
 
-    def _watch_surge(self, pools: dict[str, Pool], now: float) -> list[Action]:
+    def _watch_surge(self, pools: dict[str, Pool], now: float, rules: Any) -> list[Action]:
         surge = self.surge
         assert surge is not None
         pool = pools.get(surge.worker)
@@ -140,6 +146,14 @@ class Roll:
         if pool is None or old is None or old.retiring:
             self.surge = None
             return self._stop(surge, "its slot was removed during the restart", pool)
+        verdict = None
+        if rules is not None:  # hung, or past job_timeout: what would get a pool's child killed
+            verdict = judge(surge, now, heartbeat_timeout=rules.heartbeat_timeout, hang_timeout=rules.hang_timeout)
+        if verdict is not None and verdict.action == "kill":
+            reason = f"{surge.label}: the new child (pid {surge.pid}): {verdict.reason}; the old child keeps working"
+            self.fail(reason, now)
+            self.surge = None
+            return self._stop(surge, "restart halted", pool, fast=True)
         if in_a_job(surge):
             self.surge_deadline = max(self.surge_deadline, now + FIRST_CYCLE_TIMEOUT)
         elif now > self.surge_deadline:
@@ -246,13 +260,13 @@ class Restarts:
         """Whether `slot` is a roll's new child not yet in its pool (its exit is the roll's business)."""
         return self.current is not None and slot is self.current.surge
 
-    def advance(self, pools: dict[str, Pool], now: float) -> list[Action]:
+    def advance(self, pools: dict[str, Pool], now: float, rules: Any = None) -> list[Action]:
         """Move the roll under way on (see `Roll.advance`)."""
         roll = self.current
         if roll is None or roll.done:
             return []
         self.probe_overdue(now)
-        actions = roll.advance(pools, now)
+        actions = roll.advance(pools, now, rules)
         self.fresh |= roll.rolled
         if roll.done:
             self._finished(roll)
