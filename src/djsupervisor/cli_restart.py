@@ -4,7 +4,7 @@ The supervisor does the roll (`djsupervisor.supervisor.rolling`); the command st
 socket, then asks how it stands every `_POLL` seconds until it is done, and prints what moved, pool by pool.
 A control request is answered at once (the socket never waits on a roll), so the command polls rather than
 holding one request open for minutes. Exit status: 0 once every slot runs the new code, 1 when the roll
-halted (the new code does not import, or a new child died before its first cycle: the line says which,
+halted (the new code does not import, or a new child died before it got going: the line says which,
 and the old children keep working), 2 for bad input (no such worker, no supervisor).
 """
 

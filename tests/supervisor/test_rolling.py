@@ -128,3 +128,14 @@ def test_a_new_child_that_hangs_in_its_first_job_is_judged_as_a_pool_child_would
     [stop] = roll.advance(pools, 14.0, rules)  # silent for 11 s > heartbeat_timeout
     assert stop.slot is spawn.slot and stop.signal is signal.SIGKILL
     assert roll.phase is Phase.FAILED and "no report for 11 s" in (roll.error or "")
+
+
+def test_a_stop_during_the_roll_stops_the_new_child_and_ends_the_roll():
+    pools = running_pools(2)
+    roll = probed_roll("a")
+    [spawn] = roll.advance(pools, 2.0)
+    start(spawn)
+    [stop] = roll.abort("supervisor stopping", 3.0)
+    assert stop.slot is spawn.slot and stop.signal is signal.SIGTERM  # its job in flight, if any, finishes
+    assert roll.phase is Phase.FAILED and roll.error == "interrupted: supervisor stopping"
+    assert not roll.surge_exited("exit status 0", 4.0)  # its exit then changes nothing

@@ -170,7 +170,8 @@ def test_a_broken_deploy_halts_the_restart_and_the_old_children_keep_working(dep
     write_module(module, 30, register="deploy(lambda: os._exit(3))\ndeploy(Result)")
     answer = restart()
     assert answer.returncode == 1, answer.stdout + answer.stderr
-    assert "before its first cycle" in answer.stderr and "exit status 3" in answer.stderr, answer.stderr
+    assert "before it completed a first cycle or job" in answer.stderr, answer.stderr
+    assert "deploy[0]: the new child exited (exit status 3)" in answer.stderr, answer.stderr
     assert sup.pids("deploy") == old
     rows = work(tables, range(0, 6))  # the old children keep working, on the old code
     assert {row["factor"] for row in rows.values()} == {2}

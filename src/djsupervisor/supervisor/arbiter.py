@@ -117,6 +117,7 @@ class Supervisor:
             "slots": slots,
             "workers": slots,  # the old name of "slots", kept for one release
             "pools": [self.pools[name].status(self.fleet.pending(name)) for name in sorted(self.pools)],
+            "restart": self.restarts.status(),  # the restart under way or last finished (None: none yet)
         }
 
     def request_stop(self, fast: bool = False) -> None:

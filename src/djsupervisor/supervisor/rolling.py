@@ -190,8 +190,8 @@ class Roll:
         if surge is None or self.phase is not Phase.ROLLING:
             return False
         self.fail(
-            f"{surge.label}: the new child exited ({how}) before its first cycle; the old children keep"
-            " working (the supervisor's log has the child's error)",
+            f"{surge.label}: the new child exited ({how}) before it completed a first cycle or job; the old"
+            " children keep working (the supervisor's log has the child's error)",
             now,
         )
         return True
@@ -251,6 +251,10 @@ class Restarts:
         self._start_probe(targets, now)
         return roll
 
+    def status(self) -> dict[str, Any] | None:
+        """The restart under way, or the last one, for `status --json` (None before the first)."""
+        return self.current.answer() if self.current is not None else None
+
     def is_fresh(self, slot: Slot) -> bool:
         """Whether the child of `slot` must start from a fresh interpreter."""
         roll = self.current
@@ -275,10 +279,13 @@ class Restarts:
     def surge_exited(self, slot: Slot, outcome: Outcome, how: str, now: float) -> Outcome:
         """The new child of `slot` ended before taking its slot: the roll halts; what the arbiter does about
         it (nothing but log it, and recover the job it may have died in)."""
-        if self.current is not None and self.current.surge_exited(how, now):
-            self._finished(self.current)
-        message = "{} new child (restart) exited ({}) before its first cycle: the restart halts"
-        return Outcome(Then.STAY, message, (slot.label, how), "ERROR", recover=outcome.recover or bool(slot.died_job))
+        roll = self.current
+        halted = roll is not None and roll.surge_exited(how, now)
+        if roll is not None and halted:
+            self._finished(roll)
+        message = "{} new child (restart) exited ({})" + (" before it got going: the restart halts" if halted else "")
+        level = "ERROR" if halted else "INFO"
+        return Outcome(Then.STAY, message, (slot.label, how), level, recover=outcome.recover or bool(slot.died_job))
 
     def left(self, slot: Slot, pools: dict[str, Pool]) -> None:
         """An old child is gone (see `Roll.left`)."""
