@@ -79,7 +79,8 @@ def parent_settings() -> dict[str, Any]:
             except Exception:  # a DataJoint without that setting
                 continue
             database[key] = value.get_secret_value() if hasattr(value, "get_secret_value") else value
-    return {"sys_path": list(sys.path), "logging": dict(log.CURRENT), "database": database}
+    secrets = sorted(log._secrets)  # the values the parent masks in its logs (password, webhook URLs)
+    return {"sys_path": list(sys.path), "logging": dict(log.CURRENT), "database": database, "secrets": secrets}
 
 
 def exec_fresh(report_fd: int, child_args: dict[str, Any]) -> None:
@@ -141,8 +142,10 @@ def _prepare(payload: dict[str, Any], context: dict[str, Any]) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message="No datajoint.json found")  # as the command line does
-    from djsupervisor.log import setup_logging
+    from djsupervisor.log import add_secret, known_secrets, setup_logging
 
+    for secret in payload.get("secrets", ()):
+        add_secret(secret)
     logging_settings = payload.get("logging") or {}
     setup_logging(logging_settings.get("level", "INFO"), logging_settings.get("fmt", "text"), **context)
     if payload.get("database"):
@@ -153,6 +156,7 @@ def _prepare(payload: dict[str, Any], context: dict[str, Any]) -> None:
             for key, value in payload["database"].items():
                 if value is not None:
                     datajoint.config[f"database.{key}"] = value
+        known_secrets()  # the password just set is masked here as in the parent
 
 
 def _probe(payload: dict[str, Any]) -> int:
