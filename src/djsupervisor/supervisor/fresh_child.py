@@ -18,8 +18,8 @@ short-lived fresh interpreter and checks it as ``djsupervisor check`` does (the 
 was raised at), and writes one JSON line of problems; a problem stops the restart before any child moves.
 
 The cost: a fresh child pays the interpreter's start and the imports (djsupervisor, DataJoint, the pipeline
-module) and the connection that a forked child gets for free: 5.2 s against 0.22 s on the loaded 2-core
-development machine (``bench/restart_roll.py``; ARCHITECTURE.md has the table). So forking stays the
+module) and the connection that a forked child gets for free: 2.6 to 5.6 s against 0.08 to 0.38 s on the loaded
+2-core development machine (``bench/restart_roll.py``; ARCHITECTURE.md has the table). So forking stays the
 default, and only the pools that were restarted pay it.
 """
 
