@@ -6,12 +6,12 @@ dispatches each to its ``handle_<name>`` method), the children's report pipes, a
 Timers are a heap of deadlines that sets the select timeout; what is due is decided by `_manage` and the
 checks, which scan the (few) slots each turn.
 
-The arbiter decides nothing about slots and pools itself: `Slot` (a child's life: exits, restart delays,
-stops) and `Pool` (size, drain, roll, autoscaling) are pure and return what to do; the arbiter forks,
+The arbiter decides nothing about slots and pools itself: `Slot` (a child's life), `Pool` (size, drain,
+roll, autoscaling) and `Roll` (a code restart: `rolling`) are pure and return what to do; the arbiter forks,
 signals, reaps and logs what they said, as gunicorn's arbiter and circus' watchers split it.
 
-The parent does no database work: it imported the worker definitions (so a restart costs no import) and
-may hold the session those imports opened, which it never uses; each child reconnects on its own.
+The parent does no database work: it imported the worker definitions (a respawn costs no import; a restarted
+pool's children import anew, `fresh_child`) and never uses their session; each child reconnects on its own.
 """
 
 from __future__ import annotations
