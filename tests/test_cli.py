@@ -25,10 +25,11 @@ def cli(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     [
         (
             [],
-            "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, progress, "
-            "errors, retry; --help for more)",
+            "no command given (start, status, stop, reload, restart, scale, check, run, drain, resume, forget, "
+            "progress, errors, retry; --help for more)",
         ),
         (["bogus"], "invalid choice: 'bogus'"),
+        (["restart", "--worker", "w", "--name", "nobody"], "no supervisor listening on"),
         (["scale", "standard", "-1", "--name", "x"], "argument N: must be a whole number >= 0, got '-1'"),
         (["start", "-c", "a.toml", "some.module"], "give either -c FILE or MODULE..., not both"),
         (["start", "--log-format", "xml", "some.module"], "invalid choice: 'xml'"),

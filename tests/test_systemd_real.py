@@ -2,15 +2,16 @@
 (tests/systemd_container.py; never on the machine's own root), with the unit file as it is in the repository,
 an EnvironmentFile and a credential for the test's database, and the test pipeline's `standard` worker.
 
-Everything is checked the way an operator would, through `systemctl` and `journalctl` inside: the unit is
-active only once the supervisor said READY=1 (its children up and connected), its STATUS= line, `systemctl
-reload` with a changed config, a SIGKILLed child replaced, the watchdog restarting a supervisor whose loop is
-SIGSTOPped, `systemctl stop` with a job in flight (it finishes, inside TimeoutStopSec, and its row lands), exit
-status 2 on a bad config and no restart, journald priorities (`journalctl -p warning`), and the hardening
-options (DynamicUser, ProtectSystem=strict, ProtectHome, the system-call filter, ...) leaving the workers able
-to import the pipeline and reach the database. One change to the unit, for time: the watchdog step gives it
-WatchdogSec=4 in a drop-in (60 s in the file). A second test starts systemd/djsupervisor.service (a system
-user of its own) in a container of its own.
+Everything is checked the way an operator would, through `systemctl` and `journalctl` inside: the unit is active
+only once the supervisor said READY=1 (its children up and connected), its STATUS= line, `systemctl reload` with a
+changed config, `djsupervisor restart` and SIGUSR2 (to the main process) rolling every pool onto fresh interpreters
+under the hardening, a SIGKILLed child replaced, the watchdog restarting a supervisor whose loop is SIGSTOPped,
+`systemctl stop` with a job in flight (it finishes, inside TimeoutStopSec, and its row lands), exit status 2 on a
+bad config and no restart, journald priorities (`journalctl -p warning`), and the hardening options (DynamicUser,
+ProtectSystem=strict, ProtectHome, the system-call filter, ...) leaving the workers able to import the pipeline and
+reach the database. One change to the unit, for time: the watchdog step gives it WatchdogSec=4 in a drop-in (60 s
+in the file). A second test starts systemd/djsupervisor.service (a system user of its own) in a container of its
+own.
 
 Marked `systemd` (`./scripts/test -m systemd` runs it alone); skipped, with the reason, where namespaces,
 overlayfs or a cgroup2 hierarchy are not available (not root, a container without them). Afterwards the
@@ -321,6 +322,24 @@ def test_the_unit_under_a_real_systemd(service: Service, db: conftest.TestDataba
     wait_until(lambda: len(lab.Cube()) == 3, 60, message="the new worker to compute Cube")
     assert service.main_pid() == main_pid and service.state() == "active"
     record("systemctl reload (config with a second worker)", service.status())
+
+    # restart: every pool onto freshly imported code, one child at a time, under the unit's hardening (the new
+    # children exec a fresh interpreter under NoNewPrivs and the seccomp filter); then SIGUSR2 to the main
+    # process, the same roll without the command line. The main process stays, systemd sees no restart.
+    before = {**service.workers(2), **service.workers(1, "other")}
+    rolled = service.container.run(
+        ["runuser", "-u", f"djsupervisor-{NAME}", "--", *CLI, "restart", "--name", NAME], check=False, timeout=150
+    )
+    assert rolled.returncode == 0, rolled.stdout + rolled.stderr + service.journal("-o", "cat")[-3000:]
+    assert rolled.stdout.count("restarted: ") == 3 and "restart done in" in rolled.stdout, rolled.stdout
+    after = {**service.workers(2), **service.workers(1, "other")}
+    assert not set(after) & set(before), (before, after)
+    record(f"runuser -u djsupervisor-{NAME} -- djsupervisor restart --name {NAME}", rolled.stdout)
+    service.systemctl("kill", "--kill-whom=main", "-s", "SIGUSR2", UNIT)
+    wait_until(lambda: "restart 2 done" in service.journal("-o", "cat"), 150, interval=0.5, message="USR2's restart")
+    assert not set(service.workers(2)) & set(after)
+    assert service.show("MainPID", "NRestarts") == {"MainPID": str(main_pid), "NRestarts": "0"}
+    record("systemctl kill --kill-whom=main -s SIGUSR2", service.status())
 
     # journald priorities: the killed child is a warning or worse; a start or reload line is not
     warnings = service.journal("-p", "warning", "-o", "cat")

@@ -1,4 +1,4 @@
-"""The `djsupervisor` command: start, status, stop, reload, scale, check, run, drain, resume, forget,
+"""The `djsupervisor` command: start, status, stop, reload, restart, scale, check, run, drain, resume, forget,
 progress, errors, retry (`djsupervisor.operate`), migrate-schema.
 
 Every problem with what the user gave (arguments, config, socket) is one line on stderr,
@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
             raise UsageError(f"{self.prog.split()[-1]}: {message}")
         if "required: command" in message:
             message = (  # the everyday commands (migrate-schema is a one-off: --help lists it)
-                "no command given (start, status, stop, reload, scale, check, run, drain, resume, forget, "
+                "no command given (start, status, stop, reload, restart, scale, check, run, drain, resume, forget, "
                 "progress, errors, retry; --help for more)"
             )
         raise UsageError(message)
@@ -57,7 +57,7 @@ def _seconds(text: str) -> float:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from djsupervisor import __version__
+    from djsupervisor import __version__, cli_restart
     from djsupervisor.fleet import cli as fleet_cli
     from djsupervisor.operate import cli as operate_cli
 
@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = commands.add_parser("reload", help="re-read the config file")
     socket_options(reload)
+
+    cli_restart.add_parser(commands, socket_options)
 
     scale = commands.add_parser("scale", help="set a pool's size")
     scale.add_argument("worker")
@@ -395,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
                 request = ControlRequest(cmd="scale", worker=args.worker, replicas=args.replicas)
                 print(cli_control.scale_line(_request(args, request)))
             return 0
+        if args.command == "restart":
+            from djsupervisor import cli_restart
+
+            return cli_restart.restart(args, lambda request: _request(args, request))  # type: ignore[arg-type, return-value]
         if args.command == "check":
             return _check(args)
         if args.command in ("drain", "resume", "forget"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 #: What `reload` always says: it re-reads the config file, never the worker modules.
 CODE_NOT_RELOADED = (
-    "reload re-reads the config file only: changed worker code runs after a restart of the supervisor"
-    " (djsupervisor stop --wait, then start again)"
+    "reload re-reads the config file only: to deploy changed worker code, run `djsupervisor restart`"
+    " (one child at a time, no downtime)"
 )
 
 

@@ -249,11 +249,16 @@ def known_secrets() -> None:
             pass
 
 
+#: The level and format `setup_logging` set last (a child started from a fresh interpreter takes them).
+CURRENT: dict[str, str] = {"level": "INFO", "fmt": "text"}
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text", **context) -> None:
     """Configure loguru for this process: stderr, `level`, "text" or "json", default context
     (supervisor, worker, slot: unbound lines show "-"); route DataJoint's logging and Python warnings
     into it."""
     level = level.upper()
+    CURRENT.update(level=level, fmt=fmt)
     add_secret(os.environ.get("DJ_PASS"))
     logger.remove()
     logger.configure(extra={"supervisor": "-", "worker": "-", **context}, patcher=_patch)

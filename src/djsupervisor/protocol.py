@@ -367,9 +367,10 @@ def parse_agent_report(message: Any) -> AgentReport:
 class ControlRequest(TypedDict, total=False):
     """One request on the control socket."""
 
-    cmd: Required[str]  # "status", "stop", "reload" or "scale"
+    cmd: Required[str]  # "status", "stop", "reload", "scale", "restart" or "roll"
     fast: bool  # stop: without waiting for the jobs in flight
-    worker: str  # scale: the pool
+    worker: str  # scale: the pool; restart: the pool (absent: every pool)
+    roll: int  # roll: the restart to report on (the id restart answered)
     replicas: int  # scale: its new size (of an autoscaled pool: its minimum)
 
 

@@ -74,7 +74,7 @@ def test_reload_and_scale_say_what_changed_and_a_runtime_size_outlives_a_reload(
     assert "reloaded: worker standard stays at 1 (set by scale; the file's replicas, 3, did not change)" in (
         reloaded.stdout
     )
-    assert "changed worker code runs after a restart of the supervisor" in reloaded.stdout
+    assert "to deploy changed worker code, run `djsupervisor restart`" in reloaded.stdout
     sup.wait_children({"standard": 1})
 
     write_config(config, config_text(2))  # the file changed replicas: it wins

@@ -17,6 +17,8 @@ class Controlled(Protocol):
     """What the control commands ask of a supervisor."""
 
     pools: dict[str, Any]  # name -> Pool: `changes` says what the last reload did to each
+    restarts: Any  # `rolling.Restarts`: the restart under way and the last finished ones
+    state: Any  # `SupervisorState`
 
     def status(self) -> dict[str, Any]: ...
     def request_stop(self, fast: bool = False) -> None: ...
@@ -51,11 +53,36 @@ def scale(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
     return {"ok": True, **supervisor.scale(worker, replicas)}  # type: ignore[arg-type, typeddict-item]
 
 
+def restart(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
+    """Roll a pool (``"worker"``), or every pool, onto freshly imported code; answers at once with the roll's
+    id, which `roll` then reports on until it is done (the roll takes seconds to minutes)."""
+    import time
+
+    worker = request.get("worker")
+    if supervisor.state.value == "stopping":
+        raise ValueError("the supervisor is stopping")
+    live = sorted(name for name, pool in supervisor.pools.items() if pool.config is not None)
+    if worker is not None and worker not in live:
+        raise ValueError(f"no worker named {worker!r} (workers: {', '.join(live) or 'none'})")
+    roll = supervisor.restarts.start([worker] if worker else live, supervisor.pools, time.monotonic())
+    return {"ok": True, **roll.answer()}
+
+
+def roll(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
+    """Where restart ``"roll"`` (an id) stands: its phase, what changed, why it halted."""
+    found = supervisor.restarts.rolls.get(request.get("roll"))
+    if found is None:
+        raise ValueError(f"no restart {request.get('roll')!r} (the supervisor keeps the last few)")
+    return {"ok": True, **found.answer()}
+
+
 COMMANDS: dict[str, Callable[[Controlled, ControlRequest], ControlResponse]] = {
     "status": status,
     "stop": stop,
     "reload": reload,
     "scale": scale,
+    "restart": restart,
+    "roll": roll,
 }
 
 

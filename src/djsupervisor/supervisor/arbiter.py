@@ -6,12 +6,12 @@ dispatches each to its ``handle_<name>`` method), the children's report pipes, a
 Timers are a heap of deadlines that sets the select timeout; what is due is decided by `_manage` and the
 checks, which scan the (few) slots each turn.
 
-The arbiter decides nothing about slots and pools itself: `Slot` (a child's life: exits, restart delays,
-stops) and `Pool` (size, drain, roll, autoscaling) are pure and return what to do; the arbiter forks,
+The arbiter decides nothing about slots and pools itself: `Slot` (a child's life), `Pool` (size, drain,
+roll, autoscaling) and `Roll` (a code restart: `rolling`) are pure and return what to do; the arbiter forks,
 signals, reaps and logs what they said, as gunicorn's arbiter and circus' watchers split it.
 
-The parent does no database work: it imported the worker definitions (so a restart costs no import) and
-may hold the session those imports opened, which it never uses; each child reconnects on its own.
+The parent does no database work: it imported the worker definitions (a respawn costs no import; a restarted
+pool's children import anew, `fresh_child`) and never uses their session; each child reconnects on its own.
 """
 
 from __future__ import annotations
@@ -28,19 +28,20 @@ from pathlib import Path
 import psutil
 from loguru import logger
 
-from djsupervisor.fleet.agent import AgentSpec, heartbeat_window
+from djsupervisor.fleet.agent import AgentSpec
 from djsupervisor.fleet.link import FleetAgentLink, agent_children
 from djsupervisor.fleet.view import FleetView
 from djsupervisor.protocol import ChildReportMessage, ControlRequest, ControlResponse
 from djsupervisor.serve import commands
 from djsupervisor.serve.endpoints import Endpoints
 from djsupervisor.supervisor.autoscale import STALE_INTERVALS
-from djsupervisor.supervisor.child import run_child
 from djsupervisor.supervisor.children import ChildProcesses
 from djsupervisor.supervisor.config import ConfigError, SupervisorConfig, kept_at_reload, load_config
-from djsupervisor.supervisor.fork import killpg
+from djsupervisor.supervisor.fork import describe_exit, killpg
+from djsupervisor.supervisor.fresh_child import child_body
 from djsupervisor.supervisor.pool import Action, Pool, Spawn, autoscale_pools, reconfigure_pools, summarize
 from djsupervisor.supervisor.recovery_runs import RecoveryRuns
+from djsupervisor.supervisor.rolling import Restarts
 from djsupervisor.supervisor.slot import Outcome, Slot, Then
 from djsupervisor.supervisor.states import StopIntent, StopMode, SupervisorState
 from djsupervisor.supervisor.systemd import SystemdNotifier
@@ -50,7 +51,7 @@ from djsupervisor.supervisor.wakeup import SignalWakeup
 #: The signals the supervisor handles, and the method each is dispatched to.
 HANDLED_SIGNALS = (
     signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2,
 )  # fmt: skip
 SIGNAL_HANDLERS: dict[int, str] = {signum: f"handle_{signum.name[3:].lower()}" for signum in HANDLED_SIGNALS}
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
@@ -83,6 +84,7 @@ class Supervisor:
         self.wakeup = SignalWakeup()
         self.children = ChildProcesses(self.selector, HANDLED_SIGNALS, self._inherited_fds, self._on_reports, self.log)
         self.recoveries = RecoveryRuns(config.name, self.pid, self.timers)
+        self.restarts = Restarts(self.selector, self.children.fork, self.log)  # `djsupervisor restart`
         self._stop_mode: StopMode | None = None
         self._ready_sent = False
         self._report_changed = False  # a child's report changed its slot's state since the last _manage
@@ -115,6 +117,7 @@ class Supervisor:
             "slots": slots,
             "workers": slots,  # the old name of "slots", kept for one release
             "pools": [self.pools[name].status(self.fleet.pending(name)) for name in sorted(self.pools)],
+            "restart": self.restarts.status(),  # the restart under way or last finished (None: none yet)
         }
 
     def request_stop(self, fast: bool = False) -> None:
@@ -128,6 +131,7 @@ class Supervisor:
         self.notifier.stopping()
         for pool in list(self.pools.values()):
             self._carry_out(pool.stop_all("supervisor stopping", StopIntent.STAY, fast=fast))
+        self._carry_out(self.restarts.abort("supervisor stopping", time.monotonic()))
 
     def request_reload(self) -> str | None:
         """Re-read the config file: new definitions start, removed ones stop, changed ones roll.
@@ -303,6 +307,10 @@ class Supervisor:
     def handle_usr1(self) -> None:
         """SIGUSR1: accepted; logs go to stderr, there is no log file to reopen."""
 
+    def handle_usr2(self) -> None:
+        """SIGUSR2: restart every pool onto freshly imported code (`djsupervisor restart`), one slot at a time."""
+        self.restarts.start_all(self.pools, time.monotonic(), stopping=self._stop_mode is not None)
+
     # ----- children: carrying out what slots and pools decide
 
     def _carry_out(self, actions: Iterable[Action]) -> None:
@@ -332,32 +340,18 @@ class Supervisor:
             self.timers.call_at(outcome.restart_at, lambda: None)  # wakes the loop; _manage spawns
 
     def _spawn(self, slot: Slot) -> None:
-        """Fork a child into `slot`, on its pool's current definition."""
+        """Start a child in `slot`, on its pool's current definition: forked, or from a fresh interpreter
+        once its pool's code was restarted (`djsupervisor.supervisor.rolling`)."""
         config = self.pools[slot.worker].config
         slot.config = config or slot.config  # a respawn after the definition was removed: retired next turn
-        worker_config, died_job = slot.config, slot.died_job
-
-        def child(report_fd: int, close_fds: list[int]) -> None:
-            run_child(
-                supervisor=self.config.name,
-                worker_config=worker_config,
-                slot_index=slot.index,
-                parent_pid=self.pid,
-                report_fd=report_fd,
-                close_fds=close_fds,
-                heartbeat_interval=min(self.config.heartbeat_interval, self.config.heartbeat_timeout / 3),
-                died_job=died_job,
-                host=self.config.host,
-                fleet_window=heartbeat_window(self.config.fleet_interval),
-            )
-
+        fresh = self.restarts.is_fresh(slot)
+        child = child_body(self.config, slot.config, slot, self.pid, fresh=fresh)
         pid = self.children.spawn(slot, child)
         if pid is None:
             self._follow(slot, slot.spawn_failed(self.config, time.monotonic(), *self.children.failure))
             return
-        self._slot_log(slot).info(
-            "started {} (pid {}){}", slot.label, pid, f", restart {slot.restarts}" if slot.restarts else ""
-        )
+        restart = f", restart {slot.restarts}" if slot.restarts else ""
+        self._slot_log(slot).info("started {} (pid {}){}{}", slot.label, pid, restart, ", fresh" if fresh else "")
 
     def _inherited_fds(self) -> list[int]:
         """The parent's descriptors (besides the selector's) that a new child must close."""
@@ -381,7 +375,11 @@ class Supervisor:
                 self.children.read_last_words(slot)
                 stopping = self._stop_mode is not None
                 code = os.waitstatus_to_exitcode(status)
-                self._follow(slot, slot.exited(code, self.config, time.monotonic(), stopping=stopping))
+                outcome = slot.exited(code, self.config, time.monotonic(), stopping=stopping)
+                if self.restarts.owns(slot):  # a restart's new child that never took its slot: the roll halts
+                    outcome = self.restarts.surge_exited(slot, outcome, describe_exit(code), time.monotonic())
+                self.restarts.left(slot, self.pools)
+                self._follow(slot, outcome)
 
     # ----- what should be running
 
@@ -392,6 +390,7 @@ class Supervisor:
         if self._stop_mode:
             return
         now = time.monotonic()
+        self._carry_out(self.restarts.advance(self.pools, now, self.config))
         for name, pool in list(self.pools.items()):
             self._carry_out(pool.reconcile(now, self.fleet.drained.get(name)))
             if pool.gone:
