@@ -262,7 +262,7 @@ def test_the_unit_under_a_real_systemd(service: Service, db: conftest.TestDataba
     record("systemctl status (at once after start)", service.status())
     wait_until(lambda: len(lab.Square()) == 3, 60, message="the workers to compute Square")
 
-    # STATUS=: the one-line summary systemd shows, sent with READY=1 and every 10 s after
+    # STATUS=: the one-line summary systemd shows, sent with READY=1 and when it changes, at most once a second
     first = service.show("StatusText")["StatusText"]
     assert first.startswith("2 ") and first.endswith("jobs done by the current children"), first
     wait_until(

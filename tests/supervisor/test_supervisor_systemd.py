@@ -49,6 +49,8 @@ def test_notifications_over_a_supervisor_life(db, supervise, tmp_path, monkeypat
     sup = supervise(["-c", str(config)])
     wait_until(lambda: received("READY=1"), 30, message="READY=1")
     assert len(sup.pids("standard")) == 2  # READY came once the children were up
+    # the line sent with READY counts children still starting; the next follows within seconds, not 10 s
+    wait_until(lambda: received("STATUS=2 running"), 5, message="STATUS=2 running")
     wait_until(lambda: drain() or sum(m == "WATCHDOG=1" for m in messages) >= 2, 10, message="keep-alives")
     sup.signal(signal.SIGHUP)
     wait_until(lambda: received("RELOADING=1"), 10, message="RELOADING=1")

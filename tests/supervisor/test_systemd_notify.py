@@ -36,6 +36,8 @@ def test_notifications_reach_the_socket(notify_socket, monkeypatch):
     assert messages[2] == "WATCHDOG=1"
     assert messages[3].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert messages[4] == "STOPPING=1"
+    assert notifier.status("2 children running") and notifier.status("3 children running")
+    assert notify_socket.recv(4096).decode() == "STATUS=3 children running"  # the same line is not sent twice
     assert notifier.watchdog_interval() == 10.0
 
 

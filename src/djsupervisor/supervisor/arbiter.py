@@ -55,7 +55,7 @@ HANDLED_SIGNALS = (
 )  # fmt: skip
 SIGNAL_HANDLERS: dict[int, str] = {signum: f"handle_{signum.name[3:].lower()}" for signum in HANDLED_SIGNALS}
 _CHECK_INTERVAL = 0.5  # seconds between liveness/timeout checks and reaping safety net
-_STATUS_INTERVAL = 10.0  # seconds between systemd STATUS= updates
+_STATUS_INTERVAL = 1.0  # STATUS= when it changed, at most once a second (READY's says "2 starting")
 _IDLE_CLIENT_SWEEP = 1.0  # seconds between sweeps of idle control-socket and HTTP clients
 
 

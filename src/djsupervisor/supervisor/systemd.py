@@ -19,6 +19,7 @@ class SystemdNotifier:
             address = "\0" + address[1:]
         self.address = address or None
         self._socket: socket.socket | None = None
+        self._status = ""  # the last STATUS= sent: the same line is not sent again
 
     def _send(self, message: str) -> bool:
         if self.address is None:
@@ -36,8 +37,13 @@ class SystemdNotifier:
         return self._send(f"READY=1\nMAINPID={os.getpid()}")
 
     def status(self, text: str) -> bool:
-        """A one-line status shown by `systemctl status`."""
-        return self._send("STATUS=" + text.replace("\n", " "))
+        """A one-line status shown by `systemctl status`; a line equal to the last one sent is not sent again."""
+        text = text.replace("\n", " ")
+        if text == self._status:
+            return True
+        sent = self._send("STATUS=" + text)
+        self._status = text if sent else ""
+        return sent
 
     def watchdog(self) -> bool:
         """Keep-alive for WatchdogSec=."""
