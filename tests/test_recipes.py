@@ -379,8 +379,9 @@ class FakeSlurm:
         self.process: subprocess.Popen | None = None
 
     def squeue_prints(self, text: str, status: int = 0) -> None:
+        """A stub `squeue` that prints `text` and exits with `status`."""
         squeue = self.bin / "squeue"
-        squeue.write_text(f"#!/bin/bash\necho '{text}'\nexit {status}\n")
+        squeue.write_text(f"#!/bin/bash\nprintf '%s\\n' '{text}'\nexit {status}\n")
         squeue.chmod(0o755)
 
     def start(self, **env: str) -> subprocess.Popen:
@@ -471,8 +472,12 @@ def test_sbatch_names_the_host_and_stops_before_the_allocation_ends(slurm):
 
 
 def test_sbatch_reads_the_end_time_from_squeue(slurm):
+    """`squeue -j ID -o "%A %e"`: an array's first task has the array's id, and squeue lists every task of the
+    array for it (the real Slurm test found this): the script keeps the line of its own job id."""
     end = int(time.time()) + 3600
-    slurm.squeue_prints(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end)))
+    other = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end - 1800))
+    ours = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end))
+    slurm.squeue_prints(f"4243 {other}\n4242 {ours}")
     slurm.start()
     slurm.stub_args()
     assert 3600 - 120 - 5 <= stop_after(slurm.command_line()) <= 3600 - 120
