@@ -130,9 +130,11 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / f"{name}.out", "wb")
-        # a session of its own: a Ctrl+C to the test's terminal does not reach it; close() stops it by pid
+        # a session of its own: a Ctrl+C to the test's terminal does not reach it; close() stops it by pid. In
+        # `root`: slurmd's job steps (slurmstepd, a daemon of its own) keep its working directory, which is how
+        # steps() tells ours from any other Slurm's
         self.daemons[name] = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+            argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.root, start_new_session=True
         )
         log.close()
 
@@ -203,18 +205,19 @@ class SlurmCluster:
         return time.monotonic() - start
 
     def steps(self) -> list[psutil.Process]:
-        """The slurmstepd processes of this cluster's jobs (their environment names our slurm.conf)."""
+        """The slurmstepd processes of this cluster's jobs (in slurmd's working directory, `root`)."""
         found = []
         for process in psutil.process_iter(["name", "create_time"]):
             if process.info["name"] != "slurmstepd" or process.info["create_time"] < self.started - 1:
                 continue
             with contextlib.suppress(psutil.Error):
-                if process.environ().get("SLURM_CONF") == str(self.conf) or process.cwd().startswith(str(self.root)):
+                if Path(process.cwd()).is_relative_to(self.root):
                     found.append(process)
         return found
 
-    def close(self) -> list[int]:
-        """Cancel what runs, stop the daemons (slurmd, slurmctld, munged) by pid; the pids of the daemons."""
+    def close(self) -> tuple[list[int], list[int]]:
+        """Cancel what runs, stop the daemons (slurmd, slurmctld, munged) by pid, wait until they are gone; the
+        daemons' pids, and the pids of job steps that were still there (then SIGKILLed)."""
         if self.daemons.get("slurmctld") and self.daemons["slurmctld"].poll() is None:
             self.run("scancel", "--full", "--user", "root", check=False)
             with contextlib.suppress(AssertionError):
@@ -232,11 +235,12 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(10)
-        for step in self.steps():  # a step left by a job that would not die: ours, by pid
+        leftover = self.steps()
+        for step in leftover:  # a step left by a job that would not die: ours, by pid
             with contextlib.suppress(psutil.Error):
                 step.kill()
         wait_until(lambda: all(process_gone(pid) for pid in pids), 10, message="the daemons gone")
-        return pids
+        return pids, [step.pid for step in leftover]
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
