@@ -10,10 +10,11 @@ queue (`squeue`, `scontrol show job`), the job's log, the database (the pipeline
 registry through `djsupervisor status --fleet`) and the processes (psutil). Each test checks what the
 README promises:
 
-- a timed stop: the script's timer (end of the allocation from `squeue -o %e`, minus graceful_timeout, minus
+- a timed stop: the script's timer (end of the allocation from `squeue -o "%A %e"`, minus graceful_timeout, minus
   DJSUPERVISOR_STOP_MARGIN) stops the supervisor before the time limit, the job in flight lands, nothing
   stays reserved, the job's log says exit status 0 and Slurm records ExitCode 0:0;
-- `scancel --batch --signal=TERM` stops it the same way;
+- Slurm's `--signal=B:TERM@N`, when it comes before the timer, the same way;
+- `scancel --batch --signal=TERM` the same way;
 - an array of 2 on the one node is one fleet: both supervisors (NAME-JOBID, the node's name as host) in
   `status --fleet`, every key computed once, by both;
 - a plain `scancel` (SIGTERM to every process of the job, SIGKILL after KillWait) kills the job in flight,
@@ -23,7 +24,7 @@ README promises:
 Every process of each job is gone afterwards; after the module the daemons are gone, by pid, and the
 machine's database servers still answer. One backend (MariaDB): the point is the scheduler, not the
 database (both backends' recovery and fleet paths are tested in tests/fleet and tests/worker), and both
-would double the module's time (about 2 minutes). Marked `slurm` (`./scripts/test -m slurm`); skipped, with
+would double the module's time (about 2.5 minutes). Marked `slurm` (`./scripts/test -m slurm`); skipped, with
 the reason, where the packages are missing (a failure under CI, whose .ci/run installs them), where the
 tests do not run as root, or where the daemons do not start.
 """
@@ -217,7 +218,32 @@ def wait_processes_gone(recipe: Recipe, job: str, pids: list[int]) -> None:
     assert not recipe.processes(job)
 
 
-def test_timed_stop_before_the_time_limit(recipe, cluster, db):
+def stops_by_itself(recipe: Recipe, pipe, job: str, what: str) -> tuple[float, float, int]:
+    """Watch `job` run and stop by itself: registered under the node's name, jobs computed, then gone with a
+    clean exit, the job in flight at the SIGTERM landed and none started after it. Returns the SIGTERM's
+    time after the supervisor started (s), the stop's length (s) and the timer the script set (s)."""
+    recipe.cluster.wait_running(job)
+    row = recipe.registered(job)[f"fleet-{job}"]
+    wait_until(lambda: len(pipe.Square()), 60, message="a job computed")
+    pids = [p.pid for p in recipe.processes(job)]
+    assert row["pid"] in pids  # the registry's child is a process of this allocation
+    assert recipe.cluster.steps()  # (what the module's end checks is gone: found while it runs)
+
+    recipe.cluster.wait_gone(job, 110)
+    log = assert_clean_exit(recipe, job)
+    term, stopped = log_time(log, "received SIGTERM"), log_time(log, f"supervisor fleet-{job} stopped")
+    in_flight = pipe.Square & f"started < {term} AND finished > {term}"
+    assert len(in_flight) == 1, pipe.Square.to_dicts()
+    assert len(pipe.Square & f"started > {term}") == 0
+    assert_settled(pipe)
+    wait_processes_gone(recipe, job, pids)
+    STOP_TIMES[f"{what}: SIGTERM to supervisor stopped"] = round(stopped - term, 1)
+    STOP_TIMES[f"{what}: job in flight landed to supervisor stopped"] = round(stopped - in_flight.fetch1("finished"), 2)
+    stop_after = int(re.search(r"stop after (\d+)s", log).group(1))
+    return term - log_time(log, "starting 1 pools"), stopped - term, stop_after
+
+
+def test_timed_stop_before_the_time_limit(recipe, db):
     """--time=2 and DJSUPERVISOR_STOP_MARGIN=90: the timer stops the supervisor about 20 s in (120 s - 10 s
     graceful_timeout - 90 s); --signal=B:TERM@5 could come at 55 s at the earliest (Slurm sends it up to a
     minute early), so the timer is what stops it. 6 s jobs: the SIGTERM falls inside one but for the few
@@ -225,28 +251,20 @@ def test_timed_stop_before_the_time_limit(recipe, cluster, db):
     pipe = declare(db.schema_name("pipe"))
     pipe.seed(range(40), delay=6)
     job = recipe.submit("--time=2", "--signal=B:TERM@5", margin=90)
-    cluster.wait_running(job)
-    row = recipe.registered(job)[f"fleet-{job}"]
-    wait_until(lambda: len(pipe.Square()), 60, message="a job computed")
-    pids = [p.pid for p in recipe.processes(job)]
-    assert row["pid"] in pids  # the registry's child is a process of this allocation
-    assert cluster.steps()  # (what the module's end checks is gone: found while it runs)
+    term, _, stop_after = stops_by_itself(recipe, pipe, job, "timer")
+    assert 120 - GRACEFUL - 90 - 10 <= stop_after <= 120 - GRACEFUL - 90
+    assert term < 120 - 55, "the timer, not Slurm's --signal, must have stopped it"
 
-    cluster.wait_gone(job, 90)
-    log = assert_clean_exit(recipe, job)
-    stop_after = int(re.search(r"stop after (\d+)s", log).group(1))
-    assert 120 - GRACEFUL - 90 - 10 <= stop_after <= 120 - GRACEFUL - 90, log
-    term, stopped = log_time(log, "received SIGTERM"), log_time(log, f"supervisor fleet-{job} stopped")
-    start = log_time(log, "starting 1 pools")
-    assert term - start < 120 - 55, "the timer, not Slurm's --signal, must have stopped it"
-    STOP_TIMES["timer: SIGTERM to supervisor stopped"] = round(stopped - term, 1)
-    # the job in flight at the SIGTERM landed, and none started after it
-    in_flight = pipe.Square & f"started < {term} AND finished > {term}"
-    assert len(in_flight) == 1, pipe.Square.to_dicts()
-    STOP_TIMES["timer: job in flight landed to supervisor stopped"] = round(stopped - in_flight.fetch1("finished"), 2)
-    assert len(pipe.Square & f"started > {term}") == 0
-    assert_settled(pipe)
-    wait_processes_gone(recipe, job, pids)
+
+def test_slurms_signal_stops_it_before_the_timer(recipe, db):
+    """--signal=B:TERM@60 on --time=2: slurmctld checks time limits every 30 s and sends the signal at the
+    first check that finds less than 60 s + 30 s left, so 30 to 60 s in (after the supervisor is up); the
+    timer is set for 120 - 10 - 0 = 110 s (margin 0)."""
+    pipe = declare(db.schema_name("pipe"))
+    pipe.seed(range(40), delay=6)
+    job = recipe.submit("--time=2", "--signal=B:TERM@60", margin=0)
+    term, _, stop_after = stops_by_itself(recipe, pipe, job, "--signal=B:TERM")
+    assert stop_after >= 100 and term < 90, "Slurm's --signal, not the timer, must have stopped it"
 
 
 def test_scancel_batch_signal_term_stops_it_the_same_way(recipe, cluster, db):
