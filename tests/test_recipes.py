@@ -492,6 +492,26 @@ def test_sbatch_timer_stops_the_supervisor_by_itself(slurm):
     assert status == 0, err
 
 
+def test_sbatch_signal_before_the_supervisor_starts_ends_the_job_cleanly(slurm):
+    """Slurm's --signal comes up to a minute early: in a short allocation, while the script still writes the
+    config (a slow `python3` here). The shell remembers it and does not start the supervisor; before, the
+    signal killed the shell (exit 143)."""
+    slow = slurm.bin / "python3"
+    slow.write_text(f'#!/bin/bash\nsleep 1\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    slurm.start(SLURM_JOB_END_TIME=str(int(time.time()) + 1000))
+
+    def writing_config() -> bool:
+        return any("python3" in " ".join(p.cmdline()) for p in psutil.Process(slurm.process.pid).children(True))
+
+    wait_until(writing_config, 15, message="the script's python3")
+    slurm.process.send_signal(signal.SIGTERM)
+    out, err = slurm.process.communicate(timeout=15)
+    assert slurm.process.returncode == 0, err
+    assert "SIGTERM before the supervisor started: not starting it" in out
+    assert not slurm.lines("args") and slurm.config_copies() == []
+
+
 def test_sbatch_without_a_known_end_time_relies_on_the_signal(slurm):
     slurm.squeue_prints("squeue: error: Invalid job id specified", status=1)
     slurm.start()
