@@ -379,8 +379,9 @@ class FakeSlurm:
         self.process: subprocess.Popen | None = None
 
     def squeue_prints(self, text: str, status: int = 0) -> None:
+        """A stub `squeue` that prints `text` and exits with `status`."""
         squeue = self.bin / "squeue"
-        squeue.write_text(f"#!/bin/bash\necho '{text}'\nexit {status}\n")
+        squeue.write_text(f"#!/bin/bash\nprintf '%s\\n' '{text}'\nexit {status}\n")
         squeue.chmod(0o755)
 
     def start(self, **env: str) -> subprocess.Popen:
@@ -471,8 +472,12 @@ def test_sbatch_names_the_host_and_stops_before_the_allocation_ends(slurm):
 
 
 def test_sbatch_reads_the_end_time_from_squeue(slurm):
+    """`squeue -j ID -o "%A %e"`: an array's first task has the array's id, and squeue lists every task of the
+    array for it (the real Slurm test found this): the script keeps the line of its own job id."""
     end = int(time.time()) + 3600
-    slurm.squeue_prints(time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end)))
+    other = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end - 1800))
+    ours = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(end))
+    slurm.squeue_prints(f"4243 {other}\n4242 {ours}")
     slurm.start()
     slurm.stub_args()
     assert 3600 - 120 - 5 <= stop_after(slurm.command_line()) <= 3600 - 120
@@ -485,6 +490,26 @@ def test_sbatch_timer_stops_the_supervisor_by_itself(slurm):
     wait_until(lambda: slurm.lines("TERM"), 10, message="the timer's SIGTERM to reach the supervisor")
     status, err = slurm.finish()
     assert status == 0, err
+
+
+def test_sbatch_signal_before_the_supervisor_starts_ends_the_job_cleanly(slurm):
+    """Slurm's --signal comes up to a minute early: in a short allocation, while the script still writes the
+    config (a slow `python3` here). The shell remembers it and does not start the supervisor; before, the
+    signal killed the shell (exit 143)."""
+    slow = slurm.bin / "python3"
+    slow.write_text(f'#!/bin/bash\nsleep 1\nexec {sys.executable} "$@"\n')
+    slow.chmod(0o755)
+    slurm.start(SLURM_JOB_END_TIME=str(int(time.time()) + 1000))
+
+    def writing_config() -> bool:
+        return any("python3" in " ".join(p.cmdline()) for p in psutil.Process(slurm.process.pid).children(True))
+
+    wait_until(writing_config, 15, message="the script's python3")
+    slurm.process.send_signal(signal.SIGTERM)
+    out, err = slurm.process.communicate(timeout=15)
+    assert slurm.process.returncode == 0, err
+    assert "SIGTERM before the supervisor started: not starting it" in out
+    assert not slurm.lines("args") and slurm.config_copies() == []
 
 
 def test_sbatch_without_a_known_end_time_relies_on_the_signal(slurm):
