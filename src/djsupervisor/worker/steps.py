@@ -260,7 +260,9 @@ class TableStep:
         `REFRESH_FIRST_ROWS` new jobs, the first call works from them, and the rest (100k new keys: about 8 s)
         is written after it, while the fleet's other workers already work the queue. A call that
         ended on a lost reservation (its list had gone stale, see `djsupervisor.worker.pending_order`) is
-        followed by another, up to `STALE_CALLS` in a row that did nothing else."""
+        followed by another, limited to `POPULATE_BATCH` jobs drawn from the head of the queue (a fetch of 2,000
+        keys, not of all: at 32 workers a list goes stale every few dozen jobs), up to `STALE_CALLS` in a row
+        that did nothing else."""
         kwargs = dict(self.populate_kwargs)
         if "refresh" not in kwargs:
             kwargs["refresh"] = host.may_refresh(self.name)
@@ -272,7 +274,7 @@ class TableStep:
         while True:
             result = self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **batch, **kwargs)
             kwargs["refresh"] = False
-            batch = {}
+            batch = {"max_calls": POPULATE_BATCH} if self._walk.stale else {}  # a cheap fetch after a lost race
             backlog.write()
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
