@@ -95,8 +95,10 @@ def count_lost(table) -> None:
         counts[not ok] += 1
         if time.monotonic() - written[0] > 0.5:
             written[0] = time.monotonic()
-            with open(os.path.join(LOST_DIR, str(os.getpid())), "w") as file:
+            path = os.path.join(LOST_DIR, str(os.getpid()))
+            with open(path + ".new", "w") as file:
                 file.write(f"{counts[0]} {counts[1]}\n")
+            os.replace(path + ".new", path)  # whole: the loop may be killed mid-write
         return ok
 
     jobs.reserve = counted

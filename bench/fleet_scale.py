@@ -114,7 +114,7 @@ class Plain:
             p.wait()
         self.log.close()
         done = lost = 0
-        for file in self.dir.iterdir():
+        for file in self.dir.glob("[0-9]*[0-9]"):  # not a ".new" the kill left behind
             won, missed = file.read_text().split()
             done, lost = done + int(won), lost + int(missed)
         return done, lost
