@@ -7,8 +7,10 @@ taken while it ran:
   under ``djsupervisor start`` (N replicas) and as N plain ``populate(reserve_jobs=True)`` loops
   (bench/bench_pipeline.py) side by side, against the ideal (N × one djsupervisor worker's rate), with lost
   reservations per job for both (djsupervisor: WorkerLog's ``lost``; plain loops: their ``jobs.reserve``
-  counted). The queue is seeded and refreshed before each run; a run is the warm-up (every process has
-  finished a job) and a `--window` of seconds between two counts of Square's rows.
+  counted), and the CPU milliseconds per job in the window (psutil: the N processes, a supervisor included,
+  + the database server's processes, whose other clients count too: an upper bound). The queue is seeded and
+  refreshed before each run; a run is the warm-up (every process has finished a job) and a `--window` of
+  seconds between two counts of Square's rows.
 - ``refresh``: refreshes of Square's job queue per minute, and the seconds spent in them per minute, with 4,
   16 and 32 idle workers (sleep_duration 1 s, 10k keys all computed, so that a refresh has a real anti-join
   to do) split over two supervisors, each in a UTS namespace with its own host name (``unshare --uts``,
@@ -76,7 +78,7 @@ class Supervisor:
 
     def children(self) -> list[psutil.Process]:
         try:
-            return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "python" in p.name().lower()]
+            return psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
 
@@ -140,20 +142,49 @@ def worker_log_lost(db: DB, prefix: str) -> tuple[int, int]:
     return int(done), int(lost)
 
 
-def scaling_run(db: DB, kind: str, n: int, ms: float, window: float, prefix: str) -> tuple[float, float]:
-    """(jobs/s over the window, lost reservations per job over the run) of N processes of `kind`."""
+SERVERS = ("mariadbd", "mysqld", "postgres")  # the database servers' process names
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of `processes` (those gone meanwhile count 0)."""
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def scaling_run(db: DB, kind: str, n: int, ms: float, window: float, prefix: str) -> tuple[float, float, str]:
+    """(jobs/s over the window, lost reservations per job over the run, CPU ms per job in the window: the
+    N processes + the database server) of N processes of `kind`."""
     keys = int(n * 1000 / ms * (window + 30)) + 200  # never dry: the warm-up of 32 processes takes ~20 s here
     seed_queued(db, prefix, keys, ms)
     env = env_for(db.backend, prefix, ms, sleep=0.1)
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
     runner: Supervisor | Plain = Supervisor(env, n, tmp) if kind == "djsupervisor" else Plain(env, n, tmp)
+    marks: list[tuple[float, float, int]] = []
+
+    def probe(jobs: int) -> None:
+        if isinstance(runner, Supervisor):
+            own = [psutil.Process(runner.proc.pid), *runner.children()]
+        else:
+            own = [psutil.Process(p.pid) for p in runner.procs]
+        servers = [p for p in psutil.process_iter(["name"]) if p.info["name"] in SERVERS]
+        marks.append((cpu_seconds(own), cpu_seconds(servers), jobs))
+
     try:
-        rate = window_rate(db, prefix, n, window, keys, min_rows=n, timeout=180)
+        rate = window_rate(db, prefix, n, window, keys, min_rows=n, timeout=180, probe=probe)
     finally:
         counts = runner.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     done, lost = worker_log_lost(db, prefix) if kind == "djsupervisor" else counts  # type: ignore[misc]
-    return rate, lost / max(done, 1)
+    (own0, server0, jobs0), (own1, server1, jobs1) = marks
+    jobs = max(jobs1 - jobs0, 1)
+    cpu = f"{(own1 - own0) / jobs * 1000:.1f} + {(server1 - server0) / jobs * 1000:.1f}"
+    return rate, lost / max(done, 1), cpu
 
 
 def scaling(db: DB, counts: list[int], ms: float, window: float, prefix) -> list[str]:
@@ -163,12 +194,12 @@ def scaling(db: DB, counts: list[int], ms: float, window: float, prefix) -> list
         for kind in ("plain", "djsupervisor"):
             result[kind] = scaling_run(db, kind, n, ms, window, prefix())
             loads.append(load())
-        rate, lost = result["djsupervisor"]
-        plain_rate, plain_lost = result["plain"]
+        rate, lost, cpu = result["djsupervisor"]
+        plain_rate, plain_lost, plain_cpu = result["plain"]
         one = one or rate  # the first count is 1
         rows.append(
             f"| {db.backend} | {n} | {rate:.1f} | {n * one:.1f} | {rate / (n * one):.2f} | {plain_rate:.1f} | "
-            f"{rate / plain_rate:.2f} | {lost:.2f} | {plain_lost:.2f} | {'/'.join(loads)} |"
+            f"{rate / plain_rate:.2f} | {lost:.2f} | {plain_lost:.2f} | {cpu} | {plain_cpu} | {'/'.join(loads)} |"
         )
         print(rows[-1], flush=True)
     return rows
@@ -265,8 +296,8 @@ def run_backend(db: DB, args: argparse.Namespace, parts: set[str]) -> None:
         if "scaling" in parts:
             print(
                 "| backend | workers | djsupervisor jobs/s | ideal | of ideal | plain loops jobs/s | vs plain | "
-                "lost per job (djsupervisor) | lost per job (plain) | load (plain/djs) |\n"
-                "|---|---|---|---|---|---|---|---|---|---|"
+                "lost per job (djsupervisor) | lost per job (plain) | CPU ms/job, processes + server (djsupervisor) | "
+                "CPU ms/job (plain) | load (plain/djs) |\n" + "|" + "---|" * 12
             )
             scaling(db, [int(x) for x in args.workers.split(",")], args.ms, args.window, prefix)
         if "refresh" in parts:

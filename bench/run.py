@@ -214,9 +214,12 @@ def throughput(db: DB, kind: str, replicas: int, ms: float, window: float, keys:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def window_rate(db: DB, prefix: str, processes: int, window: float, keys: int, min_rows: int, timeout: float) -> float:
+def window_rate(
+    db: DB, prefix: str, processes: int, window: float, keys: int, min_rows: int, timeout: float, probe=None
+) -> float:
     """Jobs/s over `window` seconds, counted once every one of `processes` has finished a job (and `min_rows`
-    are done): start-up and imports are not counted. RuntimeError if that never happens or the `keys` ran out."""
+    are done): start-up and imports are not counted. RuntimeError if that never happens or the `keys` ran out.
+    `probe(jobs)`, if given, is called with Square's count at the window's start and end."""
     end = time.time() + timeout
     while time.time() < end:  # warm-up: every process has finished at least one job
         rows = db.work_rows(prefix)
@@ -226,8 +229,12 @@ def window_rate(db: DB, prefix: str, processes: int, window: float, keys: int, m
     else:
         raise RuntimeError("never got going")
     t0, c0 = time.time(), db.count(prefix)
+    if probe:
+        probe(c0)
     time.sleep(window)
     t1, c1 = time.time(), db.count(prefix)
+    if probe:
+        probe(c1)
     if c1 >= keys:
         raise RuntimeError(f"queue ran dry during the window ({keys} keys): seed more")
     return (c1 - c0) / (t1 - t0)

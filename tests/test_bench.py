@@ -87,7 +87,7 @@ def test_fleet_scale_compares_workers_with_plain_loops_and_times_the_first_job()
     )
     assert done.returncode == 0, done.stderr[-3000:]
     scaling = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| mysql | 2 |")]
-    assert len(scaling) == 1 and len(scaling[0]) == 10, done.stdout
+    assert len(scaling) == 1 and len(scaling[0]) == 12, done.stdout
     first = [line for line in done.stdout.splitlines() if line.startswith("| mysql | 12,000 |")]
     assert [line.split(" | ")[2] for line in first] == [
         "before (whole refresh first)",
