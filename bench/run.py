@@ -205,24 +205,39 @@ def throughput(db: DB, kind: str, replicas: int, ms: float, window: float, keys:
     tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
     runner = Supervisor(env, replicas, tmp) if kind == "djsupervisor" else Plain(env, replicas, tmp)
     try:
-        end = time.time() + 120
-        while time.time() < end:  # warm-up: every process has finished at least one job
-            rows = db.work_rows(prefix)
-            if len({r[0] for r in rows}) >= replicas and len(rows) >= 3 * replicas:
-                break
-            time.sleep(0.05)
-        else:
-            output = runner.output() if isinstance(runner, Plain) else (tmp / "supervisor.log").read_text()[-2000:]
-            raise RuntimeError(f"{kind} never got going:\n{output}")
-        t0, c0 = time.time(), db.count(prefix)
-        time.sleep(window)
-        t1, c1 = time.time(), db.count(prefix)
-        if c1 >= keys:
-            raise RuntimeError(f"queue ran dry during the window ({kind}, {keys} keys): seed more")
-        return (c1 - c0) / (t1 - t0)
+        return window_rate(db, prefix, replicas, window, keys, min_rows=3 * replicas, timeout=120)
+    except RuntimeError as error:
+        output = runner.output() if isinstance(runner, Plain) else (tmp / "supervisor.log").read_text()[-2000:]
+        raise RuntimeError(f"{kind}: {error}:\n{output}") from None
     finally:
         runner.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def window_rate(
+    db: DB, prefix: str, processes: int, window: float, keys: int, min_rows: int, timeout: float, probe=None
+) -> float:
+    """Jobs/s over `window` seconds, counted once every one of `processes` has finished a job (and `min_rows`
+    are done): start-up and imports are not counted. RuntimeError if that never happens or the `keys` ran out.
+    `probe(jobs)`, if given, is called with Square's count at the window's start and end."""
+    end = time.time() + timeout
+    while time.time() < end:  # warm-up: every process has finished at least one job
+        rows = db.work_rows(prefix)
+        if len({r[0] for r in rows}) >= processes and len(rows) >= min_rows:
+            break
+        time.sleep(0.05)
+    else:
+        raise RuntimeError("never got going")
+    t0, c0 = time.time(), db.count(prefix)
+    if probe:
+        probe(c0)
+    time.sleep(window)
+    t1, c1 = time.time(), db.count(prefix)
+    if probe:
+        probe(c1)
+    if c1 >= keys:
+        raise RuntimeError(f"queue ran dry during the window ({keys} keys): seed more")
+    return (c1 - c0) / (t1 - t0)
 
 
 def restart_latency(db: DB, kind: str, prefix: str, ms: float, supervisord_ok: bool, kills: int = 6) -> list[float]:

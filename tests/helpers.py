@@ -36,6 +36,25 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, message: str =
         time.sleep(interval)
 
 
+def run_scripts(env: dict, script: str, argvs: list[list[str]], timeout: float = 90) -> list[str]:
+    """Run tests/scripts/`script` once per argv in `argvs`, all at once; each one's stdout, once all exited 0
+    (AssertionError with its stderr otherwise)."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(TESTS / "scripts" / script), *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in argvs
+    ]
+    outputs = [p.communicate(timeout=timeout) for p in processes]
+    for process, (_, err) in zip(processes, outputs):
+        assert process.returncode == 0, err
+    return [out for out, _ in outputs]
+
+
 @contextlib.contextmanager
 def serving(server):
     """Drive a ControlServer with a selector loop in a thread, as the supervisor's loop would; on exit,

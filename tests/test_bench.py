@@ -75,3 +75,21 @@ def test_progress_cost_counts_a_table_in_a_few_statements(backend):
     assert rows["errors on a 3,000-key table"][3].strip(" |") == "6"
     counted = next(cells[1] for name, cells in rows.items() if name.startswith("(counted"))
     assert "total 3000, done 1500, remaining 390, reserved 100, error 1000, ignore 10" in counted
+
+
+@pytest.mark.timeout(300)
+def test_fleet_scale_compares_workers_with_plain_loops_and_times_the_first_job():
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fleet_scale.py"), "--backend", "mysql", "--small", "--part", "scaling,first-job"],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scaling = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| mysql | 2 |")]
+    assert len(scaling) == 1 and len(scaling[0]) == 12, done.stdout
+    first = [line for line in done.stdout.splitlines() if line.startswith("| mysql | 12,000 |")]
+    assert [line.split(" | ")[2] for line in first] == [
+        "before (whole refresh first)",
+        "after (first batch, then jobs)",
+    ]

@@ -140,16 +140,17 @@ def test_adaptive_sleep_doubles_while_idle_and_resets_on_work(db, pipe):
 
 
 def test_stop_between_jobs_lets_the_job_in_flight_land(db, pipe):
-    pipe.seed([1])  # in key order: the jobs are handed out in the order of the Source rows
-    pipe.seed([2], delay=0.3)
-    pipe.seed([3, 4, 5])
+    pipe.seed([1, 2, 3, 4, 5])  # a worker takes them in its own order (pending_order): stop in the second
     worker = new_worker(db, sleep_duration=60)
     worker(pipe.Square)
     worker(pipe.Cube)
+    started = []
 
     def stop_in_job_2(event):
-        if event.kind == "job_start" and event.key == {"source_id": 2}:
-            worker.stop("test")  # asked while job 2 is in flight (reserved; its 0.3 s make() runs next)
+        if event.kind == "job_start":
+            started.append(event.key)
+            if len(started) == 2:
+                worker.stop("test")  # asked while the second job is in flight (reserved; its make() runs next)
 
     worker.add_listener(stop_in_job_2)
     events = []
@@ -157,7 +158,7 @@ def test_stop_between_jobs_lets_the_job_in_flight_land(db, pipe):
     began = time.monotonic()
     worker.run()
     assert time.monotonic() - began < 30  # no sleep after the stop
-    assert len(pipe.Square()) == 2  # job 1 and the job in flight (2) landed; no new job started
+    assert len(pipe.Square()) == 2 == len(started)  # the first job and the one in flight landed; no new job
     progress = pipe.Square.jobs.progress()
     assert progress["error"] == 0 and progress["reserved"] == 0 and progress["pending"] == 3
     assert len(pipe.Cube()) == 0  # later processes do not start either

@@ -3,9 +3,10 @@
 djsupervisor needs a few things DataJoint does not offer as API: the driver connection under a
 `Connection` (to abandon a forked child's copy without a byte on the parent's socket, and to read the
 server's id of the session in use), the transaction flag a lost connection leaves set, a hook on every
-(re)connect, the job table's `reserve`/`complete`/`error` calls during ``populate()``, the blob decoder for
-error stacks, the global connection, the SQL adapter, and the naming and columns of job tables. Each is one
-function or constant here, so that a new DataJoint release is checked against this module alone.
+(re)connect, the job table's `reserve`/`complete`/`error` calls, its refresh and its fetch of pending keys
+during ``populate()``, the blob decoder for error stacks, the global connection, the SQL adapter, and the
+naming and columns of job tables. Each is one function or constant here, so that a new DataJoint release is
+checked against this module alone.
 
 Everything here was read from DataJoint 2.3.x (2.3.5 installed: ``datajoint/connection.py``,
 ``instance.py``, ``autopopulate.py``, ``jobs.py``, ``blob.py``, ``adapters/``). DataJoint 2.x keeps these
@@ -234,20 +235,26 @@ def observed_jobs(
     reserved: Callable[[dict], None],
     completed: Callable[[dict], None],
     failed: Callable[[dict, str, str | None], None],
+    lost: Callable[[dict], None] = lambda key: None,
 ) -> Iterator[None]:
     """Within the block, observe the job table `jobs` through ``populate(reserve_jobs=True)``.
 
     ``AutoPopulate._populate1`` calls ``jobs.reserve(key)`` before each job (False: skip it),
     ``jobs.complete(key[, duration])`` after a success or an already populated key, and
     ``jobs.error(key, error_message=, error_stack=)`` after a failure, all on the instance ``table.jobs``
-    returns. Here `may_reserve()` is asked before each reservation (False: the job is not reserved), and
-    `reserved(key)`, `completed(key)` and `failed(key, message, stack)` follow DataJoint's own calls. The
-    instance attributes set here are removed on leaving, which uncovers the class's methods again.
+    returns. Here `may_reserve()` is asked before each reservation (False: the job is not reserved, and no
+    statement is sent), and `reserved(key)`, `completed(key)` and `failed(key, message, stack)` follow
+    DataJoint's own calls; `lost(key)` follows a reservation the database refused (another worker reserved
+    the job first). The instance attributes set here are removed on leaving, which uncovers the class's
+    methods again.
     """
     original = dict(reserve=jobs.reserve, complete=jobs.complete, error=jobs.error)
 
     def reserve(key: dict) -> bool:
-        if not may_reserve() or not original["reserve"](key):
+        if not may_reserve():
+            return False
+        if not original["reserve"](key):
+            lost(key)
             return False
         reserved(key)
         return True
@@ -266,6 +273,46 @@ def observed_jobs(
     finally:
         for name in original:
             delattr(jobs, name)
+
+
+#: The order in which ``AutoPopulate._populate_distributed`` fetches the pending keys it then walks.
+POPULATE_ORDER = "priority ASC, scheduled_time ASC"
+#: ``reorder(fetch, limit)``: the keys a populate() call walks, in its order; ``fetch(n)`` returns at most `n`
+#: (None: every) pending job as a dict of its key and ``priority``, in DataJoint's order.
+Reorder = Callable[[Callable[[int | None], list[dict]], int | None], list[dict]]
+
+
+@functools.cache
+def _reordering_class(job_class: Any) -> type:
+    """`job_class` with a ``keys`` that hands populate()'s fetch of pending keys to the instance's reorder."""
+
+    def keys(self: Any, order_by: Any = None, limit: int | None = None, offset: int | None = None) -> list[dict]:
+        reorder = self.__dict__.get("_djs_reorder")
+        if reorder is None or order_by != POPULATE_ORDER or offset is not None:
+            return job_class.keys(self, order_by=order_by, limit=limit, offset=offset)
+        return reorder(lambda n: self.proj("priority").to_dicts(order_by=POPULATE_ORDER, limit=n), limit)
+
+    return type(job_class.__name__, (job_class,), {"keys": keys, "__module__": job_class.__module__})
+
+
+@contextlib.contextmanager
+def reordered_pending(jobs: Any, reorder: Reorder) -> Iterator[None]:
+    """Within the block, populate() walks the pending keys of job table `jobs` in the order `reorder` gives.
+
+    ``_populate_distributed`` fetches ``(jobs.pending & ...).keys(order_by=POPULATE_ORDER, limit=max_calls)``
+    and walks the list. ``pending`` and every restriction of it are copies (``copy.copy``) of the instance
+    ``table.jobs`` returns, class and attributes included: so the instance's class is swapped here for a
+    subclass whose ``keys`` hands that one fetch to `reorder` (every other ``keys`` call goes through), and
+    the class is put back on leaving.
+    """
+    job_class: Any = type(jobs)
+    jobs._djs_reorder = reorder
+    jobs.__class__ = _reordering_class(job_class)
+    try:
+        yield
+    finally:
+        jobs.__class__ = job_class
+        del jobs._djs_reorder
 
 
 def preload_populate_imports() -> None:
@@ -292,8 +339,26 @@ def unpack_blob(data: bytes) -> Any:
 REFRESH_INSERT_BATCH = 5000
 
 
+class RefreshBacklog:
+    """The new jobs of a refresh that `bulk_refresh` has not written yet (`write` writes them)."""
+
+    def __init__(self, jobs: Any) -> None:
+        self._jobs = jobs
+        self.rows: list[dict] = []
+
+    def write(self, limit: int | None = None) -> int:
+        """Write `limit` (None: every) waiting rows, `REFRESH_INSERT_BATCH` per INSERT; the number written."""
+        written = 0
+        while self.rows and (limit is None or written < limit):
+            size = REFRESH_INSERT_BATCH if limit is None else min(REFRESH_INSERT_BATCH, limit - written)
+            rows, self.rows = self.rows[:size], self.rows[size:]
+            self._jobs.insert(rows, skip_duplicates=True, ignore_extra_fields=True)
+            written += len(rows)
+        return written
+
+
 @contextlib.contextmanager
-def bulk_refresh(jobs: Any) -> Iterator[None]:
+def bulk_refresh(jobs: Any, first: int | None = None) -> Iterator[RefreshBacklog]:
     """Within the block, ``jobs.refresh()`` writes its new jobs `REFRESH_INSERT_BATCH` rows per INSERT.
 
     DataJoint 2.3's ``Job.refresh`` inserts each new key with its own ``insert1`` (100k new keys: about 40 s,
@@ -302,8 +367,13 @@ def bulk_refresh(jobs: Any) -> Iterator[None]:
     key meanwhile: DataJoint's own loop skipped such a duplicate too). The steps after the insert loop
     (re-pend, removal of vanished and stale jobs) do not read the new rows, so writing them last changes
     nothing; the count of added jobs DataJoint returns is the number of new keys it found.
+
+    With `first`, a refresh writes only its first `first` rows and leaves the rest in the backlog the block
+    gets, for the caller to write (``backlog.write()``) once its first jobs have run; whatever is left is
+    written on leaving the block.
     """
     original = jobs.refresh
+    backlog = RefreshBacklog(jobs)
 
     def refresh(*args: Any, **kwargs: Any) -> dict:
         rows: list[dict] = []
@@ -312,13 +382,14 @@ def bulk_refresh(jobs: Any) -> Iterator[None]:
             result = original(*args, **kwargs)
         finally:
             del jobs.insert1
-        for start in range(0, len(rows), REFRESH_INSERT_BATCH):
-            jobs.insert(rows[start : start + REFRESH_INSERT_BATCH], skip_duplicates=True, ignore_extra_fields=True)
+        backlog.rows += rows
+        backlog.write(first)
         return result
 
     jobs.refresh = refresh
     try:
-        yield
+        yield backlog
+        backlog.write()
     finally:
         del jobs.refresh
 

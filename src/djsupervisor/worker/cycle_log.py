@@ -68,7 +68,7 @@ class CycleLog:
     def log(self, identity: dict, summary: CycleSummary, durations: dict[str, float]) -> None:
         """Write the cycle `summary` describes (or count it into the open idle stretch)."""
         stretch = self.stretch
-        if not summary.idle:
+        if not summary.idle or summary.reservations_lost:  # a cycle that raced for jobs gets its own rows
             self.close()
             self._schema().log_cycle(identity, summary, durations)
             return

@@ -29,12 +29,15 @@ class ProcessCounts:
     For a table: `done` jobs completed, `failed` jobs whose make() raised (recorded as job errors).
     For a callable: `done` is the work it reported (see `CycleSummary.idle`), `failed` stays 0.
     `errors` counts the step itself raising: a callable's exception, or populate failing outside make().
+    `lost` counts a table's reservations the database refused because another worker reserved the job first
+    (each a wasted round trip; see `djsupervisor.worker.pending_order`).
     """
 
     kind: Literal["table", "callable"]
     done: int = 0
     failed: int = 0
     errors: int = 0
+    lost: int = 0
 
 
 @dataclasses.dataclass
@@ -67,6 +70,11 @@ class CycleSummary:
         return sum(c.failed + c.errors for c in self.processes.values())
 
     @property
+    def reservations_lost(self) -> int:
+        """Reservations lost to other workers in this cycle."""
+        return sum(c.lost for c in self.processes.values())
+
+    @property
     def idle(self) -> bool:
         """True when no table completed or failed a job and no callable reported work.
 
@@ -79,7 +87,12 @@ class CycleSummary:
     def as_dict(self) -> dict:
         """A JSON-ready form."""
         data = dataclasses.asdict(self)
-        data.update(jobs_done=self.jobs_done, jobs_failed=self.jobs_failed, idle=self.idle)
+        data.update(
+            jobs_done=self.jobs_done,
+            jobs_failed=self.jobs_failed,
+            reservations_lost=self.reservations_lost,
+            idle=self.idle,
+        )
         return data
 
 

@@ -45,6 +45,7 @@ class Progress:
         self.cycles = 0
         self.jobs_done = 0
         self.jobs_failed = 0
+        self.reservations_lost = 0  # reservations another worker won first (the cycles' `lost` counts)
 
     def may_refresh(self, table: str) -> bool:
         """Whether this cycle's first populate() of `table` refreshes its job queue: once per refresh interval
@@ -112,6 +113,10 @@ class Progress:
         self.emit(WorkerEvent("job_start", table=table, key=dict(key)))
         if self.record.heartbeat_due():
             self.heartbeat()
+
+    def reservation_lost(self, table: str, key: dict) -> None:
+        """Another worker reserved the job first: counted (WorkerLog's ``lost``, the cycle's log line)."""
+        self.reservations_lost += 1
 
     def job_ended(self, table: str, key: dict, ok: bool, message: str = "", stack: str | None = None) -> None:
         """A job completed or failed; a failure is logged and recorded, a KeyboardInterrupt in make() stops."""

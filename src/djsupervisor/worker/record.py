@@ -171,11 +171,13 @@ class WorkerRecord:
             self._idle_since = None
         log.log(
             "INFO" if busy else "DEBUG",
-            "cycle {} done in {:.2f} s: {} jobs done, {} failed, {} re-pended, {} errors cleared{}",
+            "cycle {} done in {:.2f} s: {} jobs done, {} failed, {} reservations lost, {} re-pended, "
+            "{} errors cleared{}",
             summary.cycle,
             summary.duration,
             summary.jobs_done,
             summary.jobs_failed,
+            summary.reservations_lost,
             summary.recovered_stale + summary.recovered_orphaned,
             summary.cleared_errors,
             " (stopped early)" if summary.stopped_early else "",

@@ -121,6 +121,7 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
         log_time        : datetime(3)     # when the cycle (an idle stretch: its first cycle) started
         jobs_done       : int32
         jobs_failed     : int32
+        lost=0          : int32           # reservations the database refused: another worker had the job first
         duration        : float64         # seconds spent in this process (an idle stretch: in all its cycles)
         recovered=0     : int32           # (on the cycle's first row) stale + orphaned jobs re-pended
         cleared=0       : int32           # (on the cycle's first row) transient errors re-pended
@@ -185,9 +186,10 @@ def _define_tables(schema: dj.Schema) -> dict[str, Any]:
     )
 
 
-def _without_stretch(rows: list[dict]) -> list[dict]:
-    """WorkerLog rows without the idle-stretch columns, for a table declared before them."""
-    return [{k: v for k, v in row.items() if k not in ("idle_cycles", "last_time")} for row in rows]
+def _fit(rows: list[dict], names: list[str]) -> list[dict]:
+    """Rows without the columns a table declared by an older release lacks (WorkerLog: idle_cycles and
+    last_time before 0.2, lost before issue 15's contention count)."""
+    return [{k: v for k, v in row.items() if k in names} for row in rows]
 
 
 _HEARTBEAT_FIELDS = (
@@ -325,6 +327,7 @@ class WorkerSchema:
                     log_time=started,
                     jobs_done=counts.done,
                     jobs_failed=counts.failed,
+                    lost=counts.lost,
                     duration=durations.get(process, 0.0),
                     recovered=(summary.recovered_stale + summary.recovered_orphaned) if index == 0 else 0,
                     cleared=summary.cleared_errors if index == 0 else 0,
@@ -333,7 +336,7 @@ class WorkerSchema:
                 )
             )
         if rows:
-            self.tables["WorkerLog"].insert(rows if idle or self.has_idle_stretches() else _without_stretch(rows))
+            self.tables["WorkerLog"].insert(_fit(rows, self.tables["WorkerLog"].heading.names))
         return {row["process"]: row["log_id"] for row in rows} if idle else {}
 
     def has_idle_stretches(self) -> bool:

@@ -25,12 +25,20 @@ from loguru import logger
 
 from djsupervisor.worker import compat
 from djsupervisor.worker.events import ProcessCounts
+from djsupervisor.worker.pending_order import PendingWalk
 from djsupervisor.worker.schema import declare_with_retry
 
 compat.preload_populate_imports()  # here, in a supervisor's parent: every forked child has them already
 
 #: Jobs of a table step's first populate() call in a cycle (see `TableStep._populate_batches`).
 POPULATE_BATCH = 250
+#: New jobs a refresh writes before the first job of its populate() call; the rest are written after that call
+#: (None: all before; see `TableStep._populate_batches`). DataJoint's insert spends ~0.1 ms of CPU per row
+#: checking it, so 1,000 rows keep the wait short and still give the first call 4 keys to choose from per job.
+REFRESH_FIRST_ROWS: int | None = 4 * POPULATE_BATCH
+#: Consecutive populate() calls that did nothing but lose a reservation before a step gives up for the cycle
+#: (each fetched the queue again; see `djsupervisor.worker.pending_order`).
+STALE_CALLS = 3
 
 #: populate() arguments a worker always sets itself (to True): any other value is refused at registration.
 FIXED_POPULATE_ARGUMENTS = ("reserve_jobs", "suppress_errors")
@@ -61,6 +69,10 @@ class StepHost(Protocol):
 
     def job_started(self, table: str, key: dict) -> None:
         """A job of `table` was reserved and its make() is about to run."""
+        ...
+
+    def reservation_lost(self, table: str, key: dict) -> None:
+        """The database refused to reserve a job of `table`: another worker reserved it first."""
         ...
 
     def job_ended(self, table: str, key: dict, ok: bool, message: str = "", stack: str | None = None) -> None:
@@ -145,6 +157,7 @@ class TableStep:
         self.populate_kwargs = populate_kwargs
         self.notify_on = notify_on  # read by notifications, never passed to populate()
         self._job_table_ready = False
+        self._walk = PendingWalk()  # this worker's own order of the pending keys
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration: the key source's SQL too, which
@@ -179,15 +192,21 @@ class TableStep:
 
     def run(self, host: StepHost) -> ProcessCounts:
         """Populate the table's pending jobs until none is left or the worker is asked to stop."""
+        lost_before = self._walk.lost
         try:
             result = self._populate(host)
         except SystemExit as error:  # DataJoint's SIGTERM handler, outside our own SIGTERM handling
             host.stop(f"populate of {self.name} interrupted: {error}")
-            return ProcessCounts("table", errors=1)
+            return ProcessCounts("table", errors=1, lost=self._walk.lost - lost_before)
         except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
             host.step_failed("populate", self.name, error, traceback.format_exc())
-            return ProcessCounts("table", errors=1)
-        return ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
+            return ProcessCounts("table", errors=1, lost=self._walk.lost - lost_before)
+        return ProcessCounts(
+            "table",
+            done=result["success_count"],
+            failed=len(result["error_list"]),
+            lost=self._walk.lost - lost_before,
+        )
 
     def _job_table(self) -> Any:
         """The table's job queue, declared (by whichever worker gets there first) on first use."""
@@ -208,26 +227,42 @@ class TableStep:
             logger.warning("clearing a transaction left open by a lost connection before populating {}", self.name)
             compat.clear_transaction(connection)
         jobs = self._job_table()
+        walk = self._walk
+
+        def lost(key: dict) -> None:
+            walk.lost_one()
+            host.reservation_lost(self.name, key)
+
         with (
-            compat.bulk_refresh(jobs),
+            compat.bulk_refresh(jobs, first=REFRESH_FIRST_ROWS) as backlog,
+            compat.reordered_pending(jobs, walk.order),
             compat.observed_jobs(
                 jobs,
-                may_reserve=host.may_reserve,
+                may_reserve=lambda: host.may_reserve() and walk.may_try(),
                 reserved=lambda key: host.job_started(self.name, key),
                 completed=lambda key: host.job_ended(self.name, key, ok=True),
                 failed=lambda key, message, stack: host.job_ended(
                     self.name, key, ok=False, message=message, stack=stack
                 ),
+                lost=lost,
             ),
         ):
-            return self._populate_batches(host)
+            return self._populate_batches(host, backlog)
 
-    def _populate_batches(self, host: StepHost) -> dict:
+    def _populate_batches(self, host: StepHost, backlog: compat.RefreshBacklog) -> dict:
         """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
         only the first call refreshes the queue. One plain call fetches every pending key before its first
         job (100k keys: a third of a second), which a replacement child's first job would wait for.
         (Batches all the way cost throughput with several workers on PostgreSQL: 0.83 against 0.96 of
-        plain loops in one A/B, cause not established.) With `max_calls` or `processes` given, one call."""
+        plain loops in one A/B, cause not established.) With `max_calls` or `processes` given, one call.
+
+        The first job does not wait for a big refresh either: the refresh writes its first
+        `REFRESH_FIRST_ROWS` new jobs, the first call works from them, and the rest (100k new keys: about 8 s)
+        is written after it, while the fleet's other workers already work the queue. A call that
+        ended on a lost reservation (its list had gone stale, see `djsupervisor.worker.pending_order`) is
+        followed by another, limited to `POPULATE_BATCH` jobs drawn from the head of the queue (a fetch of 2,000
+        keys, not of all: at 32 workers a list goes stale every few dozen jobs), up to `STALE_CALLS` in a row
+        that did nothing else."""
         kwargs = dict(self.populate_kwargs)
         if "refresh" not in kwargs:
             kwargs["refresh"] = host.may_refresh(self.name)
@@ -235,13 +270,17 @@ class TableStep:
             return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
         total: dict = {"success_count": 0, "error_list": []}
         batch = {"max_calls": POPULATE_BATCH}
+        stale_calls = 0
         while True:
             result = self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **batch, **kwargs)
             kwargs["refresh"] = False
-            batch = {}
+            batch = {"max_calls": POPULATE_BATCH} if self._walk.stale else {}  # a cheap fetch after a lost race
+            backlog.write()
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
-            if not (result["success_count"] or result["error_list"]) or host.stop_requested:
+            worked = bool(result["success_count"] or result["error_list"])
+            stale_calls = 0 if worked else stale_calls + 1
+            if host.stop_requested or not (worked or (self._walk.stale and stale_calls <= STALE_CALLS)):
                 return total
 
 
