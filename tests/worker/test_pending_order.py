@@ -76,3 +76,21 @@ def test_the_first_job_starts_before_a_big_first_refresh_is_written(db):
     assert worker.run_once().jobs_done == 3
     assert queued_at_first_job == [steps.REFRESH_FIRST_ROWS]  # the first rows, not every new key
     assert lab.Square.jobs.progress()["pending"] == keys - 3  # the rest written in the same cycle
+
+
+def test_a_stop_during_the_first_jobs_does_not_wait_for_the_rest_of_the_refresh(db):
+    """The rest of a big first refresh is dropped at a stop (it would delay the exit by seconds) and queued
+    by the next refresh: no key is lost."""
+    keys = 2 * compat.REFRESH_INSERT_BATCH + 10
+    lab = declare(db.schema_name("pipe"))
+    lab.Source.insert([dict(source_id=i, value=float(i)) for i in range(1, keys + 1)])
+    worker = DataJointWorker("first", db.schema_name("workers"), sleep_duration=0)
+    worker(lab.Square)
+    worker.add_listener(lambda event: worker.stop("test") if event.kind == "job_start" else None)
+    assert worker.run_once().jobs_done == 1
+    # the first rows only (less the job done: a completed job's row is deleted), the rest not written
+    assert len(lab.Square.jobs) == steps.REFRESH_FIRST_ROWS - 1
+    worker = DataJointWorker("next", db.schema_name("workers"), sleep_duration=0, refresh_interval=0)
+    worker(lab.Square, max_calls=1)
+    worker.run_once()
+    assert lab.Square.jobs.progress()["pending"] == keys - 2  # the next refresh queued every other key

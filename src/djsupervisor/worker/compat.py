@@ -356,6 +356,12 @@ class RefreshBacklog:
             written += len(rows)
         return written
 
+    def drop(self) -> int:
+        """Forget the waiting rows (a stop must not wait for them); the number dropped. Nothing is lost: their
+        keys are still in the key source and not in the job table, so the next refresh queues them."""
+        dropped, self.rows = len(self.rows), []
+        return dropped
+
 
 @contextlib.contextmanager
 def bulk_refresh(jobs: Any, first: int | None = None) -> Iterator[RefreshBacklog]:
