@@ -94,3 +94,24 @@ def test_a_stop_during_the_first_jobs_does_not_wait_for_the_rest_of_the_refresh(
     worker(lab.Square, max_calls=1)
     worker.run_once()
     assert lab.Square.jobs.progress()["pending"] == keys - 2  # the next refresh queued every other key
+
+
+def test_the_rest_of_a_big_first_refresh_is_written_right_after_the_first_job(db):
+    """Not after a whole first call of 250 jobs: a child that dies or is recycled before that would leave the
+    rest to the next refresh's anti-join of every key, again and again."""
+    keys = 2 * compat.REFRESH_INSERT_BATCH + 10
+    lab = declare(db.schema_name("pipe"))
+    lab.Source.insert([dict(source_id=i, value=float(i)) for i in range(1, keys + 1)])
+    worker = DataJointWorker("first", db.schema_name("workers"), sleep_duration=0)
+    worker(lab.Square)
+    queued: list[int] = []
+
+    def count(event) -> None:
+        if event.kind == "job_start":
+            queued.append(len(lab.Square.jobs))
+            if len(queued) == 2:
+                worker.stop("test")
+
+    worker.add_listener(count)
+    worker.run_once()
+    assert queued == [steps.REFRESH_FIRST_ROWS, keys - 1]  # the first rows; every key (less the job done)
