@@ -118,9 +118,9 @@ def test_a_hung_job_times_out_max_attempts_times_then_stays_error(db, supervise,
     lab = seed(db, hang=1)
     sup = supervise(["-c", config(tmp_path, pool="job_timeout = 2")])
     message = wait_until(lambda: given_up(lab), 150, message="the hung job given up")
-    assert message == f"{GAVE_UP}3 attempts: timed out 3 times after 2 s", message
+    assert message == f"{GAVE_UP}3 attempts: timed out 3 times after 2 s", sup.output
     wait_until(lambda: others_done(lab), 60, message="every other key")
-    assert sup.output.count("job_timeout 2 s; killing") == 3
+    assert sup.output.count("job_timeout 2 s; killing") == 3, sup.output
     assert_clean_stop(sup)
     assert given_up(lab) == message  # nothing re-pended it
 

@@ -102,6 +102,7 @@ class Reporter:
         self.last_sent = 0.0
         self.title = ""
         self._closed = threading.Event()
+        self._unsent = threading.Event()  # an event was throttled: its state is not with the parent yet
         self.set_title("idle")
 
     def set_title(self, state: str) -> None:
@@ -139,6 +140,7 @@ class Reporter:
             message["key"] = None
             line = encode(message)
         with self.lock:
+            self._unsent.clear()
             self.last_sent = time.monotonic()
             try:
                 os.write(self.fd, line)
@@ -177,13 +179,25 @@ class Reporter:
         first_cycle_done = kind == "cycle_end" and self.cycles_done == 1  # the parent's "got going": at once
         if kind in _ALWAYS_REPORTED or first_cycle_done or (kind not in _CARRIED and now - self.last_sent >= _THROTTLE):
             self.send({"event": kind})
+        else:
+            self._unsent.set()  # the heartbeat thread sends it `_THROTTLE` after the last report
 
     def beat(self) -> None:
-        """The heartbeat thread: a snapshot every `interval` seconds until closed."""
-        while not self._closed.wait(self.interval):
+        """The heartbeat thread: a snapshot every `interval` seconds until closed, and the state a throttled
+        event left `_THROTTLE` after the last report. Without that last word, a job shorter than the throttle
+        was still the child's job for the parent until the next heartbeat (5 s by default): a `job_timeout`
+        of 2 s killed an idle child for a 50 ms job it had finished seconds before."""
+        while not self._closed.is_set():
+            unsent = self._unsent.wait(self.interval)
+            if self._closed.is_set():
+                return
             if os.getppid() != self.parent_pid:
                 os._exit(EXIT_ORPHANED)
-            if time.monotonic() - self.last_sent >= self.interval * 0.5:
+            if unsent:
+                self._closed.wait(max(0.0, self.last_sent + _THROTTLE - time.monotonic()))
+                if self._unsent.is_set():  # (a report from the main thread may have said it meanwhile)
+                    self.send()
+            elif time.monotonic() - self.last_sent >= self.interval * 0.5:
                 self.send()
 
     def start(self) -> None:
@@ -191,6 +205,7 @@ class Reporter:
 
     def close(self) -> None:
         self._closed.set()
+        self._unsent.set()  # wakes the heartbeat thread, which then ends
 
 
 def settle_died_job(worker: DataJointWorker, job: dict, log) -> None:
