@@ -7,6 +7,7 @@ for bad input (KeyError, ValueError) into a refusal with one line, so that no re
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -56,8 +57,6 @@ def scale(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
 def restart(supervisor: Controlled, request: ControlRequest) -> ControlResponse:
     """Roll a pool (``"worker"``), or every pool, onto freshly imported code; answers at once with the roll's
     id, which `roll` then reports on until it is done (the roll takes seconds to minutes)."""
-    import time
-
     worker = request.get("worker")
     if supervisor.state.value == "stopping":
         raise ValueError("the supervisor is stopping")

@@ -117,10 +117,10 @@ def render_metrics(
                 rss.add(round(s["rss_mb"] * 2**20), worker=worker, slot=s["slot"])
             if s.get("cpu_percent") is not None and s.get("pid") is not None:
                 cpu.add(float(s["cpu_percent"]), worker=worker, slot=s["slot"])
-            if s.get("pid") is not None:
+            if s.get("pid") is not None and s.get("gpu_memory") is not None:
                 # the slot's own GPU with 0 until the child uses it; every GPU the child's processes use
-                used = {**({s["gpu"]: 0} if s.get("gpu") is not None else {}), **(s.get("gpu_memory") or {})}
-                for device in sorted(used) if s.get("gpu_memory") is not None else ():
+                used = {**({s["gpu"]: 0} if s.get("gpu") is not None else {}), **s["gpu_memory"]}
+                for device in sorted(used):
                     gpu.add(int(used[device]), worker=worker, slot=s["slot"], gpu=device)
 
     parent = _Family("djsupervisor_parent_rss_bytes", "gauge", "Resident memory of the supervisor process.")

@@ -79,7 +79,8 @@ def render_page(status: Mapping[str, Any], fleet: FleetView, *, version: str, no
     uptime = format_duration(time.time() - started) if isinstance(started, (int, float)) else "-"
     slots = status_slots(status)
     gpu = gpu_columns(slots)
-    columns = _SLOT_COLUMNS[:10] + _GPU_COLUMNS * gpu + _SLOT_COLUMNS[10:]
+    at = _SLOT_COLUMNS.index("CPU %") + 1
+    columns = _SLOT_COLUMNS[:at] + _GPU_COLUMNS * gpu + _SLOT_COLUMNS[at:]
     summary = f"pid {status.get('pid')}, {status.get('state')}, up {uptime}, {len(slots)} slots, djsupervisor {version}"
     parts = [
         "<!DOCTYPE html>",

@@ -248,7 +248,7 @@ def _import_problem(module_name: str, error: Exception, looked_in: list[Path]) -
     return text
 
 
-def _check_target(worker: WorkerConfig, looked_in: list[Path]) -> tuple[str, str] | None:
+def check_target(worker: WorkerConfig, looked_in: list[Path]) -> tuple[str, str] | None:
     """Import the target, check it is a DataJointWorker that accepts the overrides: ``(key suffix, problem)``
     (the suffix ``.target`` or empty), or None."""
     from djsupervisor.worker.loop import DataJointWorker
@@ -333,7 +333,7 @@ def parse_config(
             problems.add("", str(error))
             workers = []
         for worker in workers:
-            found = _check_target(worker, looked_in)
+            found = check_target(worker, looked_in)
             if found is not None:
                 suffix, problem = found
                 problems.add(f"worker[{seen[worker.name]}] ({worker.name}){suffix}", problem)

@@ -163,7 +163,7 @@ def _probe(payload: dict[str, Any]) -> int:
     """Import and check every target; print ``{"problems": {pool: line}}``; exit PROBE_FAILED if any."""
     from pathlib import Path
 
-    from djsupervisor.supervisor.config import _check_target as check_target
+    from djsupervisor.supervisor.config import check_target
 
     problems: dict[str, str] = {}
     try:

@@ -101,12 +101,7 @@ class Nvml:
         return self._handles or []
 
     def _failed(self, error: RuntimeError) -> NoReturn:
-        if self._handles is not None:  # started once: let NVML drop what it holds before it is started again
-            try:
-                self._module.nvmlShutdown()
-            except Exception:
-                pass
-        self._handles = None
+        self.close()  # started once: let NVML drop what it holds before it is started again
         self.unavailable = str(error)
         self._retry_at = self._clock() + RETRY_AFTER
         raise error

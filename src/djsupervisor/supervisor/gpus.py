@@ -77,15 +77,15 @@ def resolve(value: Any, devices: Sequence[Any] | str) -> tuple[str, ...]:
     had. `devices` are the GPUs NVML sees (objects with ``index`` and ``uuid``), or why NVML cannot tell
     (then ``"all"`` is refused, and indices and UUIDs are taken on trust)."""
     check_gpus(value)
-    if isinstance(devices, str):
-        if value == "all":
-            raise ValueError(f'"all" needs NVML to count the GPUs, but {devices}; list the GPUs instead ([0, 1])')
-        return tuple(str(i) for i in range(value)) if isinstance(value, int) else tuple(map(_entry, value))
     if value == "all":
+        if isinstance(devices, str):
+            raise ValueError(f'"all" needs NVML to count the GPUs, but {devices}; list the GPUs instead ([0, 1])')
         if not devices:
             raise ValueError('"all": NVML sees no GPU')
         return tuple(str(device.index) for device in devices)
     wanted = tuple(str(i) for i in range(value)) if isinstance(value, int) else tuple(map(_entry, value))
+    if isinstance(devices, str):
+        return wanted
     listed: list[Any] = list(devices)
     known = {str(device.index) for device in listed} | {device.uuid for device in listed}
     for entry in wanted:
@@ -121,7 +121,7 @@ def limit_problem(pool: GpuPool, value: int) -> str | None:
     """Why `value` children (replicas, max_replicas, a scale) do not fit the GPU pool (``must be <= ...``), or
     None."""
     limit = capacity(pool)
-    if limit is None or value <= limit or not pool.gpus:
+    if limit is None or value <= limit or not pool.gpus:  # (gpus: for the type checker; limit says it)
         return None
     return f"must be <= {limit} ({len(pool.gpus)} GPUs × per_gpu {pool.per_gpu}), got {value}"
 

@@ -34,6 +34,7 @@ import json
 import os
 import selectors
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -145,7 +146,7 @@ class Roll:
             return []
         if pool is None or old is None or old.retiring:
             self.surge = None
-            return self._stop(surge, "its slot was removed during the restart", pool)
+            return self._stop(surge, "its slot was removed during the restart")
         verdict = None
         if rules is not None:  # hung, or past job_timeout: what would get a pool's child killed
             verdict = judge(surge, now, heartbeat_timeout=rules.heartbeat_timeout, hang_timeout=rules.hang_timeout)
@@ -153,7 +154,7 @@ class Roll:
             reason = f"{surge.label}: the new child (pid {surge.pid}): {verdict.reason}; the old child keeps working"
             self.fail(reason, now)
             self.surge = None
-            return self._stop(surge, "restart halted", pool, fast=True)
+            return self._stop(surge, "restart halted", fast=True)
         if in_a_job(surge):
             self.surge_deadline = max(self.surge_deadline, now + FIRST_CYCLE_TIMEOUT)
         elif now > self.surge_deadline:
@@ -163,7 +164,7 @@ class Roll:
                 now,
             )
             self.surge = None
-            return self._stop(surge, "restart halted", pool, fast=True)
+            return self._stop(surge, "restart halted", fast=True)
         if not surge.got_going():
             return []
         return self._swap(pool, old, surge, now)
@@ -177,10 +178,10 @@ class Roll:
         self.leaving, self.leaving_done_at_swap = old, (old.report.jobs_done, old.report.jobs_failed)
         self.surge = None
         self.changes.append(f"{new.label}: pid {old.pid} -> {new.pid} (new code, {now - new.started:.2f} s to start)")
-        return self._stop(old, "restarted on new code", pool)
+        return self._stop(old, "restarted on new code")
 
     @staticmethod
-    def _stop(slot: Slot, reason: str, pool: Pool | None, *, fast: bool = False) -> list[Action]:
+    def _stop(slot: Slot, reason: str, *, fast: bool = False) -> list[Action]:
         sent = slot.stop(reason, StopIntent.RETIRE, fast=fast)
         return [Stop(slot, sent, reason)] if sent is not None else []
 
@@ -205,7 +206,7 @@ class Roll:
 
     def abort(self, reason: str, now: float) -> list[Action]:
         """The supervisor stops: stop the new child not yet in its slot."""
-        actions = self._stop(self.surge, reason, None, fast=False) if self.surge is not None else []
+        actions = self._stop(self.surge, reason) if self.surge is not None else []
         if not self.done:
             self.fail(f"interrupted: {reason}", now)
         return actions
@@ -363,8 +364,6 @@ class Restarts:
             problems = {"*": "the probe ended without an answer (the supervisor's log may say why)"}
         roll = self.current
         if roll is not None and roll.phase is Phase.PROBING:
-            import time
-
             roll.probed(problems, time.monotonic())
             if roll.done:
                 self._finished(roll)

@@ -197,16 +197,14 @@ class TableStep:
             result = self._populate(host)
         except SystemExit as error:  # DataJoint's SIGTERM handler, outside our own SIGTERM handling
             host.stop(f"populate of {self.name} interrupted: {error}")
-            return ProcessCounts("table", errors=1, lost=self._walk.lost - lost_before)
+            counts = ProcessCounts("table", errors=1)
         except Exception as error:  # the populate machinery itself failed (key source, connection, ...)
             host.step_failed("populate", self.name, error, traceback.format_exc())
-            return ProcessCounts("table", errors=1, lost=self._walk.lost - lost_before)
-        return ProcessCounts(
-            "table",
-            done=result["success_count"],
-            failed=len(result["error_list"]),
-            lost=self._walk.lost - lost_before,
-        )
+            counts = ProcessCounts("table", errors=1)
+        else:
+            counts = ProcessCounts("table", done=result["success_count"], failed=len(result["error_list"]))
+        counts.lost = self._walk.lost - lost_before
+        return counts
 
     def _job_table(self) -> Any:
         """The table's job queue, declared (by whichever worker gets there first) on first use."""
