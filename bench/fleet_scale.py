@@ -26,6 +26,10 @@ taken while it ran:
 
 ``--small`` is the smoke run tests/test_bench.py makes (1 and 2 workers, 2 s windows, 2 and 4 refresh
 workers, 12k first keys).
+
+``--embedded`` runs on a private PostgreSQL of its own (`djsupervisor.embedded`, the ``embedded`` extra)
+instead of the local servers: for a machine with more cores and no database server (the 32-worker figure
+needs ~6 cores: ~9 ms of CPU per job at ~580 jobs/s; see bench/device_run.sh).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import psutil
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from run import DB, DJS, PY, env_for, window_rate  # noqa: E402  (bench/ is not a package)
+from run import BACKENDS, DB, DJS, PY, env_for, window_rate  # noqa: E402  (bench/ is not a package)
 
 
 def load() -> str:
@@ -274,12 +278,23 @@ def main() -> None:
     parser.add_argument("--refresh-window", type=float, default=20.0)
     parser.add_argument("--first-keys", type=int, default=100_000)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--embedded", action="store_true", help="a private PostgreSQL (implies --backend postgresql)")
     args = parser.parse_args()
     if args.small:
         args.workers, args.window, args.refresh_workers, args.refresh_window = "1,2", 2.0, "2,4", 4.0
         args.first_keys = 12_000
     parts = set(args.part.split(","))
     print(f"- load average at the start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}, {os.cpu_count()} CPUs")
+    if args.embedded:
+        from djsupervisor.embedded import EmbeddedPostgres
+
+        with EmbeddedPostgres() as server:  # stopped and removed on every way out, SIGTERM included
+            BACKENDS["postgresql"].update(
+                host=server.host, port=server.port, user=server.user, password=server.password
+            )
+            print(f"- PostgreSQL (embedded) on {server.host}:{server.port}", flush=True)
+            run_backend(DB("postgresql"), args, parts)
+        return
     for backend in ["mysql", "postgresql"] if args.backend == "both" else [args.backend]:
         run_backend(DB(backend), args, parts)
 

@@ -26,7 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 PY = sys.executable
+# The console script beside this Python (a virtual environment), else the one on PATH (packages installed with
+# `pip install --target`, as bench/device_run.sh does on a machine it cannot build a virtual environment on)
 DJS = str(Path(PY).with_name("djsupervisor"))
+if not Path(DJS).exists():
+    DJS = shutil.which("djsupervisor") or DJS
 SUPERVISORD_VENV = Path("/tmp/djsbench-supervisord")
 
 BACKENDS = {
@@ -51,7 +55,9 @@ class DB:
         else:
             import psycopg2
 
-            self.conn = psycopg2.connect(host=s["host"], port=s["port"], user=s["user"], dbname="postgres")
+            self.conn = psycopg2.connect(
+                host=s["host"], port=s["port"], user=s["user"], password=s["password"], dbname="postgres"
+            )
             self.conn.autocommit = True
 
     def q(self, sql: str, args=None):
@@ -114,7 +120,7 @@ def env_for(backend: str, prefix: str, ms: float, sleep: float = 0.1, max_sleep:
         DJS_BENCH_PREFIX=prefix,
         DJS_BENCH_MS=str(ms),
         DJS_BENCH_SLEEP=str(sleep),
-        PYTHONPATH=str(BENCH),
+        PYTHONPATH=os.pathsep.join([str(BENCH), *filter(None, [os.environ.get("PYTHONPATH")])]),
         PYTHONWARNINGS="ignore",
     )
     env.pop("DJS_BENCH_MAX_SLEEP", None)

@@ -9,7 +9,8 @@ from jobtools import open_connection
 from pipelines.lab import declare
 
 from djsupervisor import DataJointWorker
-from djsupervisor.worker.refresh_lease import take_refresh_lease
+from djsupervisor.worker import steps
+from djsupervisor.worker.refresh_lease import HOLD_SECONDS, end_refresh, take_refresh_lease
 from djsupervisor.worker.schema import WorkerSchema
 
 pytestmark = pytest.mark.timeout(120)
@@ -62,8 +63,68 @@ def test_the_claim_goes_to_exactly_one_session(db):
     table, target = lease_table(db), lab.Square().full_table_name
     sessions = [db.connection, open_connection(db), open_connection(db)]
     assert [take_refresh_lease(c, table, target, 30) for c in sessions] == [True, False, False]
-    age_the_lease(db, 31)
+    age_the_lease(db, int(HOLD_SECONDS) + 31)  # never ended: held, then the interval
     assert [take_refresh_lease(c, table, target, 30) for c in reversed(sessions)] == [True, False, False]
     assert take_refresh_lease(sessions[1], table, target, 0)  # no interval: always
     for connection in sessions[1:]:
         connection.close()
+
+
+def hand_the_lease_to(db, holder: str) -> None:
+    q = db.connection.adapter.quote_identifier
+    db.connection.query(f"UPDATE {lease_table(db)} SET {q('refreshed_by')} = %s", args=(holder,))
+
+
+def test_the_lease_is_held_until_the_refresh_ends(db):
+    """A refresher holds the lease until `end_refresh` (its new jobs written), however long past the interval;
+    the interval then runs from the end; `end_refresh` of a lease another process holds changes nothing; a
+    refresher that never ends it (it died) loses it once the hold and then the interval are over."""
+    lab = declare(db.schema_name("pipe"))
+    table, target = lease_table(db), lab.Square().full_table_name
+    other = open_connection(db)
+    try:
+        assert take_refresh_lease(db.connection, table, target, 1, hold=30)
+        age_the_lease(db, 5)  # 5 s into a refresh, with a 1 s interval: still held
+        assert not take_refresh_lease(other, table, target, 1, hold=30)
+        end_refresh(db.connection, table, target)
+        assert not take_refresh_lease(other, table, target, 3600)  # ended just now: not an hour ago
+        age_the_lease(db, 2)
+        assert take_refresh_lease(other, table, target, 1, hold=30)  # the interval ran from the end
+        hand_the_lease_to(db, "elsewhere:1")
+        end_refresh(db.connection, table, target)  # not ours any more: still held
+        age_the_lease(db, 5)
+        assert not take_refresh_lease(other, table, target, 1, hold=30)
+        age_the_lease(db, 27)  # the holder died: 32 s after its claim, past the hold and the interval
+        assert take_refresh_lease(db.connection, table, target, 1, hold=30)
+    finally:
+        other.close()
+
+
+def test_no_second_refresh_while_the_first_writes_its_new_jobs(db, monkeypatch):
+    """A refresh with more new keys than it writes before the first job holds the lease through that job, until
+    the rest is written (before: the lease went to the next worker one interval after the claim, and it wrote
+    the same new keys again); the lease is handed back in the same cycle."""
+    monkeypatch.setattr(steps, "REFRESH_FIRST_ROWS", 2)
+    lab = declare(db.schema_name("pipe"))
+    lab.seed(range(1, 8))
+    w = DataJointWorker("a", db.schema_name("workers"), sleep_duration=60, refresh_interval=0.01)
+    w(lab.Square)  # no max_calls: the batches (a one-call populate is covered by the first test)
+    table, target = lease_table(db), lab.Square().full_table_name
+    other = open_connection(db)
+    taken_during_the_first_job: list[bool] = []
+
+    def first_job(event) -> None:
+        if event.kind == "job_start" and not taken_during_the_first_job:
+            assert len(lab.Square.jobs) == 2  # the rest of the new jobs is not written yet
+            age_the_lease(db, 5)
+            taken_during_the_first_job.append(take_refresh_lease(other, table, target, 0.01))
+
+    w.add_listener(first_job)
+    try:
+        w.run_once()
+        assert taken_during_the_first_job == [False]
+        assert len(lab.Square.jobs) + len(lab.Square()) == 7  # every new key queued (or done) by this cycle
+        age_the_lease(db, 1)
+        assert take_refresh_lease(other, table, target, 0.01)  # handed back: the interval ran from the end
+    finally:
+        other.close()

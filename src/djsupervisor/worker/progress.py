@@ -14,7 +14,7 @@ from loguru import logger
 
 from djsupervisor.worker.events import Activity, State, WorkerEvent
 from djsupervisor.worker.record import WorkerRecord
-from djsupervisor.worker.refresh_lease import take_refresh_lease
+from djsupervisor.worker.refresh_lease import end_refresh, take_refresh_lease
 from djsupervisor.worker.stop import StopSignal
 
 _SLEEP_HEARTBEAT_GRACE = 60.0  # seconds a sleeping worker's next heartbeat may come late (slow cycle start)
@@ -61,6 +61,17 @@ class Progress:
             ),
         )
         return taken is not False
+
+    def refresh_done(self, table: str) -> None:
+        """This worker's refresh of `table`'s job queue is over, its new jobs written: the lease it took in
+        `may_refresh` runs its interval from now (`djsupervisor.worker.refresh_lease.end_refresh`)."""
+        if self._refresh_interval() <= 0:
+            return
+        schema = self.record.schema
+        self.record.attempt(
+            "ending the refresh lease",
+            lambda: end_refresh(schema.connection, schema.tables["RefreshLease"].full_table_name, table),
+        )
 
     def emit(self, event: WorkerEvent) -> None:
         """Hand `event` to every listener, in the worker's thread; a failing listener is logged, not raised."""

@@ -63,6 +63,10 @@ class StepHost(Protocol):
         worker of the fleet did so within the refresh interval; work the queue as it stands)."""
         ...
 
+    def refresh_done(self, table: str) -> None:
+        """The refresh `may_refresh` allowed is over, its new jobs written (or dropped for a stop)."""
+        ...
+
     def may_reserve(self) -> bool:
         """At a job boundary, just before reserving the next job: False when no new job may start."""
         ...
@@ -158,6 +162,7 @@ class TableStep:
         self.notify_on = notify_on  # read by notifications, never passed to populate()
         self._job_table_ready = False
         self._walk = PendingWalk()  # this worker's own order of the pending keys
+        self._leased = False  # this cycle took the refresh lease and has not handed it back
 
     def describe(self) -> dict:
         """A JSON-ready description for the worker's registration: the key source's SQL too, which
@@ -239,21 +244,30 @@ class TableStep:
             # again and again (bench figure 2, a kill a second: 250 -> 500 ms to a replacement's first job).
             return walk.order(fetch, 1 if backlog.rows and not one_call else limit)
 
-        with (
-            compat.bulk_refresh(jobs, first=REFRESH_FIRST_ROWS) as backlog,
-            compat.reordered_pending(jobs, order),
-            compat.observed_jobs(
-                jobs,
-                may_reserve=lambda: host.may_reserve() and walk.may_try(),
-                reserved=lambda key: host.job_started(self.name, key),
-                completed=lambda key: host.job_ended(self.name, key, ok=True),
-                failed=lambda key, message, stack: host.job_ended(
-                    self.name, key, ok=False, message=message, stack=stack
+        try:
+            with (
+                compat.bulk_refresh(jobs, first=REFRESH_FIRST_ROWS) as backlog,
+                compat.reordered_pending(jobs, order),
+                compat.observed_jobs(
+                    jobs,
+                    may_reserve=lambda: host.may_reserve() and walk.may_try(),
+                    reserved=lambda key: host.job_started(self.name, key),
+                    completed=lambda key: host.job_ended(self.name, key, ok=True),
+                    failed=lambda key, message, stack: host.job_ended(
+                        self.name, key, ok=False, message=message, stack=stack
+                    ),
+                    lost=lost,
                 ),
-                lost=lost,
-            ),
-        ):
-            return self._populate_batches(host, backlog)
+            ):
+                return self._populate_batches(host, backlog)
+        finally:  # (one call: its last new jobs were written on leaving bulk_refresh)
+            self._end_refresh(host)
+
+    def _end_refresh(self, host: StepHost) -> None:
+        """Hand back the refresh lease this cycle took, if it took one and has not handed it back yet."""
+        if self._leased:
+            self._leased = False
+            host.refresh_done(self.name)
 
     def _populate_batches(self, host: StepHost, backlog: compat.RefreshBacklog) -> dict:
         """populate() first for at most `POPULATE_BATCH` jobs, then for the rest, until a call does nothing;
@@ -271,7 +285,7 @@ class TableStep:
         that did nothing else."""
         kwargs = dict(self.populate_kwargs)
         if "refresh" not in kwargs:
-            kwargs["refresh"] = host.may_refresh(self.name)
+            kwargs["refresh"] = self._leased = host.may_refresh(self.name)
         if "max_calls" in kwargs or (kwargs.get("processes") or 1) > 1:
             return self.table.populate(*self.restrictions, reserve_jobs=True, suppress_errors=True, **kwargs)
         total: dict = {"success_count": 0, "error_list": []}
@@ -284,6 +298,7 @@ class TableStep:
             if host.stop_requested:  # the rest of a big first refresh (9,000 rows: ~1 s here) would delay the stop
                 backlog.drop()
             backlog.write()
+            self._end_refresh(host)  # with the refresh's last new job written, not with the cycle
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
             worked = bool(result["success_count"] or result["error_list"])
