@@ -128,3 +128,26 @@ def test_no_second_refresh_while_the_first_writes_its_new_jobs(db, monkeypatch):
         assert take_refresh_lease(other, table, target, 0.01)  # handed back: the interval ran from the end
     finally:
         other.close()
+
+
+def test_a_refresh_without_a_rest_to_write_hands_the_lease_back_before_the_first_job(db):
+    """Jobs may take hours: the lease is not held through them when the refresh has written every new job."""
+    lab = declare(db.schema_name("pipe"))
+    lab.seed(range(1, 4))
+    w = DataJointWorker("a", db.schema_name("workers"), sleep_duration=60, refresh_interval=0.01)
+    w(lab.Square)
+    table, target = lease_table(db), lab.Square().full_table_name
+    other = open_connection(db)
+    taken_during_the_first_job: list[bool] = []
+
+    def first_job(event) -> None:
+        if event.kind == "job_start" and not taken_during_the_first_job:
+            age_the_lease(db, 1)
+            taken_during_the_first_job.append(take_refresh_lease(other, table, target, 0.01))
+
+    w.add_listener(first_job)
+    try:
+        assert w.run_once().jobs_done == 3
+        assert taken_during_the_first_job == [True]
+    finally:
+        other.close()

@@ -242,6 +242,8 @@ class TableStep:
             # New jobs a refresh left unwritten: one job, then they are written. After a whole first call (250
             # jobs) a child killed or recycled sooner left them to the next refresh's anti-join of every key,
             # again and again (bench figure 2, a kill a second: 250 -> 500 ms to a replacement's first job).
+            if not backlog.rows:  # the refresh wrote every new job: its lease is not held through a call's jobs
+                self._end_refresh(host)
             return walk.order(fetch, 1 if backlog.rows and not one_call else limit)
 
         try:
