@@ -179,7 +179,9 @@ class Reporter:
         first_cycle_done = kind == "cycle_end" and self.cycles_done == 1  # the parent's "got going": at once
         if kind in _ALWAYS_REPORTED or first_cycle_done or (kind not in _CARRIED and now - self.last_sent >= _THROTTLE):
             self.send({"event": kind})
-        else:
+        elif kind not in _CARRIED:  # (a carried event waits for the next report, as its name says: sent
+            # `_THROTTLE` later too, an idle child's cycle woke the parent every second: 64 idle children
+            # cost it 2.5 % of a core against 0.3 %, bench figure 4)
             self._unsent.set()  # the heartbeat thread sends it `_THROTTLE` after the last report
 
     def beat(self) -> None:
