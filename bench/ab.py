@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -31,20 +29,13 @@ import run  # noqa: E402  (bench/ is not a package)
 
 
 def rate(db: run.DB, command: str, replicas: int, ms: float, window: float, prefix: str) -> float:
-    """Jobs/s of `replicas` children of the supervisor `command` (figure 1's cell, `run.throughput`)."""
-    keys = int(window * replicas * 1000 / ms * 1.5) + 200
-    db.seed(prefix, keys, ms)
-    env = run.env_for(db.backend, prefix, ms)
-    tmp = Path(tempfile.mkdtemp(prefix="djsbench"))
-    run.DJS = command  # Supervisor launches run.DJS
-    supervisor = run.Supervisor(env, replicas, tmp)
+    """Jobs/s of `replicas` children of the supervisor `command`: figure 1's cell (`run.throughput`)."""
+    run.DJS = command  # run.Supervisor launches run.DJS
     try:
-        return run.window_rate(db, prefix, replicas, window, keys, min_rows=3 * replicas, timeout=120)
-    except RuntimeError as error:
-        raise RuntimeError(f"{command}: {error}:\n{(tmp / 'supervisor.log').read_text()[-2000:]}") from None
+        return run.throughput(
+            db, "djsupervisor", replicas, ms, window, int(window * replicas * 1000 / ms * 1.5) + 200, prefix
+        )
     finally:
-        supervisor.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
         db.drop_prefix(prefix)
 
 
@@ -65,6 +56,7 @@ def main() -> None:
     baseline = args.baseline_command or (args.baseline and str(args.baseline / ".venv" / "bin" / "djsupervisor"))
     if not baseline or not os.access(baseline, os.X_OK):
         parser.error(f"no baseline djsupervisor to run: {baseline or 'give --baseline or --baseline-command'}")
+    baseline = os.path.abspath(baseline)  # the supervisors run in bench/
     sides = {"this": run.DJS, "baseline": baseline}
     print(f"- this: {sides['this']}\n- baseline: {baseline}\n- load average at the start: {os.getloadavg()[0]:.2f}")
     print(f"\n| backend | replicas, {args.ms:g} ms jobs | this (jobs/s) | baseline (jobs/s) | ratio |")

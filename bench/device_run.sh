@@ -6,7 +6,7 @@
 #    max_gpu_memory_mb's recycle, on a real GPU (about 30 s);
 # 2. bench/fleet_scale.py --embedded --part scaling (issue 15): jobs/s of 1, 4, 8, 16 and 32 workers on 50 ms
 #    jobs against the ideal and against as many plain populate loops, with the cores for it (this project's
-#    own machines have 2: a job costs ~9 ms of CPU, so 32 workers at ~580 jobs/s need ~6 cores).
+#    own machines have 2: a job costs ~5.5 ms of CPU, so 32 workers at ~580 jobs/s need 3-4 cores).
 #
 # Prepare on the development machine with bench/device_wheels.sh (fills .whl/), then with the device tool:
 #   run(command="bash bench/device_run.sh", carry=[".whl"], timeout_s=560)

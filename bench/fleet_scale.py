@@ -29,7 +29,7 @@ workers, 12k first keys).
 
 ``--embedded`` runs on a private PostgreSQL of its own (`djsupervisor.embedded`, the ``embedded`` extra)
 instead of the local servers: for a machine with more cores and no database server (the 32-worker figure
-needs ~6 cores: ~9 ms of CPU per job at ~580 jobs/s; see bench/device_run.sh).
+needs 3-4 cores: ~5.5 ms of CPU per job at ~580 jobs/s; see bench/device_run.sh).
 """
 
 from __future__ import annotations

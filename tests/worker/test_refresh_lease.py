@@ -100,6 +100,26 @@ def test_the_lease_is_held_until_the_refresh_ends(db):
         other.close()
 
 
+def lease_during_the_first_job(db, lab, w: DataJointWorker, age: int) -> tuple[int, list[tuple[bool, int]]]:
+    """Run one cycle of `w`; at its first job, `age` seconds on, could another session take the lease (interval
+    0.01 s), and how many jobs were queued then: (jobs done, [(taken, queued)])."""
+    table, target = lease_table(db), lab.Square().full_table_name
+    other = open_connection(db)
+    seen: list[tuple[bool, int]] = []
+
+    def first_job(event) -> None:  # (a listener's exception is logged, not raised: record, assert later)
+        if event.kind == "job_start" and not seen:
+            queued = len(lab.Square.jobs)
+            age_the_lease(db, age)
+            seen.append((take_refresh_lease(other, table, target, 0.01), queued))
+
+    w.add_listener(first_job)
+    try:
+        return w.run_once().jobs_done, seen
+    finally:
+        other.close()
+
+
 def test_no_second_refresh_while_the_first_writes_its_new_jobs(db, monkeypatch):
     """A refresh with more new keys than it writes before the first job holds the lease through that job, until
     the rest is written (before: the lease went to the next worker one interval after the claim, and it wrote
@@ -109,25 +129,11 @@ def test_no_second_refresh_while_the_first_writes_its_new_jobs(db, monkeypatch):
     lab.seed(range(1, 8))
     w = DataJointWorker("a", db.schema_name("workers"), sleep_duration=60, refresh_interval=0.01)
     w(lab.Square)  # no max_calls: the batches (a one-call populate is covered by the first test)
-    table, target = lease_table(db), lab.Square().full_table_name
-    other = open_connection(db)
-    taken_during_the_first_job: list[bool] = []
-
-    def first_job(event) -> None:
-        if event.kind == "job_start" and not taken_during_the_first_job:
-            assert len(lab.Square.jobs) == 2  # the rest of the new jobs is not written yet
-            age_the_lease(db, 5)
-            taken_during_the_first_job.append(take_refresh_lease(other, table, target, 0.01))
-
-    w.add_listener(first_job)
-    try:
-        w.run_once()
-        assert taken_during_the_first_job == [False]
-        assert len(lab.Square.jobs) + len(lab.Square()) == 7  # every new key queued (or done) by this cycle
-        age_the_lease(db, 1)
-        assert take_refresh_lease(other, table, target, 0.01)  # handed back: the interval ran from the end
-    finally:
-        other.close()
+    _, seen = lease_during_the_first_job(db, lab, w, age=5)
+    assert seen == [(False, 2)]  # held, and the rest of the new jobs not written yet
+    assert len(lab.Square.jobs) + len(lab.Square()) == 7  # every new key queued (or done) by this cycle
+    age_the_lease(db, 1)
+    assert take_refresh_lease(db.connection, lease_table(db), lab.Square().full_table_name, 0.01)  # handed back
 
 
 def test_a_refresh_without_a_rest_to_write_hands_the_lease_back_before_the_first_job(db):
@@ -136,18 +142,5 @@ def test_a_refresh_without_a_rest_to_write_hands_the_lease_back_before_the_first
     lab.seed(range(1, 4))
     w = DataJointWorker("a", db.schema_name("workers"), sleep_duration=60, refresh_interval=0.01)
     w(lab.Square)
-    table, target = lease_table(db), lab.Square().full_table_name
-    other = open_connection(db)
-    taken_during_the_first_job: list[bool] = []
-
-    def first_job(event) -> None:
-        if event.kind == "job_start" and not taken_during_the_first_job:
-            age_the_lease(db, 1)
-            taken_during_the_first_job.append(take_refresh_lease(other, table, target, 0.01))
-
-    w.add_listener(first_job)
-    try:
-        assert w.run_once().jobs_done == 3
-        assert taken_during_the_first_job == [True]
-    finally:
-        other.close()
+    done, seen = lease_during_the_first_job(db, lab, w, age=1)
+    assert done == 3 and seen == [(True, 3)]

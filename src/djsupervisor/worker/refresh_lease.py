@@ -22,6 +22,7 @@ as soon as one worker would, for the price of one refresh. 0 refreshes every cyc
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
@@ -48,9 +49,7 @@ def take_refresh_lease(
     if interval <= 0:
         return True
     backend = compat.backend(connection)
-
-    def q(name: str) -> str:
-        return identifiers.quote(backend, name)
+    q = functools.partial(identifiers.quote, backend)
 
     def stamp(seconds: float) -> str:
         shift = compat.interval_sql_unit(connection, int(abs(seconds) * 1e6), "microsecond")
@@ -74,11 +73,7 @@ def take_refresh_lease(
 def end_refresh(connection: dj.Connection, lease_table: str, target: str) -> None:
     """This process's refresh of `target`'s job queue is done (its new jobs written): the next one is due one
     interval from now. Nothing changes if the lease went to another process meanwhile (held too long)."""
-    backend = compat.backend(connection)
-
-    def q(name: str) -> str:
-        return identifiers.quote(backend, name)
-
+    q = functools.partial(identifiers.quote, compat.backend(connection))
     connection.query(
         f"UPDATE {lease_table} SET {q('refreshed_at')}=CURRENT_TIMESTAMP(3) "
         f"WHERE {q('table_name')}=%s AND {q('refreshed_by')}=%s",

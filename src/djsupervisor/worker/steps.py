@@ -242,8 +242,8 @@ class TableStep:
             # New jobs a refresh left unwritten: one job, then they are written. After a whole first call (250
             # jobs) a child killed or recycled sooner left them to the next refresh's anti-join of every key,
             # again and again (bench figure 2, a kill a second: 250 -> 500 ms to a replacement's first job).
-            if not backlog.rows:  # the refresh wrote every new job: its lease is not held through a call's jobs
-                self._end_refresh(host)
+            if not backlog.rows:  # the refresh's new jobs are all written (by now, or after the first job of the
+                self._end_refresh(host)  # call before): its lease is not held through the jobs, which may take hours
             return walk.order(fetch, 1 if backlog.rows and not one_call else limit)
 
         try:
@@ -300,7 +300,6 @@ class TableStep:
             if host.stop_requested:  # the rest of a big first refresh (9,000 rows: ~1 s here) would delay the stop
                 backlog.drop()
             backlog.write()
-            self._end_refresh(host)  # with the refresh's last new job written, not with the cycle
             total["success_count"] += result["success_count"]
             total["error_list"] += result["error_list"]
             worked = bool(result["success_count"] or result["error_list"])
